@@ -1,0 +1,51 @@
+# Diff-In corpus pruning — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := openclipart-svg dataset-fashion-mnist libcairo2
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export RAY_AUTH_MODE ?= disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup apt test test-all demo clean-demo
+
+help:
+	@echo "make setup     venv in $(VENV) + Debian packages (idempotent, fast when done)"
+	@echo "make demo      set up, build the OpenMoji corpus, run the pipeline into runs/demo/"
+	@echo "make test      the default test suite (slow tests excluded)"
+	@echo "make test-all  every test, slow ones included"
+
+setup: apt $(VENV)/.installed
+
+# Debian packages: real corpora (openclipart, Fashion-MNIST) and cairo for SVG rasterising.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+data/openmoji/sizes.json: | setup
+	$(BIN)/diffin data openmoji --out data/openmoji --overwrite
+
+demo: setup data/openmoji/sizes.json
+	$(BIN)/diffin run --config configs/demo.yaml --run-dir runs/demo
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,118 @@
+"""Load image–text pairs from shards into memory as model-ready tensors (for proxy training)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.shards import IMAGE_EXTS, read_shard_checked
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairTable:
+    """Decoded pairs: ids, uint8 NCHW images at one resolution, captions."""
+
+    uids: list[str]
+    keys: list[str]
+    shards: list[str]
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    captions: list[str]
+    skipped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def subset(self, indices: Sequence[int]) -> "PairTable":
+        """The pairs at ``indices``, in that order."""
+        idx = list(indices)
+        return PairTable([self.uids[i] for i in idx], [self.keys[i] for i in idx],
+                         [self.shards[i] for i in idx], self.images[idx],
+                         [self.captions[i] for i in idx], dict(self.skipped))
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Decode image bytes with PIL into a uint8 HWC RGB array resized to ``size``×``size``."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_sample(sample: dict[str, Any], size: int) -> tuple[str, Any]:
+    """(status, payload) for one raw sample; payload = (uid, key, image, caption) when ok."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return "missing_image", None
+    caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+    if not caption:
+        return "missing_text", None
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except json.JSONDecodeError:
+        meta = {}
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    if not uid:
+        return "missing_uid", None
+    try:
+        image = decode_image(sample[ext], size)
+    except Exception:  # PIL raises many exception types for corrupt data
+        return "decode_error", None
+    return "ok", (str(uid), sample["__key__"], image, caption)
+
+
+def _load_shard(url: str, sizes: dict[str, int] | None, size: int) -> tuple[list, dict[str, int]]:
+    rows, skipped = [], {}
+    for sample in read_shard_checked(url, sizes):
+        status, payload = _decode_sample(sample, size)
+        if status == "ok":
+            rows.append((*payload, url))
+        else:
+            skipped[status] = skipped.get(status, 0) + 1
+    return rows, skipped
+
+
+def sample_rank(uid: str, seed: int, salt: str = "") -> bytes:
+    """A deterministic pseudo-random sort key for ``uid`` (a function of uid and seed only)."""
+    return hashlib.blake2b(f"{seed}:{salt}:{uid}".encode(), digest_size=8).digest()
+
+
+def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | None = None,
+               max_samples: int | None = None, seed: int = 0, threads: int = 4) -> PairTable:
+    """Read, decode and resize all pairs of ``urls`` (in shard order).
+
+    Pairs that cannot be used (no image, no caption, no uid, undecodable) are skipped and
+    counted by reason. With ``max_samples``, a uniform sample chosen by ``sample_rank``
+    (uid + seed) is kept, in shard order. Duplicate uids are an error.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(lambda u: _load_shard(u, sizes, image_size), urls))
+    rows, skipped = [], {}
+    for shard_rows, shard_skipped in results:
+        rows.extend(shard_rows)
+        for k, v in shard_skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    if max_samples is not None and len(rows) > max_samples:
+        keep = set(sorted(range(len(rows)), key=lambda i: sample_rank(rows[i][0], seed, "subsample"))[:max_samples])
+        rows = [r for i, r in enumerate(rows) if i in keep]
+    uids = [r[0] for r in rows]
+    if len(set(uids)) != len(uids):
+        dup = next(u for u in uids if uids.count(u) > 1)
+        raise ValueError(f"duplicate uid {dup} in training shards")
+    if skipped:
+        log.warning("skipped pairs by reason: %s", skipped)
+    images = torch.from_numpy(np.stack([r[2] for r in rows])).permute(0, 3, 1, 2).contiguous() \
+        if rows else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    return PairTable(uids, [r[1] for r in rows], [r[4] for r in rows], images,
+                     [r[3] for r in rows], skipped)

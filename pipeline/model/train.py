@@ -1,0 +1,196 @@
+"""Proxy CLIP training (DESIGN §2.5, way 2): a short deterministic open_clip run with checkpoints.
+
+The visiting order is a function of (uid, seed) only: epoch ``e`` visits the training pairs
+sorted by ``sample_rank(uid, seed, e)`` and batches are consecutive slices of the stream of
+epochs. Excluding uids therefore removes exactly those pairs from the stream and leaves the
+relative order of all others — and the initial weights, the schedule and the number of
+steps — unchanged: the setting leave-one-out and subset retraining need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.data.pairs import PairTable, load_pairs, sample_rank
+from pipeline.errors import UsageError
+from pipeline.io.atomic import atomic_path
+from pipeline.model.clip import build_clip, context_length, image_size, model_spec, normalize_images, tokenize
+from pipeline.model.schedule import LRSchedule
+from pipeline.model.trajectory import CheckpointRef, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def epoch_order(uids: Sequence[str], seed: int, epoch: int) -> list[int]:
+    """Indices of ``uids`` in the order epoch ``epoch`` visits them."""
+    return sorted(range(len(uids)), key=lambda i: sample_rank(uids[i], seed, f"epoch{epoch}"))
+
+
+def batch_indices(uids: Sequence[str], seed: int, batch_size: int, steps: int) -> Iterator[list[int]]:
+    """The index batches of ``steps`` optimizer steps over the stream of epochs."""
+    if not uids:
+        raise UsageError("no training pairs left (all excluded or none loaded)")
+    pending: list[int] = []
+    epoch = 0
+    for _ in range(steps):
+        while len(pending) < batch_size:
+            pending.extend(epoch_order(uids, seed, epoch))
+            epoch += 1
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def read_uid_list(path: str | os.PathLike) -> set[str]:
+    """uids from a DataComp ``.npy`` (dtype ``u8,u8``) or a text file with one uid per line."""
+    p = Path(path)
+    if p.suffix == ".npy":
+        arr = np.load(p)
+        return {f"{int(hi):016x}{int(lo):016x}" for hi, lo in arr.tolist()}
+    return {line.strip() for line in p.read_text().splitlines() if line.strip()}
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's convention: no weight decay on gains, biases, norms and logit_scale."""
+    def no_decay(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+    ]
+
+
+def clip_batch_loss(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (open_clip's ClipLoss on one process)."""
+    image_features, text_features, scale = model(images, tokens)
+    logits = scale * image_features @ text_features.T
+    labels = torch.arange(images.shape[0])
+    loss_i = torch.nn.functional.cross_entropy(logits, labels)
+    loss_t = torch.nn.functional.cross_entropy(logits.T, labels)
+    return 0.5 * (loss_i + loss_t)
+
+
+def config_fingerprint(cfg: TrainConfig, data_id: str, excluded: Iterable[str]) -> str:
+    """Hash of everything that determines the trajectory: settings, data and exclusions."""
+    payload = json.dumps({"train": cfg.model_dump(mode="json"), "data": data_id,
+                          "excluded": sorted(excluded)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
+                exclude: Iterable[str] = (), data_id: str = "",
+                log_every: int = 25) -> Trajectory:
+    """Train a proxy CLIP on ``table`` (minus ``exclude``) and save its trajectory to ``out_dir``.
+
+    Writes ``trajectory.json``, ``checkpoints/step_XXXXXX.pt`` (open_clip format:
+    ``epoch``, ``name``, ``state_dict``, ``optimizer``, plus ``step`` and ``lr``) and
+    ``train_log.jsonl``, all into a temporary directory renamed onto ``out_dir`` at the end.
+    """
+    excluded = set(exclude)
+    keep = [i for i, u in enumerate(table.uids) if u not in excluded]
+    data = table.subset(keep)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    spec = model_spec(cfg.model)
+    model = build_clip(spec)
+    if image_size(model) != data.images.shape[-1]:
+        raise UsageError(f"pairs were loaded at {data.images.shape[-1]} px but model {cfg.model} "
+                         f"expects {image_size(model)} px")
+    tokens = tokenize(data.captions, context_length(model))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=cfg.betas, eps=cfg.eps, fused=True)
+    schedule = LRSchedule(cfg.lr, cfg.steps, cfg.warmup, cfg.schedule)
+    save_steps = cfg.checkpoint_steps()
+    fingerprint = config_fingerprint(cfg, data_id, excluded)
+    checkpoints: list[CheckpointRef] = []
+    log_rows: list[dict] = []
+    with atomic_path(out_dir) as tmp:
+        (tmp / "checkpoints").mkdir(parents=True)
+
+        def save(step: int) -> None:
+            name = f"checkpoints/step_{step:06d}.pt"
+            lr = schedule.checkpoint_lr(step)
+            torch.save({"epoch": step * cfg.batch_size // len(data), "name": f"proxy-{fingerprint}",
+                        "step": step, "lr": lr, "state_dict": model.state_dict(),
+                        "optimizer": optimizer.state_dict()}, tmp / name)
+            checkpoints.append(CheckpointRef(name, step, lr))
+
+        model.train()
+        start = time.perf_counter()
+        if 0 in save_steps:
+            save(0)
+        for step, idx in enumerate(batch_indices(data.uids, cfg.seed, cfg.batch_size, cfg.steps)):
+            lr = schedule.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = clip_batch_loss(model, normalize_images(data.images[idx]), tokens[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
+            log_rows.append({"step": step, "lr": lr, "loss": loss.item()})
+            if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+                log.info("train step %d/%d loss %.4f lr %.2e (%.1f steps/s)", step + 1, cfg.steps,
+                         loss.item(), lr, (step + 1) / (time.perf_counter() - start))
+            if step + 1 in save_steps:
+                save(step + 1)
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+        trajectory = Trajectory(
+            model=spec, num_samples=len(data), total_steps=cfg.steps, batch_size=cfg.batch_size,
+            optimizer={"name": "adamw", "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
+                       "weight_decay": cfg.weight_decay},
+            schedule=schedule.to_dict(), checkpoints=checkpoints, seed=cfg.seed,
+            source={"kind": "proxy", "fingerprint": fingerprint, "data": data_id,
+                    "num_excluded": len(table) - len(data), "train": cfg.model_dump(mode="json")},
+            root=Path(out_dir),
+        )
+        trajectory.save(tmp)
+    return trajectory
+
+
+def data_identity(urls: Sequence[str], sizes: dict[str, int] | None) -> str:
+    """A short identity of the training shards (their URLs and recorded counts)."""
+    payload = json.dumps({"urls": list(urls), "sizes": sizes or {}}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def resolve_exclusions(cfg: TrainConfig, exclude: Iterable[str] = ()) -> set[str]:
+    """The uids to leave out: those given plus those in ``cfg.exclude_uids``."""
+    excluded = set(exclude)
+    if cfg.exclude_uids:
+        excluded |= read_uid_list(cfg.exclude_uids)
+    return excluded
+
+
+def proxy_fingerprint(urls: Sequence[str], cfg: TrainConfig, sizes: dict[str, int] | None = None,
+                      exclude: Iterable[str] = ()) -> str:
+    """The fingerprint :func:`train_from_shards` records for these inputs."""
+    return config_fingerprint(cfg, data_identity(urls, sizes), resolve_exclusions(cfg, exclude))
+
+
+def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.PathLike,
+                      sizes: dict[str, int] | None = None,
+                      exclude: Iterable[str] = ()) -> Trajectory:
+    """Load pairs from ``urls`` at the model's resolution and run :func:`train_proxy`."""
+    excluded = resolve_exclusions(cfg, exclude)
+    size = int(model_spec(cfg.model)["config"]["vision_cfg"]["image_size"])
+    table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed)
+    log.info("loaded %d pairs from %d shards (%d excluded)", len(table), len(urls),
+             sum(u in excluded for u in table.uids))
+    return train_proxy(table, cfg, out_dir, excluded, data_identity(urls, sizes))

@@ -1,0 +1,50 @@
+"""Shared fixtures: every test builds its own tiny data."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline  # noqa: F401  (torchvision shim, env defaults)
+from pipeline.data.shards import Pair, ShardWriter
+from pipeline.data.uids import make_uid
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}
+
+
+def make_tiny_corpus(out_dir: Path, n: int = 48, shard_size: int = 16, size: int = 32) -> Path:
+    """Write ``n`` coloured-square pairs into shards under ``out_dir``; return the dir."""
+    names = list(COLOURS)
+    with ShardWriter(out_dir, max_count=shard_size) as writer:
+        for i in range(n):
+            colour = names[i % len(names)]
+            arr = np.full((size, size, 3), 255, np.uint8)
+            lo, hi = (i * 3) % (size // 2), (i * 3) % (size // 2) + size // 2
+            arr[lo:hi, lo:hi] = COLOURS[colour]
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+            writer.write_pair(Pair(f"pair{i:05d}", buf.getvalue(), f"a {colour} square",
+                                   {"uid": make_uid("tiny", str(i))}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 pairs in 3 shards of 16, with sizes.json (read-only: do not modify)."""
+    return make_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"))
+
+
+def write_config(path: Path, corpus: Path, **train) -> Path:
+    """A small valid run config over ``corpus`` (train settings overridable)."""
+    import yaml
+
+    settings = {"model": "tiny-clip-32", "steps": 6, "batch_size": 8, "warmup": 2,
+                "checkpoints": 3, "seed": 0, **train}
+    config = {"data": {"shards": str(corpus / "*.tar"), "sizes": str(corpus / "sizes.json")},
+              "trajectory": {"train": settings}, "resources": {"num_cpus": 0.5}}
+    path.write_text(yaml.safe_dump(config))
+    return path

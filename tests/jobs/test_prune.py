@@ -1,0 +1,71 @@
+"""`diffin run` / jobs.prune on an embedded local Ray: outputs, resume, refusal on changed config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import prune
+from pipeline.model.trajectory import Trajectory
+from tests.conftest import write_config
+
+
+def test_prune_on_local_ray_then_resume(tiny_corpus: Path, tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_corpus)
+    run_dir = tmp_path / "run"
+    assert prune.main(["--config", str(config), "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert str(run_dir) in out and "trajectory" in out
+    traj = Trajectory.load(run_dir / "trajectory")
+    assert [c.step for c in traj.checkpoints] == [2, 4, 6]
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["pairs_in"] == 48 and summary["shards"] == 3
+    mtime = (run_dir / "trajectory" / "trajectory.json").stat().st_mtime_ns
+    # Rerun: the finished trajectory is reused, not retrained.
+    assert prune.main(["--config", str(config), "--run-dir", str(run_dir), "--executor", "local"]) == 0
+    assert (run_dir / "trajectory" / "trajectory.json").stat().st_mtime_ns == mtime
+    # A changed configuration never mixes with the old results.
+    changed = write_config(tmp_path / "changed.yaml", tiny_corpus, steps=8)
+    assert prune.main(["--config", str(changed), "--run-dir", str(run_dir), "--executor", "local"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert (run_dir / "trajectory" / "trajectory.json").stat().st_mtime_ns == mtime
+
+
+def test_bad_config_exits_2_and_writes_nothing(tiny_corpus: Path, tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_corpus, model="no-such-model")
+    run_dir = tmp_path / "run"
+    assert prune.main(["--config", str(config), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trajectory.train.model: unknown model" in err
+    assert not run_dir.exists()
+
+
+def test_train_cli_with_exclusions(tiny_corpus: Path, tmp_path: Path, capsys) -> None:
+    from jobs import train
+
+    config = write_config(tmp_path / "run.yaml", tiny_corpus, steps=4, warmup=1, checkpoints=2)
+    uids = tmp_path / "drop.txt"
+    first_uid = json.loads(subprocess.run(
+        ["tar", "-xOf", str(tiny_corpus / "00000.tar"), "pair00000.json"],
+        check=True, capture_output=True, text=True).stdout)["uid"]
+    uids.write_text(first_uid + "\n")
+    assert train.main(["--config", str(config), "--out", str(tmp_path / "t"), "--exclude-uids", str(uids)]) == 0
+    assert Trajectory.load(tmp_path / "t").num_samples == 47
+    assert "trajectory:" in capsys.readouterr().out
+    # Refuses to clobber; missing exclusion file is a usage error; nothing new written.
+    assert train.main(["--config", str(config), "--out", str(tmp_path / "t")]) == 2
+    assert train.main(["--config", str(config), "--out", str(tmp_path / "u"), "--exclude-uids", "/nope"]) == 2
+    assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["data", "--help"],
+                                  ["data", "openmoji", "--help"], ["trajectory", "import", "--help"]])
+def test_console_script_help(argv: list[str]) -> None:
+    exe = Path(sys.executable).with_name("diffin")
+    result = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout

@@ -1,0 +1,99 @@
+"""Proxy training: schedule-true checkpoints, determinism, uid exclusion changes only what it must."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.data.pairs import load_pairs
+from pipeline.data.shards import expand_shards, load_sizes
+from pipeline.model.clip import build_clip
+from pipeline.model.schedule import LRSchedule
+from pipeline.model.train import batch_indices, train_from_shards, train_proxy
+from pipeline.model.trajectory import Trajectory, load_checkpoint_state
+
+CFG = TrainConfig(model="tiny-clip-32", steps=6, batch_size=8, warmup=2, save_steps=[0, 2, 4, 6], seed=3)
+
+
+@pytest.fixture(scope="module")
+def table(tiny_corpus: Path):
+    return load_pairs(expand_shards(str(tiny_corpus / "*.tar")), 32, load_sizes(tiny_corpus / "sizes.json"))
+
+
+def _state(traj: Trajectory, i: int) -> dict[str, torch.Tensor]:
+    return load_checkpoint_state(traj.checkpoint_path(i))["state_dict"]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_order_is_a_function_of_uid_and_seed() -> None:
+    uids = [f"{i:032x}" for i in range(20)]
+    full = [b for batch in batch_indices(uids, 0, 4, 12) for b in batch]
+    dropped = uids[7]
+    rest = [u for u in uids if u != dropped]
+    reduced = [rest[b] for batch in batch_indices(rest, 0, 4, 12) for b in batch]
+    filtered = [uids[i] for i in full if uids[i] != dropped]
+    assert len(filtered) < len(reduced) and reduced[: len(filtered)] == filtered
+    shuffled = list(reversed(uids))  # same pairs, other positions: same visiting order
+    assert [shuffled[b] for batch in batch_indices(shuffled, 0, 4, 12) for b in batch] == [uids[i] for i in full]
+    assert [b for batch in batch_indices(uids, 1, 4, 12) for b in batch] != full
+
+
+def test_checkpoints_follow_the_schedule(table, tmp_path: Path) -> None:
+    traj = train_proxy(table, CFG, tmp_path / "traj")
+    loaded = Trajectory.load(tmp_path / "traj")
+    assert loaded == traj
+    schedule = LRSchedule(CFG.lr, CFG.steps, CFG.warmup, "cosine")
+    assert [c.step for c in loaded.checkpoints] == [0, 2, 4, 6]
+    assert [c.lr for c in loaded.checkpoints] == [schedule.lr_at(0), schedule.lr_at(2), schedule.lr_at(4), schedule.lr_at(5)]
+    assert loaded.num_samples == len(table) and loaded.total_steps == 6 and loaded.batch_size == 8
+    for i, ckpt in enumerate(loaded.checkpoints):
+        obj = load_checkpoint_state(loaded.checkpoint_path(i))  # weights_only=True
+        assert {"epoch", "name", "state_dict", "optimizer"} <= set(obj)
+        assert obj["step"] == ckpt.step
+        model = build_clip(loaded.model)
+        model.load_state_dict(obj["state_dict"])  # strict: an open_clip model of the spec
+        if ckpt.step > 0:  # the optimizer's last applied lr is the schedule's lr at step t-1
+            assert obj["optimizer"]["param_groups"][0]["lr"] == pytest.approx(schedule.lr_at(ckpt.step - 1))
+    assert not _same(_state(loaded, 0), _state(loaded, 3))  # it trained
+
+
+def test_training_is_deterministic(table, tmp_path: Path) -> None:
+    a = train_proxy(table, CFG, tmp_path / "a")
+    b = train_proxy(table, CFG, tmp_path / "b")
+    assert a.to_dict() == b.to_dict()
+    for i in range(len(a.checkpoints)):
+        assert _same(_state(a, i), _state(b, i))
+
+
+def test_excluding_uids_changes_only_what_it_must(table, tmp_path: Path) -> None:
+    full = train_proxy(table, CFG, tmp_path / "full")
+    # The uid first visited at step 3 (0-based): checkpoints up to step 3 must not change.
+    order = list(batch_indices(table.uids, CFG.seed, CFG.batch_size, CFG.steps))
+    seen_before = {table.uids[i] for batch in order[:3] for i in batch}
+    victim = next(table.uids[i] for i in order[3] if table.uids[i] not in seen_before)
+    loo = train_proxy(table, CFG, tmp_path / "loo", exclude=[victim])
+    assert loo.num_samples == full.num_samples - 1
+    assert [(c.step, c.lr) for c in loo.checkpoints] == [(c.step, c.lr) for c in full.checkpoints]
+    assert _same(_state(full, 0), _state(loo, 0)) and _same(_state(full, 1), _state(loo, 1))  # steps 0, 2
+    assert not _same(_state(full, 3), _state(loo, 3))  # step 6: the batch at step 3 differs
+    absent = train_proxy(table, CFG, tmp_path / "absent", exclude=["f" * 32])  # uid not in the data
+    for i in range(len(full.checkpoints)):
+        assert _same(_state(full, i), _state(absent, i))
+
+
+def test_exclude_file_and_max_samples(tiny_corpus: Path, tmp_path: Path) -> None:
+    urls = expand_shards(str(tiny_corpus / "*.tar"))
+    table = load_pairs(urls, 32)
+    uid_file = tmp_path / "uids.txt"
+    uid_file.write_text("\n".join(table.uids[:5]) + "\n")
+    cfg = CFG.model_copy(update={"exclude_uids": str(uid_file), "max_samples": 40, "save_steps": [6]})
+    traj = train_from_shards(urls, cfg, tmp_path / "t")
+    sampled = load_pairs(urls, 32, max_samples=40, seed=cfg.seed)
+    assert traj.num_samples == 40 - len(set(sampled.uids) & set(table.uids[:5]))
+    assert traj.source["kind"] == "proxy" and traj.source["num_excluded"] == 40 - traj.num_samples
