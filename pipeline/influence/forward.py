@@ -1,0 +1,122 @@
+"""Per-sample components by forward-mode differentiation (DESIGN §2.3, "score").
+
+For a batch of samples z at checkpoint θ_t, with the prepared u, g, w:
+
+- a(z) = ⟨u, G_z⟩      : JVP of ℓ_z along u
+- b(z) = ⟨w, G_z⟩      : JVP of ℓ_z along w
+- c(z) = ⟨u, H_z g⟩    : exact — mixed second derivative of ℓ_z along (u, g) by nested
+  forward mode; or the paper's finite difference (JVP_u at θ + εĝ − JVP_u at θ)·‖g‖/ε
+
+No per-sample backward pass and no per-sample gradient is ever formed. The shared context
+(the negative bank) and its tangents are computed once per checkpoint and direction in
+:class:`CheckpointScorer` and reused for every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.func import jvp
+
+from pipeline.influence.objective import Batch, Context, Features, PerSampleObjective, decomposed_layer_norm
+from pipeline.influence.params import ParamDict, axpy, norm
+
+CMode = Literal["exact", "fd"]
+
+
+def context_jet(objective: PerSampleObjective, params: ParamDict, v: ParamDict) -> tuple[Context, Context]:
+    """The shared context at ``params`` and its directional derivative along ``v``."""
+    if not objective.context(params):
+        return (), ()
+    return jvp(objective.context, (params,), (v,))
+
+
+def context_jet2(objective: PerSampleObjective, params: ParamDict, u: ParamDict,
+                 g: ParamDict) -> tuple[Context, Context, Context, Context]:
+    """Context, its derivatives along u and g, and the mixed second derivative along (u, g)."""
+    if not objective.context(params):
+        return (), (), (), ()
+
+    def along_u(p: ParamDict) -> tuple[Context, Context]:
+        return jvp(objective.context, (p,), (u,))
+
+    with decomposed_layer_norm():
+        (ctx, ctx_u), (ctx_g, ctx_ug) = jvp(along_u, (params,), (g,))
+    return ctx, ctx_u, ctx_g, ctx_ug
+
+
+def loss_jvp(objective: PerSampleObjective, params: ParamDict, batch: Batch, v: ParamDict,
+             ctx: Context, ctx_v: Context) -> tuple[Tensor, Tensor]:
+    """(ℓ_z, ⟨∇ℓ_z, v⟩) for every z in ``batch``; the context's jet is given."""
+    feats, feats_v = jvp(lambda p: objective.features(p, batch), (params,), (v,))
+    return jvp(lambda f, c: objective.loss(f, c, batch), (feats, ctx), (feats_v, ctx_v))
+
+
+def loss_mixed(objective: PerSampleObjective, params: ParamDict, batch: Batch, u: ParamDict,
+               g: ParamDict, ctx2: tuple[Context, Context, Context, Context]) -> Tensor:
+    """⟨u, H_z g⟩ for every z: the exact mixed second derivative (nested forward mode)."""
+    def along_u(p: ParamDict) -> tuple[Features, Features]:
+        return jvp(lambda q: objective.features(q, batch), (p,), (u,))
+
+    with decomposed_layer_norm():
+        (f, f_u), (f_g, f_ug) = jvp(along_u, (params,), (g,))
+    ctx, ctx_u, ctx_g, ctx_ug = ctx2
+
+    def first_derivative(feats: Features, c: Context, t_feats: Features, t_c: Context) -> Tensor:
+        return jvp(lambda ff, cc: objective.loss(ff, cc, batch), (feats, c), (t_feats, t_c))[1]
+
+    return jvp(first_derivative, (f, ctx, f_u, ctx_u), (f_g, ctx_g, f_ug, ctx_ug))[1]
+
+
+@dataclass
+class Components:
+    """Per-sample components at one checkpoint (vectors over the batch)."""
+
+    loss: Tensor
+    a: Tensor
+    b: Tensor
+    c: Tensor
+
+
+class CheckpointScorer:
+    """Computes a, b, c for batches at one checkpoint; the context jets are cached.
+
+    ``c_mode="fd"`` uses the paper's forward difference with step ``eps`` along ĝ;
+    ``"exact"`` uses nested forward mode (about twice the cost of the difference).
+    ``components=("a",)`` computes only the first-order term (TracIn), leaving b, c NaN.
+    """
+
+    def __init__(self, objective: PerSampleObjective, params: ParamDict, u: ParamDict,
+                 g: ParamDict, w: ParamDict, c_mode: CMode = "fd", eps: float = 1e-3,
+                 components: tuple[str, ...] = ("a", "b", "c")) -> None:
+        if c_mode not in ("exact", "fd"):
+            raise ValueError(f"unknown c mode {c_mode!r}")
+        self.objective, self.params, self.u, self.g, self.w = objective, params, u, g, w
+        self.c_mode, self.eps, self.components = c_mode, eps, components
+        with torch.no_grad():
+            self.ctx_u = context_jet(objective, params, u)
+            self.ctx_w = context_jet(objective, params, w) if "b" in components else None
+            self.g_norm = norm(g)
+            if "c" in components and c_mode == "fd":
+                self.shifted = axpy(eps / self.g_norm, g, params)
+                self.ctx_u_shifted = context_jet(objective, self.shifted, u)
+            elif "c" in components:
+                self.ctx2 = context_jet2(objective, params, u, g)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> Components:
+        obj = self.objective
+        loss, a = loss_jvp(obj, self.params, batch, self.u, *self.ctx_u)
+        nan = torch.full_like(a, float("nan"))
+        b = loss_jvp(obj, self.params, batch, self.w, *self.ctx_w)[1] if "b" in self.components else nan
+        if "c" not in self.components:
+            c = nan
+        elif self.c_mode == "fd":
+            a_shifted = loss_jvp(obj, self.shifted, batch, self.u, *self.ctx_u_shifted)[1]
+            c = (a_shifted - a) * (self.g_norm / self.eps)
+        else:
+            c = loss_mixed(obj, self.params, batch, self.u, self.g, self.ctx2)
+        return Components(loss, a, b, c)

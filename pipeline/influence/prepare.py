@@ -1,0 +1,93 @@
+"""Per-checkpoint shared vectors (DESIGN §2.3, "prepare"): u_t, g_t and w_t = H_B u_t."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.influence.objective import Batch, PerSampleObjective, per_sample_loss
+from pipeline.influence.params import ParamDict, axpy, norm, scale, sub
+
+HVPMode = Literal["exact", "fd"]
+
+
+def _with_grad(params: ParamDict) -> ParamDict:
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def mean_loss_grad(objective: PerSampleObjective, params: ParamDict,
+                   batches: Sequence[Batch], create_graph: bool = False) -> ParamDict:
+    """∇ of the mean per-sample loss over all samples of ``batches`` (samples weigh equally)."""
+    p = _with_grad(params)
+    total = None
+    count = 0
+    for batch in batches:
+        losses = per_sample_loss(objective, p, batch)
+        count += losses.shape[0]
+        total = losses.sum() if total is None else total + losses.sum()
+    if total is None or count == 0:
+        raise ValueError("mean_loss_grad needs at least one non-empty batch")
+    grads = torch.autograd.grad(total / count, list(p.values()), create_graph=create_graph,
+                                allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(p[k])) if create_graph
+            else (g.detach() if g is not None else torch.zeros_like(params[k]))
+            for k, g in zip(p, grads)}
+
+
+def hvp_exact(objective: PerSampleObjective, params: ParamDict, batches: Sequence[Batch],
+              v: ParamDict) -> ParamDict:
+    """H_B v by double backward, H_B the Hessian of the mean loss over ``batches``."""
+    p = _with_grad(params)
+    total, count = None, 0
+    for batch in batches:
+        losses = per_sample_loss(objective, p, batch)
+        count += losses.shape[0]
+        total = losses.sum() if total is None else total + losses.sum()
+    grads = torch.autograd.grad(total / count, list(p.values()), create_graph=True, allow_unused=True)
+    inner = sum((g * v[k]).sum() for k, g in zip(p, grads) if g is not None)
+    hv = torch.autograd.grad(inner, list(p.values()), allow_unused=True)
+    return {k: (h.detach() if h is not None else torch.zeros_like(params[k])) for k, h in zip(p, hv)}
+
+
+def hvp_fd(objective: PerSampleObjective, params: ParamDict, batches: Sequence[Batch],
+           v: ParamDict, eps: float = 1e-3, base_grad: ParamDict | None = None) -> ParamDict:
+    """The paper's forward difference: H v ≈ (∇L(θ + ε v̂) − ∇L(θ)) · ‖v‖ / ε."""
+    v_norm = norm(v)
+    if float(v_norm) == 0.0:
+        return {k: torch.zeros_like(x) for k, x in v.items()}
+    g0 = base_grad if base_grad is not None else mean_loss_grad(objective, params, batches)
+    shifted = axpy(eps / v_norm, v, params)
+    g1 = mean_loss_grad(objective, shifted, batches)
+    return scale(v_norm / eps, sub(g1, g0))
+
+
+@dataclass
+class PreparedCheckpoint:
+    """Shared vectors of one checkpoint: target gradient u, proxy gradient g, w = H_B u."""
+
+    u: ParamDict
+    g: ParamDict
+    w: ParamDict
+    hvp: HVPMode
+    target_loss: float
+
+
+def prepare_checkpoint(objective: PerSampleObjective, params: ParamDict,
+                       target_batches: Sequence[Batch], train_batches: Sequence[Batch],
+                       hvp: HVPMode = "exact", eps: float = 1e-3) -> PreparedCheckpoint:
+    """u_t = ∇L_V(θ_t), g_t = ∇L_B(θ_t) over the proxy batches, w_t = H_B u_t."""
+    u = mean_loss_grad(objective, params, target_batches)
+    g = mean_loss_grad(objective, params, train_batches)
+    if hvp == "exact":
+        w = hvp_exact(objective, params, train_batches, u)
+    elif hvp == "fd":
+        w = hvp_fd(objective, params, train_batches, u, eps, base_grad=g)
+    else:
+        raise ValueError(f"unknown hvp mode {hvp!r}")
+    with torch.no_grad():
+        n = sum(per_sample_loss(objective, params, b).sum() for b in target_batches)
+        count = sum(per_sample_loss(objective, params, b).shape[0] for b in target_batches)
+    return PreparedCheckpoint(u, g, w, hvp, float(n / count))

@@ -1,0 +1,50 @@
+"""Scores from per-checkpoint components (DESIGN §2.3).
+
+With m checkpoints (step t, learning rate η_t), N training samples and T total steps:
+
+- ``tracin``     = Σ_t (T/(N·m)) · η_t · a_t
+- ``diffin_eq9`` = Σ_t −(t·η_t²/(N·m)) · (b_t + c_t)        (the reference's Eq. 9)
+- ``diffin``     = Σ_t (T/(N·m)) · [η_t · a_t − t·η_t² · (b_t + c_t)]
+
+so that ``diffin == tracin + T · diffin_eq9``. Every score estimates
+L_V(θ_T without z) − L_V(θ_T): positive means z helps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SCORE_COLUMNS = ("diffin", "diffin_eq9", "tracin")
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """What the scores need to know about one checkpoint."""
+
+    step: int
+    lr: float
+
+
+def combine(a: Tensor, b: Tensor, c: Tensor, checkpoints: Sequence[CheckpointWeights],
+            num_samples: int, total_steps: int, preconditioned_a: Tensor | None = None) -> dict[str, Tensor]:
+    """Scores for samples from components shaped [m, n] (checkpoint × sample), in float64.
+
+    ``preconditioned_a`` (optional, [m, n]) gives ⟨P_t u_t, G_z⟩ for the optimizer-aware
+    first-order variant (``tracin_adam``).
+    """
+    m = len(checkpoints)
+    if a.shape[0] != m or b.shape[0] != m or c.shape[0] != m:
+        raise ValueError(f"components must have {m} rows (one per checkpoint), got {a.shape[0]}")
+    a, b, c = (x.to(torch.float64) for x in (a, b, c))
+    eta = torch.tensor([ck.lr for ck in checkpoints], dtype=torch.float64)[:, None]
+    t = torch.tensor([ck.step for ck in checkpoints], dtype=torch.float64)[:, None]
+    first = (total_steps / (num_samples * m)) * (eta * a).sum(0)
+    eq9 = (-(t * eta**2) / (num_samples * m) * (b + c)).sum(0)
+    scores = {"tracin": first, "diffin_eq9": eq9, "diffin": first + total_steps * eq9}
+    if preconditioned_a is not None:
+        scores["tracin_adam"] = (total_steps / (num_samples * m)) * (eta * preconditioned_a.to(torch.float64)).sum(0)
+    return scores

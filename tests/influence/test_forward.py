@@ -1,0 +1,105 @@
+"""Forward-mode components against brute-force autograd (per-sample gradients, exact HVPs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.influence.forward import CheckpointScorer
+from pipeline.influence.objective import forward_mode_safe
+from pipeline.influence.params import dot, params_of
+from pipeline.influence.prepare import hvp_exact, hvp_fd, mean_loss_grad, prepare_checkpoint
+from tests.influence.conftest import make_clip_case
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).abs().max() / ref.abs().max())
+
+
+def brute_force(objective, params, prep, batch):
+    """a, b, c per sample from per-sample backward passes and exact per-sample HVPs."""
+    a, b, c = [], [], []
+    n = batch[0].shape[0]
+    for i in range(n):
+        single = tuple(x[i:i + 1] for x in batch)
+        grad = mean_loss_grad(objective, params, [single])
+        a.append(dot(prep.u, grad))
+        b.append(dot(prep.w, grad))
+        c.append(dot(prep.u, hvp_exact(objective, params, [single], prep.g)))
+    return torch.stack(a), torch.stack(b), torch.stack(c)
+
+
+def _setup(case, dtype=torch.float64):
+    model, objective, batch_fn = case
+    params = params_of(model)
+    target = [batch_fn(6, dtype, 1), batch_fn(3, dtype, 2)]
+    train = [batch_fn(6, dtype, 3)]
+    return objective, params, target, train, batch_fn(4, dtype, 4)
+
+
+def test_exact_components_match_brute_force_float64(case64) -> None:
+    objective, params, target, train, batch = _setup(case64)
+    with forward_mode_safe():
+        prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
+        comp = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact")(batch)
+        a, b, c = brute_force(objective, params, prep, batch)
+    assert rel(comp.a, a) <= 1e-8
+    assert rel(comp.b, b) <= 1e-8
+    assert rel(comp.c, c) <= 1e-8
+
+
+def test_exact_components_match_brute_force_float32() -> None:
+    objective, params, target, train, batch = _setup(make_clip_case(torch.float32), torch.float32)
+    with forward_mode_safe():
+        prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
+        comp = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact")(batch)
+        a, b, c = brute_force(objective, params, prep, batch)
+    assert rel(comp.a, a) <= 1e-4
+    assert rel(comp.b, b) <= 1e-4
+    assert rel(comp.c, c) <= 1e-4
+
+
+def test_finite_differences_within_expected_error(case64) -> None:
+    """Forward differences have O(ε) truncation error: 10× smaller ε → ~10× smaller error."""
+    objective, params, target, train, batch = _setup(case64)
+    with forward_mode_safe():
+        prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
+        exact_c = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact")(batch).c
+        errs_c, errs_w = [], []
+        for eps in (1e-4, 1e-5):
+            fd_c = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="fd", eps=eps)(batch).c
+            errs_c.append(rel(fd_c, exact_c))
+            w_fd = hvp_fd(objective, params, train, prep.u, eps=eps)
+            errs_w.append(float(sum((w_fd[k] - prep.w[k]).abs().max() for k in w_fd)
+                                / sum(prep.w[k].abs().max() for k in w_fd)))
+    assert errs_c[0] <= 2e-2 and errs_w[0] <= 2e-2
+    assert errs_c[1] <= errs_c[0] / 5 and errs_w[1] <= errs_w[0] / 5  # first-order truncation
+
+
+def test_components_do_not_depend_on_batch_neighbours(case64) -> None:
+    objective, params, target, train, batch = _setup(case64)
+    with forward_mode_safe():
+        prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
+        scorer = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="fd")
+        full = scorer(batch)
+        other = tuple(torch.cat([x[2:3], y]) for x, y in zip(batch, train[0]))  # sample 2 among others
+        alone = scorer(other)
+    for name in ("loss", "a", "b", "c"):
+        x, y = getattr(full, name)[2], getattr(alone, name)[0]
+        assert torch.allclose(x, y, rtol=1e-10, atol=0), name
+
+
+def test_tracin_only_leaves_second_order_empty(case64) -> None:
+    objective, params, target, train, batch = _setup(case64)
+    with forward_mode_safe():
+        prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
+        comp = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, components=("a",))(batch)
+    assert torch.isfinite(comp.a).all() and torch.isnan(comp.b).all() and torch.isnan(comp.c).all()
+
+
+def test_unknown_modes_rejected(case64) -> None:
+    objective, params, target, train, _ = _setup(case64)
+    with pytest.raises(ValueError, match="hvp mode"):
+        prepare_checkpoint(objective, params, target, train, hvp="magic")
+    with pytest.raises(ValueError, match="c mode"):
+        CheckpointScorer(objective, params, params, params, params, c_mode="magic")
