@@ -68,6 +68,11 @@ class ShardWriter:
     Each shard is written under a temporary name and renamed when complete; ``close()``
     writes ``sizes.json`` (shard file name → sample count) last. Output is byte-identical
     for identical input (fixed member metadata, sorted members within a sample).
+
+    A key repeated within one shard is rejected (WebDataset would merge or split the
+    samples). Only the current shard's keys are remembered, so memory stays bounded by
+    ``max_count`` however many samples are streamed; samples are identified across shards
+    by (shard, key) and by their json uid.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_count: int = 1000,
@@ -90,6 +95,7 @@ class ShardWriter:
         tmp = self._ctx.__enter__()
         self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
         self._name, self._count = name, 0
+        self._keys.clear()
 
     def _finish_current(self) -> None:
         if self._tar is None:
@@ -102,12 +108,12 @@ class ShardWriter:
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Append one sample (its members by extension) to the current shard."""
         check_key(key)
-        if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r}")
-        self._keys.add(key)
         if self._tar is None or self._count >= self.max_count:
             self._finish_current()
             self._open_next()
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self._name}")
+        self._keys.add(key)
         for ext in sorted(members):
             _add_member(self._tar, f"{key}.{ext}", members[ext])
         self._count += 1
@@ -185,18 +191,22 @@ def expected_count(url: str, sizes: dict[str, int] | None) -> int | None:
 def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
     """Yield raw samples (``__key__``, ``__url__``, member bytes by extension) of one shard.
 
-    Uses webdataset's tar reader; a read error is raised, never silently swallowed.
+    Uses webdataset's tar reader; a read error is raised, never silently swallowed. The
+    shard's stream is closed when the iteration ends or is abandoned (webdataset's own
+    ``url_opener`` leaves it to the garbage collector).
     """
-    import webdataset as wds
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def _raise(exc: Exception) -> bool:
         raise exc
 
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList([url]),
-        wds.tarfile_to_samples(handler=_raise),
-    )
-    yield from pipeline
+    stream = gopen(url)
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=_raise)
+        yield from group_by_keys(files, handler=_raise)
+    finally:
+        stream.close()
 
 
 def read_shard_checked(url: str, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:

@@ -92,7 +92,11 @@ def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def make_tokenizer(length: int) -> open_clip.SimpleTokenizer:
+    """open_clip's bundled BPE tokenizer (no hub access); build once, reuse (≈0.1 s to load)."""
+    return open_clip.SimpleTokenizer(context_length=length)
+
+
 def tokenize(captions: list[str], length: int) -> torch.Tensor:
-    """Tokenise captions with open_clip's bundled BPE tokenizer (no hub access)."""
-    tokenizer = open_clip.SimpleTokenizer(context_length=length)
-    return tokenizer(captions)
+    """Tokenise captions with a fresh tokenizer (convenience for one-off calls)."""
+    return make_tokenizer(length)(captions)

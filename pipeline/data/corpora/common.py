@@ -6,7 +6,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from PIL import Image
 
@@ -61,6 +61,8 @@ def write_corpus(pairs: Iterable[Pair], out_dir: str | os.PathLike, *, source: s
     Everything is written into a temporary directory that replaces ``out_dir`` only when
     the whole corpus is complete, so a failure never leaves a half-written corpus.
     ``extra_files`` (e.g. a license/attribution text) are written beside the shards.
+    ``details`` is read only after the last pair has been consumed, so the pair generator
+    may still fill it in (e.g. skipped counts, see :func:`finish_with`).
     """
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
@@ -81,3 +83,30 @@ def write_corpus(pairs: Iterable[Pair], out_dir: str | os.PathLike, *, source: s
             "shards": info.shard_pattern.replace(str(target), ".", 1), "details": info.details,
         })
     return info
+
+
+def finish_with(pairs: Iterable[Pair], on_done: Callable[[], None]) -> Iterator[Pair]:
+    """Yield ``pairs``, then call ``on_done()`` once they are exhausted (not on error)."""
+    yield from pairs
+    on_done()
+
+
+def skipped_details(stats: Mapping[str, int], not_skips: Iterable[str] = ()) -> dict[str, Any]:
+    """``{"skipped": {reason: count}}`` from a counter, plus the counts named in ``not_skips``."""
+    keep = set(not_skips)
+    details: dict[str, Any] = {
+        "skipped": {k: int(v) for k, v in sorted(stats.items()) if v and k not in keep}}
+    details.update({k: int(stats.get(k, 0)) for k in sorted(keep)})
+    return details
+
+
+def check_min(option: str, value: int | None, minimum: int) -> None:
+    """Raise UsageError unless ``value`` is None or at least ``minimum`` (``option`` names it)."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{option} must be >= {minimum}, got {value}")
+
+
+def check_fraction(option: str, value: float) -> None:
+    """Raise UsageError unless ``0 <= value <= 1`` (``option`` names it, e.g. ``--noise``)."""
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise UsageError(f"{option} must be between 0 and 1, got {value}")
