@@ -31,8 +31,19 @@ class Executor(Protocol):
         ...
 
 
+def configure_worker_logging(level: int = logging.INFO) -> None:
+    """Show the library's INFO logs in a worker process (Ray forwards them to the driver)."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(level)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def _apply(fn: Callable[..., Any], item: Any) -> Any:
     """Ray task body: call ``fn`` (any picklable callable, e.g. a stage's bound method)."""
+    configure_worker_logging()
     return fn(item)
 
 

@@ -69,3 +69,35 @@ def test_console_script_help(argv: list[str]) -> None:
     result = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+BAD_INPUTS = [
+    ("unknown key", {"trajectory.train.stepz": 5}, "trajectory.train.stepz: unknown key"),
+    ("wrong type", {"trajectory.train.batch_size": "big"}, "trajectory.train.batch_size"),
+    ("missing path", {"data.sizes": "/nonexistent/sizes.json"}, "data.sizes: file not found"),
+    ("unknown model", {"trajectory.train.model": "ViT-Nope"}, "unknown model 'ViT-Nope'"),
+    ("empty shard list", {"data.shards": []}, "data.shards: shard list"),
+]
+
+
+@pytest.mark.parametrize("label,change,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_one_line_exit_2_nothing_written(tiny_corpus: Path, tmp_path: Path, capsys,
+                                                   label: str, change: dict, expected: str) -> None:
+    import yaml
+
+    config = yaml.safe_load(write_config(tmp_path / "run.yaml", tiny_corpus).read_text())
+    for dotted, value in change.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    for job in (prune, __import__("jobs.train", fromlist=["main"])):
+        args = ["--config", str(tmp_path / "bad.yaml")]
+        args += ["--run-dir", str(run_dir)] if job is prune else ["--out", str(run_dir)]
+        assert job.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert not run_dir.exists()
