@@ -8,13 +8,16 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.data.shards import IMAGE_EXTS, read_shard_checked
+
+if TYPE_CHECKING:
+    from pipeline.data.shards import Pair
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,25 @@ def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | Non
         raise ValueError(f"duplicate uid {dup} in training shards")
     if skipped:
         log.warning("skipped pairs by reason: %s", skipped)
+    return _to_table(rows, skipped, image_size)
+
+
+def _to_table(rows: list[tuple], skipped: dict[str, int], image_size: int) -> PairTable:
+    """Rows of (uid, key, HWC image, caption, shard) → a PairTable with NCHW uint8 images."""
     images = torch.from_numpy(np.stack([r[2] for r in rows])).permute(0, 3, 1, 2).contiguous() \
         if rows else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
-    return PairTable(uids, [r[1] for r in rows], [r[4] for r in rows], images,
+    return PairTable([r[0] for r in rows], [r[1] for r in rows], [r[4] for r in rows], images,
                      [r[3] for r in rows], skipped)
+
+
+def table_from_pairs(pairs: Iterable["Pair"], image_size: int, source: str = "memory") -> PairTable:
+    """A :class:`PairTable` from in-memory :class:`~pipeline.data.shards.Pair` objects
+    (benchmarks and tests: same decoding as shards, no files)."""
+    rows, skipped = [], {}
+    for pair in pairs:
+        status, payload = _decode_sample({"__key__": pair.key, **pair.members()}, image_size)
+        if status == "ok":
+            rows.append((*payload, source))
+        else:
+            skipped[status] = skipped.get(status, 0) + 1
+    return _to_table(rows, skipped, image_size)

@@ -1,0 +1,183 @@
+"""Speed benchmark (DESIGN §6): cost of scoring relative to a plain forward pass.
+
+Same model, same real data (OpenMoji pairs), same process, interleaved repeats (the minimum
+of each is kept, so background load hurts every method alike):
+
+- ``forward``        plain forward pass (eval, inference mode, default attention kernels)
+- ``tracin``         a only (one JVP)
+- ``diffin_fd``      a, b, c with the paper's finite-difference c (the default)
+- ``diffin_exact``   a, b, c with the exact c (nested forward mode)
+- ``reference``      the reference code's per-sample algorithm: per sample, a fresh proxy
+                     gradient on one batch, the target gradient over V, the per-sample
+                     gradient and two finite-difference HVPs — all by backward passes
+
+Reported: seconds per sample per checkpoint, ratios to ``forward``, pairs/s, and the
+one-off prepare cost per checkpoint (u, g, w), which does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.data.corpora.openmoji import iter_openmoji_pairs
+from pipeline.data.pairs import PairTable, table_from_pairs
+from pipeline.influence.forward import CheckpointScorer
+from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
+from pipeline.influence.params import axpy, dot, norm, params_of, scale, sub
+from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint
+from pipeline.io.atomic import write_json_atomic
+from pipeline.model.clip import build_clip, context_length, make_tokenizer, model_spec, normalize_images
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "benchmarks/results/speed.json"
+QUICK_OUT = "benchmarks/results/speed_quick.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats (a smoke run)")
+    parser.add_argument("--out", help=f"result JSON (default {DEFAULT_OUT}; {QUICK_OUT} with --quick)")
+    parser.add_argument("--models", default=None, help="comma-separated model names (default tiny-clip-32,ViT-B-32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_min(methods: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Run each method once to warm up, then ``repeats`` rounds in turn; keep each minimum."""
+    for fn in methods.values():
+        fn()
+    best = {name: float("inf") for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            best[name] = min(best[name], _timed(fn, device))
+    return best
+
+
+def reference_per_sample(objective, params, target_batches, proxy_batch, sample, eps: float = 1e-3) -> torch.Tensor:
+    """One sample's Eq. 9 bracket the way the reference code computes it (backward passes only)."""
+    u = mean_loss_grad(objective, params, target_batches)
+    g = mean_loss_grad(objective, params, [proxy_batch])
+    grad_z = mean_loss_grad(objective, params, [sample])
+    hb_gz = scale(norm(grad_z) / eps, sub(mean_loss_grad(objective, axpy(eps / norm(grad_z), grad_z, params), [proxy_batch]), g))
+    hz_g = scale(norm(g) / eps, sub(mean_loss_grad(objective, axpy(eps / norm(g), g, params), [sample]), grad_z))
+    return dot(u, hb_gz) + dot(u, hz_g)
+
+
+def _table(image_size: int, count: int) -> PairTable:
+    pairs = iter_openmoji_pairs(image_size=64, limit=count + 400)
+    return table_from_pairs((p for _, p in zip(range(count), pairs)), image_size, "openmoji")
+
+
+def measure_model(name: str, device: torch.device, batch_size: int, repeats: int,
+                  bank_size: int, target_size: int, reference_samples: int, seed: int) -> dict:
+    """All methods for one model; returns seconds per sample per checkpoint and ratios."""
+    torch.manual_seed(seed)
+    model = build_clip(model_spec(name)).to(device).eval()
+    size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size)
+    tokenizer = make_tokenizer(context_length(model))
+    table = _table(size, batch_size + bank_size + target_size + 128)
+
+    def inputs(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (normalize_images(table.images[lo:hi]).to(device), tokenizer(table.captions[lo:hi]).to(device))
+
+    batch = inputs(0, batch_size)
+    bank = inputs(batch_size, batch_size + bank_size)
+    start_t = batch_size + bank_size
+    target = [inputs(i, min(i + batch_size, start_t + target_size)) for i in range(start_t, start_t + target_size, batch_size)]
+    proxy = inputs(start_t + target_size, start_t + target_size + 128)
+    objective = CLIPBankObjective(model, *bank)
+    params = params_of(model)
+    with forward_mode_safe():
+        prep_time = time.perf_counter()
+        prep = prepare_checkpoint(objective, params, target, [proxy], hvp="exact")
+        prep_time = time.perf_counter() - prep_time
+        scorers = {
+            "tracin": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, components=("a",)),
+            "diffin_fd": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="fd"),
+            "diffin_exact": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact"),
+        }
+
+    def forward() -> object:
+        with torch.inference_mode():
+            return model(*batch)
+
+    def scored(scorer: CheckpointScorer) -> Callable[[], object]:
+        def run() -> object:
+            with forward_mode_safe():
+                return scorer(batch)
+        return run
+
+    methods = {"forward": forward, **{k: scored(v) for k, v in scorers.items()}}
+    best = interleaved_min(methods, repeats, device)
+    per_sample = {k: v / batch_size for k, v in best.items()}
+    if reference_samples > 0:
+        with forward_mode_safe():
+            ref_times = [_timed(lambda i=i: reference_per_sample(objective, params, target, proxy, (batch[0][i:i + 1], batch[1][i:i + 1])), device)
+                         for i in range(reference_samples)]
+        per_sample["reference"] = min(ref_times)
+    fwd = per_sample["forward"]
+    return {
+        "s_per_sample_per_ckpt": per_sample,
+        "ratio_to_forward": {k: v / fwd for k, v in per_sample.items()},
+        "pairs_per_s_per_ckpt": {k: 1.0 / v for k, v in per_sample.items()},
+        "speedup_diffin_fd_vs_reference": per_sample.get("reference", float("nan")) / per_sample["diffin_fd"],
+        "prepare_s_per_ckpt": prep_time,
+        "settings": {"batch_size": batch_size, "repeats": repeats, "bank_size": bank_size,
+                     "target_size": target_size, "proxy_batch": 128, "reference_samples": reference_samples,
+                     "image_size": size, "dtype": "float32", "device": str(device),
+                     "parameters": sum(p.numel() for p in params.values())},
+    }
+
+
+MODEL_PLANS = {  # batch, repeats, target |V|, reference samples (full / quick)
+    "tiny-clip-32": ({"batch_size": 128, "repeats": 5, "target_size": 256, "reference_samples": 3},
+                     {"batch_size": 64, "repeats": 2, "target_size": 128, "reference_samples": 1}),
+    "ViT-B-32": ({"batch_size": 16, "repeats": 2, "target_size": 32, "reference_samples": 1},
+                 {"batch_size": 4, "repeats": 1, "target_size": 8, "reference_samples": 0}),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``diffin bench speed``."""
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = args.models.split(",") if args.models else (["tiny-clip-32"] if args.quick else list(MODEL_PLANS))
+    results: dict = {}
+    meta = {"command": "diffin bench speed" + (" --quick" if args.quick else ""), "device": str(device),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+    for name in names:
+        plan = MODEL_PLANS.get(name, MODEL_PLANS["ViT-B-32"])[1 if args.quick else 0]
+        bank = 255 if name == "tiny-clip-32" and not args.quick else 31
+        start = time.perf_counter()
+        results[name] = measure_model(name, device, plan["batch_size"], plan["repeats"], bank,
+                                      plan["target_size"], plan["reference_samples"], args.seed)
+        results[name]["wall_s"] = round(time.perf_counter() - start, 1)
+        ratios = results[name]["ratio_to_forward"]
+        print(f"{name}: " + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
+    summary = {name: r["s_per_sample_per_ckpt"] for name, r in results.items()}
+    write_json_atomic(out, {**summary, "_details": results, "_meta": meta})
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,35 @@
+"""Speed benchmark machinery (the measured numbers live in docs/SPEED.md, not in tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.bench import speed
+
+
+def test_measure_model_schema_and_reference_is_far_slower() -> None:
+    result = speed.measure_model("tiny-clip-32", torch.device("cpu"), batch_size=8, repeats=2,
+                                 bank_size=7, target_size=16, reference_samples=2, seed=0)
+    per_sample = result["s_per_sample_per_ckpt"]
+    assert set(per_sample) == {"forward", "tracin", "diffin_fd", "diffin_exact", "reference"}
+    assert all(v > 0 for v in per_sample.values())
+    assert result["ratio_to_forward"]["forward"] == 1.0
+    # The reference recomputes batch and target gradients per sample: orders of magnitude slower.
+    assert per_sample["reference"] > 10 * per_sample["diffin_fd"]
+
+
+def test_quick_run_writes_schema(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(speed.MODEL_PLANS, "tiny-clip-32", (
+        {"batch_size": 8, "repeats": 1, "target_size": 16, "reference_samples": 0},
+        {"batch_size": 8, "repeats": 1, "target_size": 16, "reference_samples": 0}))
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    out = tmp_path / "speed.json"
+    assert speed.run(parser.parse_args(["--quick", "--out", str(out)])) == 0
+    data = json.loads(out.read_text())
+    assert set(data["tiny-clip-32"]) == {"forward", "tracin", "diffin_fd", "diffin_exact"}
+    assert data["_meta"]["command"] == "diffin bench speed --quick"

@@ -1,0 +1,73 @@
+"""TrajectoryInfluence: the facade over a real (tiny) proxy trajectory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.data.pairs import load_pairs
+from pipeline.data.shards import expand_shards
+from pipeline.influence.forward import CheckpointScorer
+from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
+from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence, adam_preconditioner
+from pipeline.model.train import train_proxy
+from pipeline.model.trajectory import load_checkpoint_state
+
+SETTINGS = InfluenceSettings(bank_size=7, batch_size=8, proxy_batch_size=8, adam=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_corpus: Path, tmp_path_factory):
+    table = load_pairs(expand_shards(str(tiny_corpus / "*.tar")), 32)
+    train, target = table.subset(range(0, 32)), table.subset(range(32, 48))
+    cfg = TrainConfig(model="tiny-clip-32", steps=6, batch_size=8, warmup=2, save_steps=[2, 4, 6], seed=0)
+    traj = train_proxy(train, cfg, tmp_path_factory.mktemp("traj") / "t")
+    influence = TrajectoryInfluence(traj, SETTINGS)
+    prepared = influence.prepare(target, train)
+    influence.load_prepared(prepared)
+    return traj, train, target, influence, prepared
+
+
+def test_shapes_and_identity(setup) -> None:
+    traj, train, _, influence, _ = setup
+    out = influence.score_table(train.subset(range(12)))
+    assert out["a"].shape == out["b"].shape == out["c"].shape == (3, 12)
+    for key in ("diffin", "diffin_eq9", "tracin", "tracin_adam", "clip_score", "loss"):
+        assert out[key].shape == (12,) and out[key].dtype == torch.float64 and torch.isfinite(out[key]).all()
+    assert torch.allclose(out["diffin"], out["tracin"] + traj.total_steps * out["diffin_eq9"], rtol=1e-9, atol=0)
+    assert (out["clip_score"].abs() <= 1 + 1e-6).all()
+
+
+def test_scores_independent_of_batch_and_order(setup) -> None:
+    _, train, _, influence, _ = setup
+    forward = influence.score_table(train.subset(range(16)))
+    backward = influence.score_table(train.subset(list(reversed(range(16)))))
+    for key in ("diffin", "tracin", "a", "b", "c"):
+        assert torch.allclose(forward[key], backward[key].flip(-1), rtol=1e-4, atol=1e-12), key
+
+
+def test_matches_the_influence_api_directly(setup) -> None:
+    _, train, _, influence, prepared = setup
+    images, tokens = influence.inputs(train.images[:8], train.captions[:8])
+    objective = CLIPBankObjective(influence.model, prepared.bank_images, prepared.bank_tokens)
+    p = prepared.prepared[1]
+    with forward_mode_safe():
+        direct = CheckpointScorer(objective, influence.params[1], p.u, p.g, p.w, "fd", 1e-3)((images, tokens))
+    out = influence.score_inputs(images, tokens)
+    assert torch.allclose(out["a"][1], direct.a.double(), rtol=1e-6)
+    assert torch.allclose(out["c"][1], direct.c.double(), rtol=1e-5)
+    assert len(prepared.bank_uids) == 7 and not set(prepared.bank_uids) & set(train.uids)
+
+
+def test_adam_preconditioner_from_optimizer_state(setup) -> None:
+    traj, *_ , influence, _ = setup
+    state = load_checkpoint_state(traj.checkpoint_path(2))["optimizer"]
+    precond = adam_preconditioner(state, influence.model, (0.9, 0.98), 1e-6, torch.float32, "cpu")
+    # open_clip's groups: gains/biases/logit_scale first; logit_scale is the first parameter.
+    entry = state["state"][0]
+    v_hat = entry["exp_avg_sq"] / (1 - 0.98 ** float(entry["step"]))
+    assert torch.allclose(precond["logit_scale"], 1 / (v_hat.sqrt() + 1e-6))
+    assert set(precond) == set(influence.params[0])
