@@ -1,15 +1,12 @@
 """``diffin run`` / ``python -m jobs.prune``: every stage of a run, in order, into one run dir.
 
-Stages so far: trajectory (reuse or train the proxy). Prepare, score, select and reshard
-join as they land (see the issues); each is resumable from its completion markers.
+Each stage is resumable from its completion markers: a rerun recomputes only what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,39 +20,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
     parser.add_argument("--executor", choices=("ray", "local"), default="ray",
                         help="Ray (default: embedded local Ray, or the cluster in RAY_ADDRESS) or in-process")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.data.shards import expand_shards, load_sizes
-    from pipeline.io.atomic import write_json_atomic
     from pipeline.runtime.executor import make_executor
-    from pipeline.stages.trajectory import ensure_trajectory
+    from pipeline.stages.pipeline import run_pipeline
 
     config = load_config(args.config)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    start = time.perf_counter()
-    urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
     executor = make_executor(args.executor, config.resources.address)
     try:
-        trajectory = ensure_trajectory(config, run_dir, executor)
+        summary = run_pipeline(config, run_dir, executor, progress=not args.no_progress)
     finally:
         executor.shutdown()
-    elapsed = time.perf_counter() - start
-    summary = {
-        "config": str(args.config), "run_dir": str(run_dir), "shards": len(urls),
-        "pairs_in": sum(sizes.values()) if sizes else None,
-        "trajectory": str(trajectory.root / "trajectory.json"),
-        "checkpoints": [{"step": c.step, "lr": c.lr} for c in trajectory.checkpoints],
-        "train_pairs": trajectory.num_samples, "seconds": round(elapsed, 1),
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "run_summary.json", summary)
-    print(f"run finished in {elapsed:.1f}s -> {run_dir}")
-    print(f"  shards: {len(urls)}   pairs in: {summary['pairs_in']}   proxy training pairs: {trajectory.num_samples}")
-    print(f"  trajectory: {summary['trajectory']}  ({len(trajectory.checkpoints)} checkpoints at steps "
-          f"{[c.step for c in trajectory.checkpoints]})")
+    print(f"run finished in {summary['seconds']:.1f}s -> {run_dir}")
+    print(f"  shards: {summary['shards']}   pairs in: {summary['pairs_in']}   proxy training pairs: {summary['train_pairs']}")
+    print(f"  trajectory: {summary['trajectory']}  ({len(summary['checkpoints'])} checkpoints at steps "
+          f"{[c['step'] for c in summary['checkpoints']]})")
+    if "scores" in summary:
+        print(f"  scores: {summary['scores']}/  (scored now: {summary['shards_scored_now']} shards, "
+              f"{summary['pairs_scored_now']} pairs, failed: {summary['failed_now'] or 'none'})")
     print(f"  summary: {run_dir / 'run_summary.json'}")
     return 0
 

@@ -6,14 +6,16 @@ root for ``make`` targets, the uploaded working dir under ``ray job submit``).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
-                      PositiveFloat, PositiveInt, ValidationError, model_validator)
+                      PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator)
 
+from pipeline.data.shards import SIZES_FILE
 from pipeline.errors import UsageError
 
 
@@ -84,6 +86,122 @@ class TrajectoryConfig(Section):
         return self
 
 
+class TargetConfig(Section):
+    """The target set V (DESIGN §2.4): its own shards, or a held-out fraction of the corpus.
+
+    Held-out pairs (chosen by uid hash) are left out of proxy training; the negative bank
+    is drawn from V by seed.
+    """
+
+    shards: str | list[str] | None = None
+    sizes: str | None = None
+    holdout_fraction: float | None = Field(None, gt=0, lt=1)
+    max_pairs: PositiveInt = 2048
+    bank_size: PositiveInt = 255
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TargetConfig":
+        if (self.shards is None) == (self.holdout_fraction is None):
+            raise ValueError("give exactly one of 'shards' or 'holdout_fraction'")
+        return self
+
+
+class ScoreConfig(Section):
+    """How pairs are scored (DESIGN §2.3)."""
+
+    checkpoints: list[NonNegativeInt] | None = None
+    batch_size: PositiveInt = 128
+    c_mode: Literal["fd", "exact"] = "fd"
+    hvp: Literal["exact", "fd"] = "exact"
+    eps: PositiveFloat = 1e-3
+    proxy_batches: PositiveInt = 1
+    proxy_batch_size: PositiveInt = 128
+    method: Literal["diffin", "tracin"] = "diffin"
+    adam: bool = False
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    keep_json_fields: list[str] = []
+
+
+_RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"threshold"},
+                "random": {"fraction", "k"}}
+RESHARD_PLAN_FILE = "reshard_plan.json"
+
+
+class SelectConfig(Section):
+    """The ``select:`` section: which score, which rule, what to do with failed rows."""
+
+    column: Literal["diffin", "diffin_eq9", "tracin", "clip_score"] = "diffin"
+    rule: Literal["top_fraction", "top_k", "threshold", "random"] = "top_fraction"
+    fraction: float | None = Field(
+        0.3, gt=0, le=1, description="kept share (top_fraction; random unless k is given)")
+    k: PositiveInt | None = Field(None, description="kept count (top_k; random if given)")
+    threshold: float | None = Field(None, description="keep score >= threshold (threshold)")
+    seed: int = Field(0, description="seed of the random rule")
+    stratify_by: str | None = Field(None, min_length=1,
+                                    description="json field; score files carry json.<field>")
+    failed: Literal["drop", "error"] = "drop"
+
+    @model_validator(mode="after")
+    def _check_rule_fields(self) -> "SelectConfig":
+        uses = _RULE_FIELDS[self.rule]
+        for name in ("fraction", "k", "threshold"):
+            if name in self.model_fields_set and getattr(self, name) is not None and name not in uses:
+                raise ValueError(f"'{name}' is not used by rule '{self.rule}'")
+        if self.rule == "top_k" and self.k is None:
+            raise ValueError("rule 'top_k' needs 'k'")
+        if self.rule == "threshold" and (self.threshold is None or not math.isfinite(self.threshold)):
+            raise ValueError("rule 'threshold' needs a finite 'threshold'")
+        if self.rule in ("top_fraction", "random") and self.k is None and self.fraction is None:
+            raise ValueError(f"rule '{self.rule}' needs 'fraction'")
+        if self.rule == "random" and self.k is not None and "fraction" in self.model_fields_set:
+            raise ValueError("rule 'random' takes either 'fraction' or 'k', not both")
+        return self
+
+    @property
+    def stratum_column(self) -> str | None:
+        """The score-file column holding the stratum, if stratified."""
+        return f"json.{self.stratify_by}" if self.stratify_by else None
+
+    @property
+    def budget_is_count(self) -> bool:
+        """True when the rule keeps a count (``k``) rather than a fraction or a threshold."""
+        return self.rule == "top_k" or (self.rule == "random" and self.k is not None)
+
+    def effective(self) -> dict[str, Any]:
+        """The settings as applied: fields the rule does not use (e.g. the default
+        ``fraction`` under ``top_k``, ``seed`` outside ``random``) are shown as null."""
+        used = {"k"} if self.budget_is_count else _RULE_FIELDS[self.rule] - {"k"}
+        data = self.model_dump()
+        for name in ("fraction", "k", "threshold"):
+            if name not in used:
+                data[name] = None
+        if self.rule != "random":
+            data["seed"] = None
+        return data
+
+
+class ReshardConfig(Section):
+    """The ``reshard:`` section."""
+
+    shard_size: PositiveInt = 10000
+    name_format: str = "{:05d}.tar"
+
+    @field_validator("name_format")
+    @classmethod
+    def _check_name_format(cls, value: str) -> str:
+        try:
+            names = {value.format(i) for i in (0, 1, 10, 100000)}
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ValueError(f"name_format {value!r} must format one integer, e.g. '{{:05d}}.tar' ({exc})")
+        if len(names) != 4:
+            raise ValueError(f"name_format {value!r} gives the same name to different shards")
+        if any("/" in n or n.startswith(".") or n in (SIZES_FILE, RESHARD_PLAN_FILE) for n in names):
+            raise ValueError(f"name_format {value!r} must give plain file names")
+        return value
+
+
 class ResourcesConfig(Section):
     """Ray resources per task/actor, declared here and never inferred on the driver (§4)."""
 
@@ -91,6 +209,7 @@ class ResourcesConfig(Section):
     num_cpus: PositiveFloat = 1.0
     num_gpus: NonNegativeFloat = 0.0
     address: str | None = Field(None, description="Ray address; default: local or RAY_ADDRESS")
+    threads: PositiveInt | None = Field(None, description="torch threads per actor (default: ceil(num_cpus))")
 
 
 class RunConfig(Section):
@@ -98,6 +217,10 @@ class RunConfig(Section):
 
     data: DataConfig
     trajectory: TrajectoryConfig
+    target: TargetConfig | None = None
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig | None = None
+    reshard: ReshardConfig | None = None
     resources: ResourcesConfig = ResourcesConfig()
 
 

@@ -18,7 +18,6 @@ one-off prepare cost per checkpoint (u, g, w), which does not grow with the corp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import time

@@ -8,7 +8,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -137,3 +137,47 @@ def table_from_pairs(pairs: Iterable["Pair"], image_size: int, source: str = "me
         else:
             skipped[status] = skipped.get(status, 0) + 1
     return _to_table(rows, skipped, image_size)
+
+
+def in_holdout(uid: str, fraction: float, seed: int) -> bool:
+    """Whether ``uid`` belongs to the held-out fraction (a function of uid and seed only)."""
+    value = int.from_bytes(sample_rank(uid, seed, "holdout"), "big") / 2.0**64
+    return value < fraction
+
+
+def sample_pairs(urls: Sequence[str], image_size: int, count: int, seed: int, salt: str,
+                 sizes: dict[str, int] | None = None,
+                 keep: Callable[[str], bool] | None = None) -> PairTable:
+    """Up to ``count`` pairs (satisfying ``keep(uid)``) from a seeded sample of shards.
+
+    Shards are visited in an order given by (seed, shard name) until at least twice
+    ``count`` candidates are in hand; the pairs ranked first by (uid, seed, salt) win. The
+    result depends on the shard list and the seed, never on positions within shards.
+    """
+    order = sorted(urls, key=lambda u: sample_rank(u.rsplit("/", 1)[-1], seed, "shards"))
+    parts: list[PairTable] = []
+    have = 0
+    for url in order:
+        table = load_pairs([url], image_size, sizes=sizes, threads=1)
+        if keep is not None:
+            table = table.subset([i for i, u in enumerate(table.uids) if keep(u)])
+        parts.append(table)
+        have += len(table)
+        if have >= 2 * count:
+            break
+    merged = concat_tables(parts, image_size)
+    ranked = sorted(range(len(merged)), key=lambda i: sample_rank(merged.uids[i], seed, salt))
+    return merged.subset(ranked[:count])
+
+
+def concat_tables(tables: Sequence[PairTable], image_size: int) -> PairTable:
+    """Several tables as one (in order)."""
+    if not tables:
+        return _to_table([], {}, image_size)
+    skipped: dict[str, int] = {}
+    for t in tables:
+        for k, v in t.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    return PairTable([u for t in tables for u in t.uids], [k for t in tables for k in t.keys],
+                     [s for t in tables for s in t.shards], torch.cat([t.images for t in tables]),
+                     [c for t in tables for c in t.captions], skipped)

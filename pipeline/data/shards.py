@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import braceexpand
+# Imported at module load, never lazily: importing webdataset's submodules from several
+# threads at once (the shard readers run in a thread pool) trips a circular import.
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
@@ -52,7 +56,8 @@ class Pair:
         }
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one member with fixed metadata (mtime 0, mode 0444, uid/gid 0, no user names)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = _FIXED_MTIME
@@ -115,7 +120,7 @@ class ShardWriter:
             raise ValueError(f"duplicate sample key {key!r} in shard {self._name}")
         self._keys.add(key)
         for ext in sorted(members):
-            _add_member(self._tar, f"{key}.{ext}", members[ext])
+            add_member(self._tar, f"{key}.{ext}", members[ext])
         self._count += 1
 
     def write_pair(self, pair: Pair) -> None:
@@ -195,9 +200,6 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
     shard's stream is closed when the iteration ends or is abandoned (webdataset's own
     ``url_opener`` leaves it to the garbage collector).
     """
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     def _raise(exc: Exception) -> bool:
         raise exc
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-from torch import Tensor
 
 from pipeline.influence.objective import Batch, PerSampleObjective, per_sample_loss
 from pipeline.influence.params import ParamDict, axpy, norm, scale, sub

@@ -17,7 +17,7 @@ from torch import Tensor
 from pipeline.data.pairs import PairTable, sample_rank
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
-from pipeline.influence.params import ParamDict
+from pipeline.influence.params import ParamDict, cast
 from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint
 from pipeline.influence.scores import CheckpointWeights, combine
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, normalize_images
@@ -87,18 +87,28 @@ def adam_preconditioner(optimizer_state: dict, model: torch.nn.Module, betas: Se
     return precond
 
 
-def _select(table: PairTable, count: int, seed: int, salt: str) -> list[int]:
+def rank_select(table: PairTable, count: int, seed: int, salt: str) -> list[int]:
+    """Indices of the ``count`` pairs ranked first by (uid, seed, salt) — never by position."""
     ranked = sorted(range(len(table)), key=lambda i: sample_rank(table.uids[i], seed, salt))
     return ranked[:count]
 
 
+def split_bank(target: PairTable, bank_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(bank indices, target-set indices): the bank is drawn by seed, V is the rest."""
+    if len(target) <= bank_size:
+        raise ValueError(f"target set has {len(target)} pairs; needs more than bank_size={bank_size}")
+    bank = rank_select(target, bank_size, seed, "bank")
+    chosen = set(bank)
+    return bank, [i for i in range(len(target)) if i not in chosen]
+
+
 @dataclass
 class PreparedTrajectory:
-    """Everything scoring needs besides the model: bank, per-checkpoint vectors and weights."""
+    """Everything scoring needs besides the model: the bank and per-checkpoint vectors."""
 
     bank_uids: list[str]
-    bank_images: Tensor
-    bank_tokens: Tensor
+    bank_images: Tensor  # uint8 [K, 3, S, S]
+    bank_captions: list[str]
     prepared: list[PreparedCheckpoint]
     preconditioners: list[ParamDict | None] = field(default_factory=list)
 
@@ -123,44 +133,51 @@ class TrajectoryInfluence:
         self.weights = [CheckpointWeights(c.step, c.lr) for c in self.checkpoints]
         self._scorers: list[CheckpointScorer] | None = None
 
+    @property
+    def image_size(self) -> int:
+        """Input resolution of the model's vision tower."""
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
     def inputs(self, images_uint8: Tensor, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Model inputs for decoded pairs: normalised images and tokens on the device."""
         images = normalize_images(images_uint8).to(self.device, self.dtype)
         return images, self.tokenizer(list(captions)).to(self.device)
 
-    def _batches(self, table: PairTable, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
-        size = self.settings.batch_size
+    def _batches(self, table: PairTable, indices: Sequence[int], size: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        size = size or self.settings.batch_size
         return [self.inputs(table.images[list(indices[i:i + size])],
                             [table.captions[j] for j in indices[i:i + size]])
                 for i in range(0, len(indices), size)]
 
-    def prepare(self, target: PairTable, train: PairTable) -> PreparedTrajectory:
-        """Draw the bank (from ``target``), then u_t, g_t, w_t for every checkpoint.
+    def _objective(self, bank_images: Tensor, bank_captions: Sequence[str]) -> CLIPBankObjective:
+        return CLIPBankObjective(self.model, *self.inputs(bank_images, bank_captions))
 
-        The bank is the ``bank_size`` target pairs ranked first by (uid, seed); the target
-        set V is the rest of ``target``. Proxy batches are drawn from ``train`` by (uid, seed,
-        checkpoint) — never by position.
+    def prepare_checkpoint(self, k: int, target: PairTable, train: PairTable) -> tuple[PreparedCheckpoint, ParamDict | None]:
+        """u_t, g_t, w_t (and Adam's preconditioner when enabled) for checkpoint ``k``.
+
+        The bank and V come from :func:`split_bank` on ``target``; the proxy batches are
+        drawn from ``train`` by (uid, seed, checkpoint step). Deterministic, so separate
+        workers preparing different checkpoints agree on the bank.
         """
         s = self.settings
-        if len(target) <= s.bank_size:
-            raise ValueError(f"target set has {len(target)} pairs; needs more than bank_size={s.bank_size}")
-        bank_idx = _select(target, s.bank_size, s.seed, "bank")
-        in_bank = set(bank_idx)
-        target_idx = [i for i in range(len(target)) if i not in in_bank]
-        bank_images, bank_tokens = self.inputs(target.images[bank_idx], [target.captions[i] for i in bank_idx])
-        objective = CLIPBankObjective(self.model, bank_images, bank_tokens)
-        target_batches = self._batches(target, target_idx)
-        prepared, preconds = [], []
+        bank_idx, target_idx = split_bank(target, s.bank_size, s.seed)
+        objective = self._objective(target.images[bank_idx], [target.captions[i] for i in bank_idx])
+        ckpt = self.checkpoints[k]
+        proxy_idx = rank_select(train, s.proxy_batches * s.proxy_batch_size, s.seed, f"proxy{ckpt.step}")
         with forward_mode_safe():
-            for k, (params, ckpt) in enumerate(zip(self.params, self.checkpoints)):
-                proxy_idx = _select(train, s.proxy_batches * s.proxy_batch_size, s.seed, f"proxy{ckpt.step}")
-                proxy = [self.inputs(train.images[proxy_idx[i:i + s.proxy_batch_size]],
-                                     [train.captions[j] for j in proxy_idx[i:i + s.proxy_batch_size]])
-                         for i in range(0, len(proxy_idx), s.proxy_batch_size)]
-                prepared.append(prepare_checkpoint(objective, params, target_batches, proxy, s.hvp, s.eps))
-                preconds.append(self._preconditioner(k) if s.adam else None)
-                log.info("prepared checkpoint step %d: target loss %.4f", ckpt.step, prepared[-1].target_loss)
-        return PreparedTrajectory([target.uids[i] for i in bank_idx], bank_images, bank_tokens, prepared, preconds)
+            prepared = prepare_checkpoint(objective, self.params[k], self._batches(target, target_idx),
+                                          self._batches(train, proxy_idx, s.proxy_batch_size), s.hvp, s.eps)
+        log.info("prepared checkpoint step %d: target loss %.4f", ckpt.step, prepared.target_loss)
+        return prepared, (self._preconditioner(k) if s.adam else None)
+
+    def prepare(self, target: PairTable, train: PairTable) -> PreparedTrajectory:
+        """Prepare every checkpoint in this process (the pipeline runs one task per checkpoint)."""
+        bank_idx, _ = split_bank(target, self.settings.bank_size, self.settings.seed)
+        results = [self.prepare_checkpoint(k, target, train) for k in range(len(self.params))]
+        return PreparedTrajectory([target.uids[i] for i in bank_idx], target.images[bank_idx],
+                                  [target.captions[i] for i in bank_idx],
+                                  [r[0] for r in results], [r[1] for r in results])
 
     def _preconditioner(self, k: int) -> ParamDict | None:
         opt = self.trajectory.optimizer
@@ -170,13 +187,19 @@ class TrajectoryInfluence:
     def load_prepared(self, prepared: PreparedTrajectory) -> None:
         """Build the per-checkpoint scorers (context jets cached) from prepared vectors."""
         s = self.settings
-        objective = CLIPBankObjective(self.model, prepared.bank_images.to(self.device, self.dtype),
-                                      prepared.bank_tokens.to(self.device))
+        objective = self._objective(prepared.bank_images, prepared.bank_captions)
         preconds = prepared.preconditioners or [None] * len(self.params)
+        if len(prepared.prepared) != len(self.params):
+            raise ValueError(f"{len(prepared.prepared)} prepared checkpoints for {len(self.params)} selected")
+
+        def here(x: ParamDict) -> ParamDict:
+            return cast(x, self.dtype, self.device)
+
         with forward_mode_safe():
             self._scorers = [
-                CheckpointScorer(objective, params, p.u, p.g, p.w, s.c_mode, s.eps, s.components,
-                                 preconditioned_u=({k: pc[k] * p.u[k] for k in p.u} if pc is not None else None))
+                CheckpointScorer(objective, params, here(p.u), here(p.g), here(p.w), s.c_mode, s.eps,
+                                 s.components,
+                                 preconditioned_u=here({k: pc[k] * p.u[k] for k in p.u}) if pc is not None else None)
                 for params, p, pc in zip(self.params, prepared.prepared, preconds)
             ]
 

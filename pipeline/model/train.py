@@ -16,13 +16,13 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data.pairs import PairTable, load_pairs, sample_rank
+from pipeline.data.pairs import PairTable, in_holdout, load_pairs, sample_rank
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
 from pipeline.model.clip import build_clip, context_length, image_size, model_spec, normalize_images, tokenize
@@ -89,6 +89,78 @@ def config_fingerprint(cfg: TrainConfig, data_id: str, excluded: Iterable[str]) 
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def exclude_uids(table: PairTable, exclude: Iterable[str]) -> PairTable:
+    """The pairs of ``table`` whose uid is not in ``exclude`` (order kept)."""
+    excluded = set(exclude)
+    return table.subset([i for i, u in enumerate(table.uids) if u not in excluded])
+
+
+def lr_schedule(cfg: TrainConfig) -> LRSchedule:
+    """The learning-rate schedule of a proxy run."""
+    return LRSchedule(cfg.lr, cfg.steps, cfg.warmup, cfg.schedule)
+
+
+SaveHook = Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]
+
+
+def run_training(data: PairTable, cfg: TrainConfig, on_save: SaveHook | None = None,
+                 log_every: int = 25) -> tuple[torch.nn.Module, list[dict]]:
+    """The proxy training loop on ``data`` (exclusions already applied): one loop for all callers.
+
+    Seeds torch with ``cfg.seed``, builds the model, and runs ``cfg.steps`` AdamW steps over
+    :func:`batch_indices`. ``on_save(step, model, optimizer)`` is called at every step of
+    ``cfg.checkpoint_steps()`` (step 0 before the first update). Returns the final model and
+    the per-step log rows (``step``, ``lr``, ``loss``).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_clip(model_spec(cfg.model))
+    if image_size(model) != data.images.shape[-1]:
+        raise UsageError(f"pairs were loaded at {data.images.shape[-1]} px but model {cfg.model} "
+                         f"expects {image_size(model)} px")
+    tokens = tokenize(data.captions, context_length(model))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=cfg.betas, eps=cfg.eps, fused=True)
+    schedule = lr_schedule(cfg)
+    save_steps = cfg.checkpoint_steps() if on_save is not None else []
+    log_rows: list[dict] = []
+    model.train()
+    start = time.perf_counter()
+    if 0 in save_steps:
+        on_save(0, model, optimizer)
+    for step, idx in enumerate(batch_indices(data.uids, cfg.seed, cfg.batch_size, cfg.steps)):
+        lr = schedule.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = clip_batch_loss(model, normalize_images(data.images[idx]), tokens[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
+        log_rows.append({"step": step, "lr": lr, "loss": loss.item()})
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
+            log.info("train step %d/%d loss %.4f lr %.2e (%.1f steps/s)", step + 1, cfg.steps,
+                     loss.item(), lr, (step + 1) / (time.perf_counter() - start))
+        if step + 1 in save_steps:
+            on_save(step + 1, model, optimizer)
+    return model, log_rows
+
+
+def train_final(table: PairTable, cfg: TrainConfig, exclude: Iterable[str] = (),
+                log_every: int = 0) -> torch.nn.Module:
+    """The final model of the proxy run on ``table`` minus ``exclude``, nothing written.
+
+    Same loop, order and initialisation as :func:`train_proxy`: its parameters equal those of
+    the last checkpoint of ``train_proxy`` with the same arguments when that checkpoint is at
+    ``cfg.steps`` (for leave-out retraining).
+    """
+    return run_training(exclude_uids(table, exclude), cfg, log_every=log_every)[0]
+
+
 def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
                 exclude: Iterable[str] = (), data_id: str = "",
                 log_every: int = 25) -> Trajectory:
@@ -99,28 +171,14 @@ def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
     ``train_log.jsonl``, all into a temporary directory renamed onto ``out_dir`` at the end.
     """
     excluded = set(exclude)
-    keep = [i for i, u in enumerate(table.uids) if u not in excluded]
-    data = table.subset(keep)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    spec = model_spec(cfg.model)
-    model = build_clip(spec)
-    if image_size(model) != data.images.shape[-1]:
-        raise UsageError(f"pairs were loaded at {data.images.shape[-1]} px but model {cfg.model} "
-                         f"expects {image_size(model)} px")
-    tokens = tokenize(data.captions, context_length(model))
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=cfg.betas, eps=cfg.eps, fused=True)
-    schedule = LRSchedule(cfg.lr, cfg.steps, cfg.warmup, cfg.schedule)
-    save_steps = cfg.checkpoint_steps()
+    data = exclude_uids(table, excluded)
+    schedule = lr_schedule(cfg)
     fingerprint = config_fingerprint(cfg, data_id, excluded)
     checkpoints: list[CheckpointRef] = []
-    log_rows: list[dict] = []
     with atomic_path(out_dir) as tmp:
         (tmp / "checkpoints").mkdir(parents=True)
 
-        def save(step: int) -> None:
+        def save(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
             name = f"checkpoints/step_{step:06d}.pt"
             lr = schedule.checkpoint_lr(step)
             torch.save({"epoch": step * cfg.batch_size // len(data), "name": f"proxy-{fingerprint}",
@@ -128,31 +186,11 @@ def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
                         "optimizer": optimizer.state_dict()}, tmp / name)
             checkpoints.append(CheckpointRef(name, step, lr))
 
-        model.train()
-        start = time.perf_counter()
-        if 0 in save_steps:
-            save(0)
-        for step, idx in enumerate(batch_indices(data.uids, cfg.seed, cfg.batch_size, cfg.steps)):
-            lr = schedule.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = clip_batch_loss(model, normalize_images(data.images[idx]), tokens[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
-            log_rows.append({"step": step, "lr": lr, "loss": loss.item()})
-            if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-                log.info("train step %d/%d loss %.4f lr %.2e (%.1f steps/s)", step + 1, cfg.steps,
-                         loss.item(), lr, (step + 1) / (time.perf_counter() - start))
-            if step + 1 in save_steps:
-                save(step + 1)
+        _, log_rows = run_training(data, cfg, save, log_every)
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
         trajectory = Trajectory(
-            model=spec, num_samples=len(data), total_steps=cfg.steps, batch_size=cfg.batch_size,
+            model=model_spec(cfg.model), num_samples=len(data), total_steps=cfg.steps,
+            batch_size=cfg.batch_size,
             optimizer={"name": "adamw", "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
                        "weight_decay": cfg.weight_decay},
             schedule=schedule.to_dict(), checkpoints=checkpoints, seed=cfg.seed,
@@ -164,9 +202,11 @@ def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
     return trajectory
 
 
-def data_identity(urls: Sequence[str], sizes: dict[str, int] | None) -> str:
-    """A short identity of the training shards (their URLs and recorded counts)."""
-    payload = json.dumps({"urls": list(urls), "sizes": sizes or {}}, sort_keys=True)
+def data_identity(urls: Sequence[str], sizes: dict[str, int] | None,
+                  holdout: tuple[float, int] | None = None) -> str:
+    """A short identity of the training data (shard URLs, recorded counts, held-out fraction)."""
+    payload = json.dumps({"urls": list(urls), "sizes": sizes or {},
+                          **({"holdout": list(holdout)} if holdout else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -179,18 +219,24 @@ def resolve_exclusions(cfg: TrainConfig, exclude: Iterable[str] = ()) -> set[str
 
 
 def proxy_fingerprint(urls: Sequence[str], cfg: TrainConfig, sizes: dict[str, int] | None = None,
-                      exclude: Iterable[str] = ()) -> str:
+                      exclude: Iterable[str] = (), holdout: tuple[float, int] | None = None) -> str:
     """The fingerprint :func:`train_from_shards` records for these inputs."""
-    return config_fingerprint(cfg, data_identity(urls, sizes), resolve_exclusions(cfg, exclude))
+    return config_fingerprint(cfg, data_identity(urls, sizes, holdout), resolve_exclusions(cfg, exclude))
 
 
 def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.PathLike,
-                      sizes: dict[str, int] | None = None,
-                      exclude: Iterable[str] = ()) -> Trajectory:
-    """Load pairs from ``urls`` at the model's resolution and run :func:`train_proxy`."""
+                      sizes: dict[str, int] | None = None, exclude: Iterable[str] = (),
+                      holdout: tuple[float, int] | None = None) -> Trajectory:
+    """Load pairs from ``urls`` at the model's resolution and run :func:`train_proxy`.
+
+    ``holdout=(fraction, seed)`` leaves the held-out target pairs (:func:`in_holdout`) out
+    of training, so the target set V is never trained on.
+    """
     excluded = resolve_exclusions(cfg, exclude)
     size = int(model_spec(cfg.model)["config"]["vision_cfg"]["image_size"])
     table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed)
+    if holdout is not None:
+        table = table.subset([i for i, u in enumerate(table.uids) if not in_holdout(u, *holdout)])
     log.info("loaded %d pairs from %d shards (%d excluded)", len(table), len(urls),
              sum(u in excluded for u in table.uids))
-    return train_proxy(table, cfg, out_dir, excluded, data_identity(urls, sizes))
+    return train_proxy(table, cfg, out_dir, excluded, data_identity(urls, sizes, holdout))

@@ -21,10 +21,27 @@ class Resources:
     num_gpus: float = 0.0
 
 
+class Stage(Protocol):
+    """A unit of pipeline work: heavy state loaded once in ``setup()``, then ``process(task)``."""
+
+    resources: Resources
+
+    def setup(self) -> None: ...
+
+    def process(self, task: Any) -> Any: ...
+
+
+OnResult = Callable[[Any, Any], None]
+
+
 class Executor(Protocol):
-    """Runs functions somewhere and returns their results in input order."""
+    """Runs functions or stages somewhere and returns their results in input order."""
 
     def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
+        ...
+
+    def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
+                  on_result: OnResult | None = None) -> list[Any]:
         ...
 
     def shutdown(self) -> None:
@@ -47,11 +64,42 @@ def _apply(fn: Callable[..., Any], item: Any) -> Any:
     return fn(item)
 
 
+class _StageActor:
+    """Ray actor body: holds one stage instance, set up once."""
+
+    def __init__(self, stage: Stage) -> None:
+        configure_worker_logging()
+        self.stage = stage
+        self.stage.setup()
+
+    def process(self, task: Any) -> Any:
+        return self.stage.process(task)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
 class LocalExecutor:
     """Runs every call in the current process, one after another."""
 
     def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
         return [fn(item) for item in items]
+
+    def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
+                  on_result: OnResult | None = None) -> list[Any]:
+        """One in-process worker: ``setup()`` once, then every task in order."""
+        if not tasks:
+            return []
+        stage.setup()
+        results = []
+        for task in tasks:
+            result = stage.process(task)
+            if on_result is not None:
+                on_result(task, result)
+            results.append(result)
+        return results
 
     def shutdown(self) -> None:
         pass
@@ -61,7 +109,8 @@ class RayExecutor:
     """Runs each call as a Ray task with the declared resources.
 
     Connects to ``address`` (or ``RAY_ADDRESS``, as set by ``ray job submit``) when given,
-    otherwise starts an embedded local Ray. Only a Ray instance it started is shut down.
+    otherwise starts a new embedded local Ray (``address="local"``: never attaches to a
+    cluster that happens to run on this machine). Only a Ray instance it started is shut down.
     """
 
     def __init__(self, address: str | None = None, num_cpus: float | None = None,
@@ -71,11 +120,16 @@ class RayExecutor:
         self._ray = ray
         self._owns_ray = False
         if not ray.is_initialized():
+            import os
+
             kwargs: dict[str, Any] = {"log_to_driver": True}
+            address = address or os.environ.get("RAY_ADDRESS")
             if address:
                 kwargs["address"] = address
-            elif num_cpus is not None:
-                kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus)
+            else:
+                kwargs["address"] = "local"
+                if num_cpus is not None:
+                    kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus)
             context = ray.init(**kwargs)
             self._owns_ray = True
             url = getattr(context, "dashboard_url", None)
@@ -86,6 +140,48 @@ class RayExecutor:
         remote = self._ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                                   max_retries=2)(_apply)
         return self._ray.get([remote.remote(fn, item) for item in items])
+
+    def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
+                  on_result: OnResult | None = None, max_task_retries: int = 3) -> list[Any]:
+        """An actor pool: ``workers`` actors (the stage's resources each) take tasks until none
+        are left. An actor that dies is replaced and its task retried (up to
+        ``max_task_retries`` times per task); results come back in task order.
+        """
+        ray = self._ray
+        if not tasks:
+            return []
+        actor_cls = ray.remote(_StageActor).options(num_cpus=stage.resources.num_cpus,
+                                                    num_gpus=stage.resources.num_gpus)
+        queue = list(range(len(tasks)))[::-1]
+        results: list[Any] = [None] * len(tasks)
+        attempts = [0] * len(tasks)
+        pending: dict[Any, tuple[Any, int]] = {}
+
+        def submit(actor: Any) -> None:
+            index = queue.pop()
+            pending[actor.process.remote(tasks[index])] = (actor, index)
+
+        for _ in range(min(workers, len(tasks))):
+            submit(actor_cls.remote(stage))
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor, index = pending.pop(ref)
+            try:
+                results[index] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                attempts[index] += 1
+                if attempts[index] > max_task_retries:
+                    raise RuntimeError(f"task {tasks[index]!r} failed {attempts[index]} times: {exc}") from exc
+                log.warning("worker died on %r (%s); replacing it and retrying", tasks[index], type(exc).__name__)
+                queue.append(index)
+                ray.kill(actor, no_restart=True)
+                actor = actor_cls.remote(stage)
+            else:
+                if on_result is not None:
+                    on_result(tasks[index], results[index])
+            if queue:
+                submit(actor)
+        return results
 
     def shutdown(self) -> None:
         if self._owns_ray:

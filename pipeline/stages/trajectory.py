@@ -29,6 +29,7 @@ class TrainTask:
     out_dir: str
     sizes: dict[str, int] | None = None
     exclude: frozenset[str] = field(default_factory=frozenset)
+    holdout: tuple[float, int] | None = None
 
 
 @dataclass
@@ -41,8 +42,16 @@ class TrainStage:
         """Train and return the trajectory directory."""
         from pipeline.model.train import train_from_shards  # heavy imports only on the worker
 
-        train_from_shards(task.urls, task.cfg, task.out_dir, task.sizes, task.exclude)
+        train_from_shards(task.urls, task.cfg, task.out_dir, task.sizes, task.exclude, task.holdout)
         return task.out_dir
+
+
+def holdout_of(config: RunConfig) -> tuple[float, int] | None:
+    """(fraction, seed) of the held-out target pairs, when the target set is held out."""
+    target = config.target
+    if target is None or target.holdout_fraction is None:
+        return None
+    return (target.holdout_fraction, target.seed)
 
 
 def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor) -> Trajectory:
@@ -55,7 +64,8 @@ def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor
     urls = tuple(expand_shards(config.data.shards))
     sizes = load_sizes(config.data.sizes) if config.data.sizes else None
     cfg = config.trajectory.train
-    fingerprint = proxy_fingerprint(urls, cfg, sizes)
+    holdout = holdout_of(config)
+    fingerprint = proxy_fingerprint(urls, cfg, sizes, holdout=holdout)
     if (out_dir / MANIFEST).is_file():
         existing = Trajectory.load(out_dir)
         if existing.source.get("fingerprint") == fingerprint:
@@ -65,6 +75,6 @@ def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor
             f"{out_dir} holds a trajectory from a different configuration "
             f"({existing.source.get('fingerprint')} != {fingerprint}); use a new --run-dir or delete it")
     resources = Resources(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)
-    task = TrainTask(urls, cfg, str(out_dir), sizes)
+    task = TrainTask(urls, cfg, str(out_dir), sizes, holdout=holdout)
     executor.map(TrainStage(resources).process, [task], resources)
     return Trajectory.load(out_dir)

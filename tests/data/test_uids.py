@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.data.uids import is_uid, make_uid, uid_to_u8u8
+from pipeline.data.uids import is_uid, make_uid, u8u8_to_uids, uid_to_u8u8, uids_to_u8u8
 
 
 def test_make_uid_is_stable_32_hex() -> None:
@@ -37,3 +39,21 @@ def test_uid_to_u8u8_round_trip() -> None:
     assert f"{hi:016x}{lo:016x}" == uid
     assert uid_to_u8u8("0" * 31 + "1") == (0, 1)
     assert uid_to_u8u8("f" * 16 + "0" * 16) == (2**64 - 1, 0)
+
+
+def test_vectorised_uids_match_the_scalar_conversion() -> None:
+    uids = [make_uid("v", str(i)) for i in range(300)] + ["0" * 32, "f" * 32, "0" * 31 + "1"]
+    array = pa.chunked_array([pa.array(uids[:100]), pa.array(uids[100:]).slice(0)])
+    hi, lo = uids_to_u8u8(array)
+    assert hi.dtype == lo.dtype == np.uint64
+    assert list(zip(hi.tolist(), lo.tolist())) == [uid_to_u8u8(u) for u in uids]
+    assert u8u8_to_uids(hi, lo).to_pylist() == uids
+    sliced = pa.array(uids).slice(5, 7)  # a slice starts inside the buffers
+    assert u8u8_to_uids(*uids_to_u8u8(sliced)).to_pylist() == uids[5:12]
+    assert [len(a) for a in uids_to_u8u8(pa.array([], pa.string()))] == [0, 0]
+
+
+@pytest.mark.parametrize("bad", ["A" * 32, "0" * 31, "0" * 33, "g" * 32, None])
+def test_vectorised_uids_reject_non_uids(bad: object) -> None:
+    with pytest.raises(ValueError, match="not 32 lowercase hex"):
+        uids_to_u8u8(pa.array(["0" * 32, bad], pa.string()))

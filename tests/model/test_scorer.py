@@ -52,7 +52,7 @@ def test_scores_independent_of_batch_and_order(setup) -> None:
 def test_matches_the_influence_api_directly(setup) -> None:
     _, train, _, influence, prepared = setup
     images, tokens = influence.inputs(train.images[:8], train.captions[:8])
-    objective = CLIPBankObjective(influence.model, prepared.bank_images, prepared.bank_tokens)
+    objective = CLIPBankObjective(influence.model, *influence.inputs(prepared.bank_images, prepared.bank_captions))
     p = prepared.prepared[1]
     with forward_mode_safe():
         direct = CheckpointScorer(objective, influence.params[1], p.u, p.g, p.w, "fd", 1e-3)((images, tokens))

@@ -12,7 +12,7 @@ from pipeline.data.pairs import load_pairs
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.model.clip import build_clip
 from pipeline.model.schedule import LRSchedule
-from pipeline.model.train import batch_indices, train_from_shards, train_proxy
+from pipeline.model.train import batch_indices, train_final, train_from_shards, train_proxy
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 
 CFG = TrainConfig(model="tiny-clip-32", steps=6, batch_size=8, warmup=2, save_steps=[0, 2, 4, 6], seed=3)
@@ -85,6 +85,14 @@ def test_excluding_uids_changes_only_what_it_must(table, tmp_path: Path) -> None
     absent = train_proxy(table, CFG, tmp_path / "absent", exclude=["f" * 32])  # uid not in the data
     for i in range(len(full.checkpoints)):
         assert _same(_state(full, i), _state(absent, i))
+
+
+def test_train_final_is_the_same_loop(table, tmp_path: Path) -> None:
+    victim = table.uids[7]
+    traj = train_proxy(table, CFG, tmp_path / "loo", exclude=[victim])
+    final = train_final(table, CFG, exclude=[victim])  # nothing written, same run
+    assert _same(final.state_dict(), _state(traj, len(traj.checkpoints) - 1))
+    assert not _same(train_final(table, CFG).state_dict(), final.state_dict())
 
 
 def test_exclude_file_and_max_samples(tiny_corpus: Path, tmp_path: Path) -> None:

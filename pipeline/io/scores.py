@@ -1,0 +1,81 @@
+"""The score Parquet contract (DESIGN §3.2): one file per input shard, committed atomically.
+
+One row per input sample, in shard order, failed samples included. File-level metadata
+carries the configuration fingerprint, the trajectory fingerprint and the package version;
+a shard whose file exists with the same configuration fingerprint is done.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.atomic import atomic_path
+
+SCORE_COLUMNS = ("diffin", "diffin_eq9", "tracin", "clip_score")
+META_CONFIG = b"diffin.config_fingerprint"
+META_TRAJECTORY = b"diffin.trajectory_fingerprint"
+META_VERSION = b"diffin.version"
+
+SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("index", pa.int32(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("diffin", pa.float64()),
+    pa.field("diffin_eq9", pa.float64()),
+    pa.field("tracin", pa.float64()),
+    pa.field("clip_score", pa.float64()),
+    pa.field("a", pa.list_(pa.float64())),
+    pa.field("b", pa.list_(pa.float64())),
+    pa.field("c", pa.list_(pa.float64())),
+])
+
+
+def shard_stem(url: str) -> str:
+    """The score file's stem for an input shard URL (its file name without ``.tar``)."""
+    name = os.path.basename(url.rstrip("/"))
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def score_path(run_dir: str | os.PathLike, url: str) -> Path:
+    """``<run>/scores/<shard-stem>.parquet``."""
+    return Path(run_dir) / "scores" / f"{shard_stem(url)}.parquet"
+
+
+def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config_fingerprint: str,
+                 trajectory_fingerprint: str, version: str,
+                 extra: dict[str, Sequence[str | None]] | None = None) -> None:
+    """Write one shard's rows (column name → values, SCHEMA order) atomically, with metadata.
+
+    ``extra`` adds string columns after the schema's (e.g. ``json.<field>`` copied from the
+    samples' json for stratified selection). The writer is configured for byte-stable
+    output (no timestamps, fixed compression).
+    """
+    schema = SCHEMA
+    for name in extra or {}:
+        schema = schema.append(pa.field(name, pa.string()))
+    data = {**rows, **(extra or {})}
+    table = pa.table({f.name: pa.array(data[f.name], type=f.type) for f in schema}, schema=schema)
+    table = table.replace_schema_metadata({
+        META_CONFIG: config_fingerprint.encode(), META_TRAJECTORY: trajectory_fingerprint.encode(),
+        META_VERSION: version.encode(),
+    })
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=True, use_dictionary=["status", "shard"])
+
+
+def read_fingerprint(path: str | os.PathLike) -> str | None:
+    """The configuration fingerprint recorded in a score file (None if unreadable)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = meta.get(META_CONFIG)
+    return value.decode() if value is not None else None

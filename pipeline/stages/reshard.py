@@ -1,0 +1,252 @@
+"""The reshard stage (DESIGN §3.3): copy the kept pairs into new WebDataset shards.
+
+Every tar member of a kept sample (all extensions) is copied with its name and bytes
+unchanged — nothing is decoded or re-encoded — under fixed member metadata (the same as
+:class:`~pipeline.data.shards.ShardWriter`: mtime 0, mode 0444, uid/gid 0), so identical
+inputs give byte-identical shards. Output order is global input order: input shards in
+the manifest's order, then position within the shard; output shard ``i`` holds positions
+``[i × shard_size, (i + 1) × shard_size)`` of that sequence.
+
+The driver plans; one task per *output* shard reads the input shards that feed it
+(streaming, skipping the members it does not need) and commits the shard by rename. An
+input shard that feeds several output shards is read once by each of them.
+
+Resume: ``reshard_plan.json`` in the output directory records a fingerprint of the plan
+(the kept keys of every output shard and the configuration). With the same plan, output
+shards that already exist (complete by construction: renamed when finished) are skipped;
+a different plan is refused, never mixed. ``sizes.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pipeline.config import RESHARD_PLAN_FILE as PLAN_FILE
+from pipeline.config import ReshardConfig
+from pipeline.data.shards import SIZES_FILE, add_member
+from pipeline.errors import DataError, UsageError
+from pipeline.io.atomic import atomic_path, write_json_atomic
+from pipeline.runtime.executor import Executor, Resources
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class Source:
+    """The kept keys of one input shard that go into one output shard (in shard order)."""
+
+    url: str
+    keys: pa.Array  # strings; compact (not a slice of a larger buffer) so it pickles small
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """One output shard: its name and where its samples come from."""
+
+    name: str
+    count: int
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True)
+class ReshardTask:
+    """What one worker does: write ``shard`` into ``out_dir``."""
+
+    out_dir: str
+    shard: OutputShard
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def _split(values: pa.Array, offsets: np.ndarray) -> list[pa.Array]:
+    return [values.slice(offsets[i], offsets[i + 1] - offsets[i]) for i in range(len(offsets) - 1)]
+
+
+def _manifest_from_kept(table: pa.Table) -> tuple[list[str], list[pa.Array]]:
+    """(shard URLs, kept keys per shard) from a kept table, shards sorted by URL, then index."""
+    table = table.select(["shard", "index", "key"]).sort_by([("shard", "ascending"), ("index", "ascending")])
+    shards = table.column("shard").to_numpy()
+    starts = np.flatnonzero(shards[1:] != shards[:-1]) + 1
+    offsets = np.concatenate([[0], starts, [len(shards)]]) if len(shards) else np.zeros(1, np.int64)
+    keys = table.column("key").combine_chunks().cast(pa.string())
+    return [str(shards[i]) for i in offsets[:-1]], _split(keys, offsets)
+
+
+def _manifest_from_lists(table: pa.Table) -> tuple[list[str], list[pa.Array]]:
+    """(shard URLs, kept keys per shard) from a manifest table, in its row order."""
+    lists = table.column("keys").combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.cast(pa.string())
+    return table.column("shard").to_pylist(), _split(values, offsets)
+
+
+def load_manifest(manifest: str | os.PathLike | pa.Table) -> tuple[list[str], list[pa.Array]]:
+    """(input shard URLs, kept keys of each in shard order) from a manifest or a kept table.
+
+    ``manifest`` is ``manifest.parquet`` (or its table: ``shard`` and a ``keys`` list, rows
+    in input-shard order) or ``kept.parquet`` (or its table: ``shard``, ``key``, ``index``;
+    its shards are then taken in URL order).
+    """
+    table = manifest if isinstance(manifest, pa.Table) else _read_table(manifest)
+    if "keys" in table.column_names and "shard" in table.column_names:
+        urls, keys = _manifest_from_lists(table)
+    elif {"shard", "key", "index"} <= set(table.column_names):
+        urls, keys = _manifest_from_kept(table)
+    else:
+        raise UsageError("reshard needs a manifest (shard, keys) or a kept table (shard, key, index)")
+    if len(set(urls)) != len(urls):
+        raise UsageError("the manifest names an input shard twice")
+    for url, shard_keys in zip(urls, keys):
+        if pc.count_distinct(shard_keys).as_py() != len(shard_keys):
+            raise UsageError(f"the manifest keeps a key twice in shard {url}")
+    return urls, keys
+
+
+def _read_table(path: str | os.PathLike) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"cannot read manifest {path}: {exc}") from None
+
+
+def plan_reshard(urls: Sequence[str], keys: Sequence[pa.Array], cfg: ReshardConfig) -> list[OutputShard]:
+    """Cut the global sequence of kept samples into output shards of ``shard_size``."""
+    counts = np.array([len(k) for k in keys], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    total = int(starts[-1])
+    plan = []
+    for number, begin in enumerate(range(0, total, cfg.shard_size)):
+        end = min(begin + cfg.shard_size, total)
+        sources = []
+        first = int(np.searchsorted(starts, begin, side="right")) - 1
+        for i in range(first, len(urls)):
+            if starts[i] >= end:
+                break
+            lo, hi = max(begin, starts[i]) - starts[i], min(end, starts[i + 1]) - starts[i]
+            if hi > lo:
+                sources.append(Source(urls[i], pa.concat_arrays([keys[i].slice(lo, hi - lo)])))
+        plan.append(OutputShard(cfg.name_format.format(number), end - begin, tuple(sources)))
+    return plan
+
+
+def plan_fingerprint(plan: Sequence[OutputShard], cfg: ReshardConfig) -> str:
+    """A digest of the configuration and of every output shard's name and sources."""
+    digest = hashlib.sha256(cfg.model_dump_json().encode())
+    for shard in plan:
+        digest.update(f"\x00{shard.name}\x00{shard.count}".encode())
+        for source in shard.sources:
+            digest.update(f"\x01{source.url}\x01".encode())
+            digest.update("\x02".join(source.keys.to_pylist()).encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------- copying
+
+
+def member_key(name: str) -> str | None:
+    """A member's sample key (WebDataset's: its path up to the first dot of the file name)."""
+    base = name.rsplit("/", 1)
+    stem = base[-1].split(".", 1)
+    if len(stem) < 2 or not stem[0]:
+        return None
+    return f"{base[0]}/{stem[0]}" if len(base) == 2 else stem[0]
+
+
+def _open_stream(url: str) -> Any:
+    from webdataset.gopen import gopen  # same opener as the shard reader: local, fsspec, pipe:
+
+    return gopen(url)
+
+
+def _copy_source(out: tarfile.TarFile, source: Source) -> int:
+    """Copy the members of ``source``'s kept samples into ``out``; return the sample count."""
+    wanted = set(source.keys.to_pylist())
+    copied: set[str] = set()
+    current: str | None = None
+    stream = _open_stream(source.url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                key = member_key(info.name) if info.isreg() else None
+                if key in wanted:
+                    if key != current and key in copied:
+                        raise DataError(f"shard {source.url}: the members of sample {key!r} "
+                                        "are not contiguous")
+                    copied.add(key)
+                    add_member(out, info.name, tar.extractfile(info).read())
+                current = key
+                tar.members = []  # streaming: do not keep every header in memory
+    finally:
+        stream.close()
+    missing = [k for k in source.keys.to_pylist() if k not in copied]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"kept key {missing[0]!r} not found in input shard {source.url}{more}")
+    return len(copied)
+
+
+def write_output_shard(task: ReshardTask) -> int:
+    """Write one output shard (temporary name, renamed when complete); return its count."""
+    path = Path(task.out_dir) / task.shard.name
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
+            count = sum(_copy_source(out, source) for source in task.shard.sources)
+    log.info("reshard: wrote %s (%d pairs)", task.shard.name, count)
+    return count
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def _claim_out_dir(out_dir: Path, plan: Sequence[OutputShard], fingerprint: str) -> None:
+    """Record the plan in ``out_dir``, or refuse if it holds another plan's output."""
+    plan_path = out_dir / PLAN_FILE
+    if plan_path.is_file():
+        recorded = json.loads(plan_path.read_text()).get("fingerprint")
+        if recorded != fingerprint:
+            raise UsageError(f"{out_dir} holds shards of a different selection or reshard config "
+                             "(plan fingerprint differs); remove it or choose another directory")
+        return
+    foreign = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
+    if foreign:
+        raise UsageError(f"{out_dir} is not empty and has no {PLAN_FILE} (e.g. {sorted(foreign)[0]}); "
+                         "remove it or choose another directory")
+    write_json_atomic(plan_path, {"fingerprint": fingerprint, "shards": len(plan),
+                                  "pairs": sum(s.count for s in plan)})
+
+
+def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, cfg: ReshardConfig,
+            executor: Executor, resources: Resources = Resources()) -> dict[str, int]:
+    """Copy the kept pairs into new shards under ``out_dir``; return (and write) ``sizes.json``.
+
+    ``manifest``: see :func:`load_manifest`. One executor task per output shard, with
+    ``resources``. Resumable (see the module docstring). Raises :class:`DataError` when a
+    kept key is not in its input shard, :class:`UsageError` when ``out_dir`` holds output
+    of another plan.
+    """
+    out = Path(out_dir)
+    urls, keys = load_manifest(manifest)
+    plan = plan_reshard(urls, keys, cfg)
+    _claim_out_dir(out, plan, plan_fingerprint(plan, cfg))
+    todo = [ReshardTask(str(out), shard) for shard in plan if not (out / shard.name).is_file()]
+    log.info("reshard: %d output shards (%d already done), %d pairs",
+             len(plan), len(plan) - len(todo), sum(s.count for s in plan))
+    for task, count in zip(todo, executor.map(write_output_shard, todo, resources)):
+        if count != task.shard.count:
+            raise DataError(f"output shard {task.shard.name} holds {count} pairs, planned {task.shard.count}")
+    sizes = {shard.name: shard.count for shard in plan}
+    write_json_atomic(out / SIZES_FILE, sizes)
+    return sizes

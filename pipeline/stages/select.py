@@ -1,0 +1,643 @@
+"""The select stage (DESIGN §3.3): a pure, deterministic reducer from score files to a kept subset.
+
+Which rows can be kept
+    A row is *eligible* when its ``status`` is ``ok`` and its value in the configured score
+    column is finite. Every other row is *failed* and is never kept: ``failed: drop`` drops
+    and counts them (non-ok rows by status; ok rows by ``null`` / ``non_finite`` score),
+    ``failed: error`` refuses to select while any exist.
+
+The rule's order (best first), which also gives ``rank``
+    - ``top_fraction``, ``top_k``, ``threshold``: score descending, then **uid ascending**
+      (among equal scores the numerically smaller uid wins), then input position (score-file
+      order, then ``index``) — the last key only matters for duplicate uids.
+    - ``random``: a seeded 64-bit hash of the uid ascending (splitmix64 of the seed and the
+      uid's two 64-bit halves), then uid ascending. It depends on the uid and the seed only,
+      never on where a row sits in the files.
+
+How many rows are kept (per stratum with ``stratify_by``, else over all eligible rows)
+    - ``top_fraction`` (and ``random`` with a fraction): round half up of
+      fraction × eligible, with the fraction taken exactly as its shortest decimal form
+      (``0.15`` means 15/100, so 0.15 × 10 keeps 2). A stratum may keep 0 rows.
+    - ``top_k`` (and ``random`` with ``k``): min(k, eligible) rows. Stratified, k is split in
+      proportion to each stratum's eligible count: each stratum gets the floor of its exact
+      share, and the rows left over go one each to the strata with the largest remainders,
+      ties to the stratum that sorts first (null first, then by value).
+    - ``threshold``: every eligible row with score >= threshold (stratifying only adds
+      per-stratum counts to the summary).
+    With ``stratify_by: FIELD`` the score files carry a string column ``json.FIELD`` (null
+    is a stratum of its own); the rule is applied within each stratum and ``rank`` stays the
+    global position in the rule's order.
+
+Outputs in ``out_dir`` (each written atomically; byte-identical for identical inputs)
+    ``kept.parquet`` (uid, key, shard, index, score, rank [, json.FIELD]; sorted by uid),
+    ``kept_uids.npy`` (DataComp subset: sorted ``np.dtype("u8,u8")``), ``manifest.parquet``
+    (per input shard in the order the score files are given: shard, n_in, n_scored_ok,
+    n_kept, keys in shard order; a score file with no rows names no shard and is left out),
+    ``summary.json`` (written last): rule, column, config, counts (in, scored_ok, failed,
+    kept), failed rows by status and ok rows without a score, ``threshold_applied`` (the
+    score of the last kept row in the rule's order; null if none), score quantiles of the
+    scored-ok rows (linear interpolation), per-stratum counts, fingerprints, and the number
+    of kept rows that repeat a uid.
+
+Memory: the driver holds 36 bytes per input row (two uint64 uid halves, score, file
+number, index, stratum; preallocated from the files' row counts), sort temporaries of
+about 24 bytes per row while deciding, then only the kept rows and their keys; keys of
+rows that are not kept are never held. Score files are read twice, only the needed
+columns, in record batches. Measured on 2 CPU cores: 1M rows in 100 files, top 30 %:
+~1.2 s, ~160 MB above the import baseline; 10M rows in 1000 files: ~14–21 s, ~680 MB.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pipeline.config import SelectConfig
+from pipeline.data.uids import u8u8_to_uids, uids_to_u8u8
+from pipeline.errors import UsageError
+from pipeline.io.atomic import atomic_path, write_json_atomic
+from pipeline.io.scores import META_CONFIG, META_TRAJECTORY
+
+log = logging.getLogger(__name__)
+
+KEPT_FILE = "kept.parquet"
+KEPT_UIDS_FILE = "kept_uids.npy"
+MANIFEST_FILE = "manifest.parquet"
+SUMMARY_FILE = "summary.json"
+UID_DTYPE = np.dtype("u8,u8")
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+META_SELECT = b"diffin.select"
+
+_SCAN_BATCH_ROWS = 1 << 16
+_WRITE_BATCH_ROWS = 1 << 20
+_UINT64_MASK = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------- pass 1: scan
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The eligible rows, column-wise (one entry per row)."""
+
+    hi: np.ndarray      # uint64, upper half of the uid
+    lo: np.ndarray      # uint64, lower half
+    score: np.ndarray   # float64, finite
+    file: np.ndarray    # int32, position of the score file in the input list
+    index: np.ndarray   # int32, position of the sample in its shard
+    stratum: np.ndarray  # int32, canonical stratum code (0 when not stratified)
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def take(self, positions: np.ndarray) -> "_Rows":
+        """The rows at ``positions``, in that order."""
+        return _Rows(*(getattr(self, f)[positions] for f in _ROW_FIELDS))
+
+
+_ROW_DTYPES = {"hi": np.uint64, "lo": np.uint64, "score": np.float64, "file": np.int32,
+               "index": np.int32, "stratum": np.int32}
+_ROW_FIELDS = tuple(_ROW_DTYPES)
+
+
+@dataclass
+class _RowBuffer:
+    """Preallocated columns for the eligible rows (capacity: all rows of all files), so
+    collecting them never holds two copies."""
+
+    arrays: dict[str, np.ndarray]
+    size: int = 0
+
+    @classmethod
+    def allocate(cls, capacity: int) -> "_RowBuffer":
+        return cls({name: np.empty(capacity, dtype) for name, dtype in _ROW_DTYPES.items()})
+
+    def append(self, part: dict[str, np.ndarray]) -> None:
+        n = len(part["hi"])
+        if self.size + n > len(self.arrays["hi"]):
+            raise UsageError("a score file grew while it was being read")
+        for name, values in part.items():
+            self.arrays[name][self.size:self.size + n] = values
+        self.size += n
+
+    def rows(self) -> _Rows:
+        return _Rows(**{name: values[:self.size] for name, values in self.arrays.items()})
+
+
+@dataclass
+class _StratumCodes:
+    """Dense int32 codes for stratum values (str or None), in order of first appearance."""
+
+    codes: dict[str | None, int] = field(default_factory=dict)
+
+    def _code(self, value: str | None) -> int:
+        return self.codes.setdefault(value, len(self.codes))
+
+    def encode(self, column: pa.Array) -> np.ndarray:
+        """Codes for one batch's stratum column."""
+        encoded = pc.dictionary_encode(column.cast(pa.string()))
+        values = encoded.dictionary.to_pylist()
+        mapping = [self._code(v) for v in values]
+        if encoded.null_count:
+            mapping.append(self._code(None))
+        indices = encoded.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+        return np.asarray(mapping, dtype=np.int32)[indices] if len(indices) else np.empty(0, np.int32)
+
+    def canonical(self) -> tuple[list[str | None], np.ndarray]:
+        """Values sorted (null first, then ascending) and old code → sorted position."""
+        values = sorted(self.codes, key=lambda v: (v is not None, v or ""))
+        remap = np.empty(max(len(values), 1), dtype=np.int32)
+        for position, value in enumerate(values):
+            remap[self.codes[value]] = position
+        return values, remap
+
+
+@dataclass
+class _FileStats:
+    """What pass 1 learned about one score file."""
+
+    path: str
+    shard: str | None = None
+    n_in: int = 0
+    n_eligible: int = 0
+
+
+@dataclass
+class _Scan:
+    """Pass 1 over the score files: counts everything, keeps the eligible rows."""
+
+    column: str
+    stratum_column: str | None
+    buffer: _RowBuffer
+    strata: _StratumCodes = field(default_factory=_StratumCodes)
+    files: list[_FileStats] = field(default_factory=list)
+    failed_by_status: collections.Counter = field(default_factory=collections.Counter)
+    ok_without_score: collections.Counter = field(default_factory=collections.Counter)
+    stratum_in: collections.Counter = field(default_factory=collections.Counter)
+    first_failed: str | None = None
+
+    @property
+    def read_columns(self) -> list[str]:
+        return _read_columns(self.column, self.stratum_column)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed_by_status.values()) + sum(self.ok_without_score.values())
+
+    def scan_file(self, path: str) -> None:
+        """Read one score file's needed columns batch by batch."""
+        stats = _FileStats(path)
+        file_no = len(self.files)
+        self.files.append(stats)
+        shards: set[str] = set()
+        indices: list[np.ndarray] = []
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=self.read_columns):
+                shards.update(pc.unique(batch.column("shard")).to_pylist())
+                index = batch.column("index").to_numpy(zero_copy_only=False).astype(np.int32)
+                indices.append(index)
+                stats.n_in += batch.num_rows
+                stats.n_eligible += self._scan_batch(path, file_no, batch, index)
+        stats.shard = _single_shard(path, shards)
+        _check_unique_index(path, indices)
+
+    def _scan_batch(self, path: str, file_no: int, batch: pa.RecordBatch, index: np.ndarray) -> int:
+        status = pc.fill_null(batch.column("status"), "missing_status")
+        ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
+        scores = batch.column(self.column).cast(pa.float64())
+        score = scores.to_numpy(zero_copy_only=False)
+        eligible = ok & np.isfinite(score)
+        self._count_failed(batch, status, ok, scores.is_null().to_numpy(zero_copy_only=False), eligible)
+        strata = (self.strata.encode(batch.column(self.stratum_column)) if self.stratum_column
+                  else np.zeros(batch.num_rows, np.int32))
+        self.stratum_in.update(dict(zip(*np.unique(strata, return_counts=True))))
+        try:
+            hi, lo = uids_to_u8u8(batch.column("uid").filter(pa.array(eligible)))
+        except ValueError as exc:
+            raise UsageError(f"score file {path}: {exc}") from None
+        part = {"hi": hi, "lo": lo, "score": score[eligible], "index": index[eligible],
+                "file": np.full(int(eligible.sum()), file_no, np.int32), "stratum": strata[eligible]}
+        self.buffer.append(part)
+        return len(hi)
+
+    def _count_failed(self, batch: pa.RecordBatch, status: pa.Array, ok: np.ndarray,
+                      null: np.ndarray, eligible: np.ndarray) -> None:
+        bad = ~eligible
+        if not bad.any():
+            return
+        for item in pc.value_counts(status.filter(pa.array(~ok))).to_pylist():
+            self.failed_by_status[item["values"]] += item["counts"]
+        self.ok_without_score["null"] += int((ok & null).sum())
+        self.ok_without_score["non_finite"] += int((ok & ~null & bad).sum())
+        if self.first_failed is None:
+            row = int(np.flatnonzero(bad)[0])
+            self.first_failed = (f"shard {batch.column('shard')[row].as_py()} index "
+                                 f"{batch.column('index')[row].as_py()} (status "
+                                 f"{status[row].as_py()!r}, {self.column} "
+                                 f"{batch.column(self.column)[row].as_py()})")
+
+    def rows(self) -> tuple[_Rows, list[str | None], np.ndarray]:
+        """The eligible rows (strata recoded canonically, in place), stratum values and
+        counts in. Call once."""
+        values, remap = self.strata.canonical() if self.stratum_column else ([None], np.zeros(1, np.int32))
+        rows, self.buffer = self.buffer.rows(), _RowBuffer.allocate(0)  # the caller owns them now
+        if self.stratum_column:
+            np.take(remap, rows.stratum, out=rows.stratum)
+        n_in = np.zeros(len(values), np.int64)
+        for code, count in self.stratum_in.items():
+            n_in[remap[code]] += count
+        return rows, values, n_in
+
+
+def _read_columns(column: str, stratum_column: str | None) -> list[str]:
+    """The score-file columns pass 1 reads."""
+    return ["uid", "shard", "index", "status", column, *([stratum_column] if stratum_column else [])]
+
+
+def _single_shard(path: str, shards: set[str]) -> str | None:
+    if len(shards) > 1:
+        raise UsageError(f"score file {path} holds rows of {len(shards)} shards; "
+                         "expected one file per input shard")
+    return next(iter(shards), None)
+
+
+def _check_unique_index(path: str, indices: list[np.ndarray]) -> None:
+    index = np.concatenate(indices) if indices else np.empty(0, np.int32)
+    if len(index) and index.min() < 0:
+        raise UsageError(f"score file {path} has a negative index")
+    if len(np.unique(index)) != len(index):
+        raise UsageError(f"score file {path} repeats an index (a sample is scored twice)")
+
+
+def _check_score_files(paths: Sequence[str], columns: Sequence[str]) -> tuple[tuple[str, str], int]:
+    """Check every file is a score file of the same run with the needed columns; return
+    the run's (configuration, trajectory) fingerprints and the total row count."""
+    if not paths:
+        raise UsageError("no score files to select from")
+    if len(set(paths)) != len(paths):
+        raise UsageError("a score file is listed twice")
+    first, total = _file_metadata(paths[0], columns)
+    for path in paths[1:]:
+        prints, rows = _file_metadata(path, columns)
+        if prints != first:
+            raise UsageError(
+                f"score files come from different runs: {paths[0]} has fingerprints "
+                f"{first[0][:12]}/{first[1][:12]}, {path} has {prints[0][:12]}/{prints[1][:12]}")
+        total += rows
+    return first, total
+
+
+def _file_metadata(path: str, columns: Sequence[str]) -> tuple[tuple[str, str], int]:
+    """(configuration, trajectory) fingerprints and row count of a score file that has ``columns``."""
+    try:
+        metadata = pq.read_metadata(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"cannot read score file {path}: {exc}") from None
+    meta = metadata.metadata or {}
+    if META_CONFIG not in meta:
+        raise UsageError(f"{path} is not a score file (no configuration fingerprint in its metadata)")
+    missing = [c for c in columns if c not in metadata.schema.to_arrow_schema().names]
+    if missing:
+        raise UsageError(f"score file {path} has no column {missing[0]!r}")
+    return (meta[META_CONFIG].decode(), meta.get(META_TRAJECTORY, b"").decode()), metadata.num_rows
+
+
+def _check_failed(scan: _Scan, cfg: SelectConfig) -> None:
+    if cfg.failed == "error" and scan.n_failed:
+        counts = {**scan.failed_by_status, **{f"ok but {k} score": v
+                                               for k, v in scan.ok_without_score.items() if v}}
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        raise UsageError(f"{scan.n_failed} rows are not scored ok ({detail}); first: "
+                         f"{scan.first_failed}. Set select.failed: drop to drop them")
+
+
+def _check_distinct_shards(files: Sequence[_FileStats]) -> None:
+    seen: dict[str, str] = {}
+    for stats in files:
+        if stats.shard is not None and stats.shard in seen:
+            raise UsageError(f"shard {stats.shard} is scored by two files: {seen[stats.shard]} "
+                             f"and {stats.path}")
+        if stats.shard is not None:
+            seen[stats.shard] = stats.path
+
+
+# -------------------------------------------------------------------------------- decision
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def seeded_uid_hash(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
+    """The random rule's key: a 64-bit hash of (seed, uid), independent of row position."""
+    seed_word = _splitmix64(np.array([(seed + 0x9E3779B97F4A7C15) & _UINT64_MASK], np.uint64))
+    return _splitmix64(_splitmix64(hi ^ seed_word) ^ lo)
+
+
+def _rule_order(rows: _Rows, cfg: SelectConfig) -> np.ndarray:
+    """Positions of the eligible rows, best first (see the module docstring).
+
+    Same as ``np.lexsort((index, file, lo, hi, primary))``, but a plain sort on the primary
+    key with only the rows that tie on it sorted by the rest (lexsort is ~8× slower).
+    """
+    primary = seeded_uid_hash(rows.hi, rows.lo, cfg.seed) if cfg.rule == "random" else -rows.score
+    order = np.argsort(primary, kind="stable")
+    ranked = primary[order]
+    same_as_previous = np.concatenate([[False], ranked[1:] == ranked[:-1]])
+    del ranked
+    tied = same_as_previous.copy()
+    tied[:-1] |= same_as_previous[1:]
+    positions = np.flatnonzero(tied)
+    if len(positions):
+        group = np.cumsum(~same_as_previous)[positions]
+        tied_rows = order[positions]
+        by_rest = np.lexsort((rows.index[tied_rows], rows.file[tied_rows], rows.lo[tied_rows],
+                              rows.hi[tied_rows], group))
+        order[positions] = tied_rows[by_rest]
+    return order
+
+
+def round_half_up(fraction: float, n: int) -> int:
+    """round-half-up(fraction × n), the fraction taken as its shortest decimal form."""
+    return math.floor(Fraction(repr(fraction)) * n + Fraction(1, 2))
+
+
+def largest_remainder(k: int, counts: Sequence[int]) -> list[int]:
+    """Split ``k`` (<= sum(counts)) in proportion to ``counts``: floors, then the leftover one
+    each to the largest remainders (ties: lower position first)."""
+    total = sum(counts)
+    if total == 0:
+        return [0] * len(counts)
+    shares = [divmod(k * n, total) for n in counts]
+    quotas = [q for q, _ in shares]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-shares[i][1], i))
+    for i in by_remainder[:k - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _quotas(eligible: np.ndarray, cfg: SelectConfig) -> np.ndarray:
+    counts = [int(n) for n in eligible]
+    if cfg.budget_is_count:
+        quotas = largest_remainder(min(cfg.k, sum(counts)), counts)
+    else:
+        quotas = [round_half_up(cfg.fraction, n) for n in counts]
+    return np.asarray(quotas, dtype=np.int64)
+
+
+def _position_in_group(groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """For a sequence of group codes, each element's 0-based position within its group."""
+    perm = np.argsort(groups, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=n_groups))[:-1]])
+    position = np.empty(len(groups), np.int64)
+    position[perm] = np.arange(len(groups)) - starts[groups[perm]]
+    return position
+
+
+def _decide(rows: _Rows, n_strata: int, cfg: SelectConfig) -> np.ndarray:
+    """Positions of the kept rows in the rule's order (position i has rank i + 1)."""
+    order = _rule_order(rows, cfg)
+    if cfg.rule == "threshold":
+        return order[rows.score[order] >= cfg.threshold]
+    quotas = _quotas(np.bincount(rows.stratum, minlength=n_strata), cfg)
+    if n_strata <= 1:
+        return order[:int(quotas.sum())]
+    strata = rows.stratum[order]
+    return order[_position_in_group(strata, n_strata) < quotas[strata]]
+
+
+# ------------------------------------------------------------------------ pass 2: outputs
+
+
+def _kept_keys(path: str, index: np.ndarray) -> pa.Array:
+    """The keys of the rows of one score file at the given indices (in that order)."""
+    if not len(index):
+        return pa.array([], pa.string())
+    table = pq.read_table(path, columns=["key", "index"])
+    file_index = table.column("index").to_numpy()
+    by_index = np.argsort(file_index, kind="stable")
+    located = by_index[np.searchsorted(file_index[by_index], index)]
+    return table.column("key").take(pa.array(located)).combine_chunks().cast(pa.string())
+
+
+def _write_parquet(path: Path, schema: pa.Schema, tables: Iterable[pa.Table],
+                   dictionary_columns: list[str]) -> None:
+    """Write tables (batches of one file) atomically with byte-stable settings."""
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=dictionary_columns,
+                              write_statistics=True) as writer:
+            for table in tables:
+                writer.write_table(table, row_group_size=_WRITE_BATCH_ROWS)
+
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("n_in", pa.int64(), nullable=False),
+    pa.field("n_scored_ok", pa.int64(), nullable=False),
+    pa.field("n_kept", pa.int64(), nullable=False),
+    pa.field("keys", pa.list_(pa.string()), nullable=False),
+])
+
+
+def _manifest_tables(files: Sequence[_FileStats], n_kept: np.ndarray,
+                     keys: Sequence[pa.Array]) -> Iterable[pa.Table]:
+    """Manifest rows (files without rows have no shard and are left out), ~1M keys a table."""
+    rows = [(stats, int(n_kept[i]), keys[i]) for i, stats in enumerate(files) if stats.shard is not None]
+    start = 0
+    while start < len(rows):
+        stop, total = start, 0
+        while stop < len(rows) and (stop == start or total + rows[stop][1] <= _WRITE_BATCH_ROWS):
+            total += rows[stop][1]
+            stop += 1
+        batch = rows[start:stop]
+        offsets = np.concatenate([[0], np.cumsum([n for _, n, _ in batch])]).astype(np.int32)
+        values = pa.concat_arrays([k for _, _, k in batch]) if batch else pa.array([], pa.string())
+        yield pa.table({
+            "shard": pa.array([s.shard for s, _, _ in batch], pa.string()),
+            "n_in": pa.array([s.n_in for s, _, _ in batch], pa.int64()),
+            "n_scored_ok": pa.array([s.n_eligible for s, _, _ in batch], pa.int64()),
+            "n_kept": pa.array([n for _, n, _ in batch], pa.int64()),
+            "keys": pa.ListArray.from_arrays(pa.array(offsets), values),
+        }, schema=MANIFEST_SCHEMA)
+        start = stop
+
+
+def _kept_schema(stratum_column: str | None) -> pa.Schema:
+    fields = [pa.field("uid", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
+              pa.field("shard", pa.string(), nullable=False), pa.field("index", pa.int32(), nullable=False),
+              pa.field("score", pa.float64(), nullable=False), pa.field("rank", pa.int64(), nullable=False)]
+    if stratum_column:
+        fields.append(pa.field(stratum_column, pa.string()))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The kept rows in input order (score file, index) with their keys and ranks, and the
+    permutation that puts them in uid order."""
+
+    rows: _Rows
+    keys: pa.ChunkedArray
+    rank: np.ndarray
+    by_uid: np.ndarray
+
+    def uids(self) -> np.ndarray:
+        """The kept uids, sorted, in DataComp's ``u8,u8`` format."""
+        uids = np.empty(len(self.by_uid), dtype=UID_DTYPE)
+        uids["f0"], uids["f1"] = self.rows.hi[self.by_uid], self.rows.lo[self.by_uid]
+        return uids
+
+    def tables(self, shards: pa.Array, strata: pa.Array, schema: pa.Schema) -> Iterable[pa.Table]:
+        """``kept.parquet``'s rows in uid order, about 1M rows a table."""
+        for start in range(0, len(self.by_uid), _WRITE_BATCH_ROWS):
+            part = self.by_uid[start:start + _WRITE_BATCH_ROWS]
+            rows = self.rows.take(part)
+            columns = {
+                "uid": u8u8_to_uids(rows.hi, rows.lo),
+                "key": self.keys.take(pa.array(part)).combine_chunks(),
+                "shard": shards.take(pa.array(rows.file)),
+                "index": pa.array(rows.index, pa.int32()),
+                "score": pa.array(rows.score, pa.float64()),
+                "rank": pa.array(self.rank[part], pa.int64()),
+            }
+            if len(schema) > 6:
+                columns[schema.names[6]] = strata.take(pa.array(rows.stratum))
+            yield pa.table(columns, schema=schema)
+
+
+def _in_input_order(rows: _Rows, kept: np.ndarray) -> tuple[_Rows, np.ndarray]:
+    """The kept rows in input order (score file, index), and their ranks."""
+    position = (rows.file[kept].astype(np.int64) << 32) | rows.index[kept].astype(np.int64)
+    by_input = np.argsort(position, kind="stable")
+    return rows.take(kept[by_input]), (by_input + 1).astype(np.int64)
+
+
+def _collect_kept(paths: Sequence[str], in_order: _Rows,
+                  rank: np.ndarray) -> tuple[_Kept, np.ndarray, list[pa.Array]]:
+    """Pass 2: fetch the kept rows' keys file by file.
+
+    Also returns the kept count per file and each file's kept keys in shard order.
+    """
+    bounds = np.searchsorted(in_order.file, np.arange(len(paths) + 1), side="left")
+    per_file = [_kept_keys(p, in_order.index[bounds[i]:bounds[i + 1]]) for i, p in enumerate(paths)]
+    by_uid = np.lexsort((in_order.lo, in_order.hi))  # stable: duplicate uids stay in input order
+    kept_rows = _Kept(in_order, pa.chunked_array(per_file, pa.string()), rank, by_uid)
+    return kept_rows, np.diff(bounds), per_file
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+# -------------------------------------------------------------------------------- summary
+
+
+def _last_kept_score(rows: _Rows, kept: np.ndarray) -> float | None:
+    return float(rows.score[kept[-1]]) if len(kept) else None
+
+
+def _summary(cfg: SelectConfig, scan: _Scan, rows: _Rows, kept: np.ndarray, strata: list[str | None],
+             n_in: np.ndarray, prints: tuple[str, str]) -> dict[str, Any]:
+    quantiles = (dict(zip((f"{q:g}" for q in QUANTILES),
+                          (float(v) for v in np.quantile(rows.score, QUANTILES))))
+                 if len(rows) else None)
+    summary: dict[str, Any] = {
+        "rule": cfg.rule, "column": cfg.column, "config": cfg.effective(),
+        "counts": {"in": int(n_in.sum()), "scored_ok": len(rows), "failed": scan.n_failed,
+                   "kept": len(kept)},
+        "failed_by_status": dict(sorted(scan.failed_by_status.items())),
+        "ok_without_score": {"null": scan.ok_without_score["null"],
+                             "non_finite": scan.ok_without_score["non_finite"]},
+        "threshold_applied": _last_kept_score(rows, kept),
+        "score_quantiles": quantiles,
+        "score_files": len(scan.files),
+        "fingerprints": {"config": prints[0], "trajectory": prints[1]},
+    }
+    if cfg.stratify_by:
+        summary["strata"] = _strata_summary(rows, kept, strata, n_in)
+    return summary
+
+
+def _strata_summary(rows: _Rows, kept: np.ndarray, values: list[str | None],
+                    n_in: np.ndarray) -> list[dict[str, Any]]:
+    eligible = np.bincount(rows.stratum, minlength=len(values))
+    kept_strata = rows.stratum[kept]
+    n_kept = np.bincount(kept_strata, minlength=len(values))
+    last = np.full(len(values), -1, np.int64)  # position in rule order of each stratum's last kept row
+    np.maximum.at(last, kept_strata, np.arange(len(kept)))
+    return [{"value": value, "in": int(n_in[code]), "scored_ok": int(eligible[code]),
+             "kept": int(n_kept[code]),
+             "threshold_applied": float(rows.score[kept[last[code]]]) if last[code] >= 0 else None}
+            for code, value in enumerate(values)]
+
+
+def _count_duplicates(uids: np.ndarray) -> int:
+    """Adjacent equal entries of a sorted uid array."""
+    return int((uids[1:] == uids[:-1]).sum()) if len(uids) > 1 else 0
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig,
+           out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Select the pairs to keep from per-shard score files; write ``out_dir``'s outputs.
+
+    ``score_files`` are the run's score files in input-shard order (that order is the
+    manifest's). Returns the summary (also written as ``summary.json``). Raises
+    :class:`UsageError` for files of different runs, missing columns, bad uids, or failed
+    rows under ``failed: error``.
+    """
+    paths = [os.fspath(p) for p in score_files]
+    prints, scan = _scan(paths, cfg)
+    rows, strata, n_in = scan.rows()
+    kept = _decide(rows, len(strata), cfg)
+    summary = _summary(cfg, scan, rows, kept, strata, n_in, prints)
+    in_order, rank = _in_input_order(rows, kept)
+    del rows, kept  # free the eligible rows before pass 2
+    kept_rows, n_kept, per_file_keys = _collect_kept(paths, in_order, rank)
+    meta = {META_CONFIG: prints[0].encode(), META_TRAJECTORY: prints[1].encode(),
+            META_SELECT: json.dumps(cfg.effective(), sort_keys=True).encode()}
+    out = Path(out_dir)
+    shards = pa.array([s.shard or "" for s in scan.files], pa.string())
+    schema = _kept_schema(cfg.stratum_column).with_metadata(meta)
+    _write_parquet(out / KEPT_FILE, schema,
+                   kept_rows.tables(shards, pa.array(strata, pa.string()), schema), ["shard"])
+    uids = kept_rows.uids()
+    _write_npy(out / KEPT_UIDS_FILE, uids)
+    manifest = _manifest_tables(scan.files, n_kept, per_file_keys)
+    _write_parquet(out / MANIFEST_FILE, MANIFEST_SCHEMA.with_metadata(meta),
+                   (t.replace_schema_metadata(meta) for t in manifest), ["shard"])
+    summary["duplicate_kept_uids"] = _count_duplicates(uids)
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    log.info("select: kept %d of %d pairs (%d scored ok, %d failed) by %s on %s",
+             summary["counts"]["kept"], summary["counts"]["in"], summary["counts"]["scored_ok"],
+             scan.n_failed, cfg.rule, cfg.column)
+    return summary
+
+
+def _scan(paths: list[str], cfg: SelectConfig) -> tuple[tuple[str, str], _Scan]:
+    """Check the score files and run pass 1; refuse failed rows under ``failed: error``."""
+    prints, n_rows = _check_score_files(paths, [*_read_columns(cfg.column, cfg.stratum_column), "key"])
+    scan = _Scan(cfg.column, cfg.stratum_column, _RowBuffer.allocate(n_rows))
+    for path in paths:
+        scan.scan_file(path)
+    _check_failed(scan, cfg)
+    _check_distinct_shards(scan.files)
+    return prints, scan

@@ -1,0 +1,93 @@
+"""prepare → score on a 20-shard corpus: rows, resume, refusal, equality with in-process scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import parse_config
+from pipeline.data.pairs import load_pairs
+from pipeline.data.shards import expand_shards
+from pipeline.errors import UsageError
+from pipeline.model.scorer import TrajectoryInfluence
+from pipeline.model.trajectory import Trajectory
+from pipeline.runtime.executor import LocalExecutor
+from pipeline.stages.pipeline import run_pipeline
+from pipeline.stages.prepare import influence_settings, load_prepared_dir
+
+
+def pipeline_config(corpus: Path, **score) -> dict:
+    return {
+        "data": {"shards": str(corpus / "*.tar"), "sizes": str(corpus / "sizes.json")},
+        "trajectory": {"train": {"model": "tiny-clip-32", "steps": 6, "batch_size": 8, "warmup": 2,
+                                 "checkpoints": 2, "seed": 0}},
+        "target": {"holdout_fraction": 0.15, "max_pairs": 64, "bank_size": 7, "seed": 0},
+        "score": {"batch_size": 16, "proxy_batch_size": 8, **score},
+        "resources": {"actors": 2, "num_cpus": 0.5},
+    }
+
+
+@pytest.fixture(scope="module")
+def scored_run(corpus: Path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    config = parse_config(pipeline_config(corpus))
+    summary = run_pipeline(config, run_dir, LocalExecutor(), progress=False)
+    return config, run_dir, summary
+
+
+def test_one_row_per_pair_one_file_per_shard(corpus: Path, scored_run) -> None:
+    _, run_dir, summary = scored_run
+    files = sorted((run_dir / "scores").glob("*.parquet"))
+    assert len(files) == 20 == summary["shards_scored_now"]
+    tables = [pq.read_table(f) for f in files]
+    assert sum(t.num_rows for t in tables) == 160 == summary["pairs_in"]
+    uids = [u for t in tables for u in t.column("uid").to_pylist()]
+    assert len(set(uids)) == 160
+    for f, t in zip(files, tables):
+        assert t.column("index").to_pylist() == list(range(8))  # shard order
+        assert set(t.column("status").to_pylist()) == {"ok"}
+        assert all(len(a) == 2 for a in t.column("a").to_pylist())
+        assert t.schema.metadata[b"diffin.config_fingerprint"]
+
+
+def test_scores_equal_in_process_estimator(corpus: Path, scored_run) -> None:
+    config, run_dir, _ = scored_run
+    trajectory = Trajectory.load(run_dir / "trajectory")
+    influence = TrajectoryInfluence(trajectory, influence_settings(config))
+    prepared, _ = load_prepared_dir(run_dir / "prepared", 2)
+    influence.load_prepared(prepared)
+    urls = expand_shards(str(corpus / "*.tar"))
+    table = load_pairs(urls[3:5], influence.image_size)
+    direct = influence.score_table(table)
+    written = pq.read_table([run_dir / "scores" / "00003.parquet", run_dir / "scores" / "00004.parquet"]).to_pydict()
+    assert written["uid"] == table.uids
+    for column in ("diffin", "diffin_eq9", "tracin", "clip_score"):
+        assert torch.allclose(torch.tensor(written[column], dtype=torch.float64), direct[column],
+                              rtol=1e-5, atol=1e-12), column
+
+
+def test_resume_recomputes_exactly_what_is_missing(corpus: Path, scored_run) -> None:
+    config, run_dir, _ = scored_run
+    files = sorted((run_dir / "scores").glob("*.parquet"))
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+    again = run_pipeline(config, run_dir, LocalExecutor(), progress=False)
+    assert again["shards_scored_now"] == 0
+    assert {f.name: f.stat().st_mtime_ns for f in files} == before
+    victims = [files[1], files[7], files[19]]
+    for f in victims:
+        f.unlink()
+    third = run_pipeline(config, run_dir, LocalExecutor(), progress=False)
+    assert third["shards_scored_now"] == 3
+    after = {f.name: f.stat().st_mtime_ns for f in sorted((run_dir / "scores").glob("*.parquet"))}
+    changed = {name for name in after if after[name] != before.get(name)}
+    assert changed == {f.name for f in victims}
+
+
+def test_changed_configuration_is_refused(corpus: Path, scored_run) -> None:
+    _, run_dir, _ = scored_run
+    changed = parse_config(pipeline_config(corpus, eps=2e-3))
+    with pytest.raises(UsageError, match="another configuration"):
+        run_pipeline(changed, run_dir, LocalExecutor(), progress=False)

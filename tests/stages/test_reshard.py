@@ -1,0 +1,207 @@
+"""The reshard stage: kept pairs copied byte for byte into new shards; plan, resume, Ray."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from pipeline.data.shards import ShardWriter, add_member
+from pipeline.data.uids import make_uid
+from pipeline.errors import DataError, UsageError
+from pipeline.runtime.executor import LocalExecutor, Resources
+from pipeline.stages.reshard import PLAN_FILE, ReshardConfig, member_key, reshard
+from pipeline.stages.select import KEPT_FILE, MANIFEST_FILE, SelectConfig, select
+from tests.stages.scorefiles import write_score_file
+
+N_SHARDS, PER_SHARD = 3, 10
+
+
+def sample_members(shard: int, i: int) -> dict[str, bytes]:
+    rng = np.random.default_rng(shard * 1000 + i)
+    return {"jpg": rng.bytes(200 + i), "txt": f"caption {shard}/{i}".encode(),
+            "json": json.dumps({"uid": make_uid("reshard", f"{shard}/{i}")}).encode(),
+            "seg.png": rng.bytes(50), "Cls": str(i % 3).encode()}
+
+
+def raw_members(tar_path: Path) -> list[tuple[str, bytes]]:
+    """Every member of a tar, in order, with its bytes."""
+    with tarfile.open(tar_path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+@pytest.fixture(scope="module")
+def selection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 input shards of 10 samples (5 members each), scored, top 50 % selected (15 pairs)."""
+    root = tmp_path_factory.mktemp("reshard")
+    with ShardWriter(root / "in", max_count=PER_SHARD) as writer:
+        for s in range(N_SHARDS):
+            for i in range(PER_SHARD):
+                writer.write(f"k{s}x{i:03d}", sample_members(s, i))
+    files = []
+    for s in range(N_SHARDS):
+        url = str(root / "in" / f"{s:05d}.tar")
+        files.append(write_score_file(
+            root / "scores" / f"{s:05d}.parquet", url, [float((7 * i + s) % PER_SHARD) for i in range(PER_SHARD)],
+            uids=[make_uid("reshard", f"{s}/{i}") for i in range(PER_SHARD)],
+            keys=[f"k{s}x{i:03d}" for i in range(PER_SHARD)]))
+    select(files, SelectConfig(fraction=0.5), root / "selection")
+    return root
+
+
+def manifest_keys(selection: Path) -> list[tuple[str, str]]:
+    manifest = pq.read_table(selection / "selection" / MANIFEST_FILE).to_pylist()
+    return [(m["shard"], k) for m in manifest for k in m["keys"]]
+
+
+def input_members(selection: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """Key → its members (name, bytes) in the input shards."""
+    out: dict[str, list[tuple[str, bytes]]] = {}
+    for s in range(N_SHARDS):
+        for name, data in raw_members(selection / "in" / f"{s:05d}.tar"):
+            out.setdefault(member_key(name), []).append((name, data))
+    return out
+
+
+class RecordingExecutor(LocalExecutor):
+    """Runs locally and remembers which tasks it ran."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
+        self.items.extend(items)
+        return super().map(fn, items, resources)
+
+
+def check_output(selection: Path, out: Path, sizes: dict[str, int], shard_size: int) -> None:
+    wanted = manifest_keys(selection)
+    assert len(wanted) == 15
+    expected_sizes = {f"{i:05d}.tar": min(shard_size, len(wanted) - i * shard_size)
+                      for i in range(-(-len(wanted) // shard_size))}
+    assert sizes == expected_sizes == json.loads((out / "sizes.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*expected_sizes, "sizes.json", PLAN_FILE])
+    source = input_members(selection)
+    copied = [m for name in expected_sizes for m in raw_members(out / name)]
+    # exactly the kept samples, in global order, every member with its original name and bytes
+    assert copied == [m for _, key in wanted for m in source[key]]
+    for name, count in expected_sizes.items():
+        with tarfile.open(out / name) as tar:
+            members = tar.getmembers()
+        assert len({member_key(m.name) for m in members}) == count
+        assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0o444, 0, 0, "", "")}
+
+
+def test_reshard_copies_the_kept_members_unchanged(selection: Path, tmp_path: Path) -> None:
+    manifest = selection / "selection" / MANIFEST_FILE
+    sizes = reshard(manifest, tmp_path / "a", ReshardConfig(shard_size=4), LocalExecutor())
+    check_output(selection, tmp_path / "a", sizes, 4)
+    # byte-identical on a second run; the kept table gives the same shards as the manifest
+    reshard(manifest, tmp_path / "b", ReshardConfig(shard_size=4), LocalExecutor())
+    reshard(selection / "selection" / KEPT_FILE, tmp_path / "c", ReshardConfig(shard_size=4), LocalExecutor())
+    for name in [*sizes, "sizes.json", PLAN_FILE]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() \
+            == (tmp_path / "c" / name).read_bytes()
+
+
+def test_reshard_resumes_and_refuses_another_plan(selection: Path, tmp_path: Path) -> None:
+    manifest = selection / "selection" / MANIFEST_FILE
+    cfg = ReshardConfig(shard_size=4)
+    reshard(manifest, tmp_path, cfg, LocalExecutor())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "00002.tar").unlink()
+    (tmp_path / "sizes.json").unlink()
+    executor = RecordingExecutor()
+    reshard(manifest, tmp_path, cfg, executor)
+    assert [task.shard.name for task in executor.items] == ["00002.tar"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(UsageError, match="different selection"):
+        reshard(manifest, tmp_path, ReshardConfig(shard_size=5), LocalExecutor())
+    other = pq.read_table(manifest).slice(0, 2)
+    with pytest.raises(UsageError, match="different selection"):
+        reshard(other, tmp_path, cfg, LocalExecutor())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "00000.tar").write_bytes(b"not ours")
+    with pytest.raises(UsageError, match="not empty"):
+        reshard(manifest, foreign, cfg, LocalExecutor())
+
+
+def test_missing_kept_key_names_shard_and_key(selection: Path, tmp_path: Path) -> None:
+    url = str(selection / "in" / "00001.tar")
+    table = pa.table({"shard": [url], "keys": [["k1x000", "nope", "k1x004"]]})
+    with pytest.raises(DataError, match=f"kept key 'nope' not found in input shard {url}"):
+        reshard(table, tmp_path, ReshardConfig(shard_size=10), LocalExecutor())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PLAN_FILE]  # no shard, no temporary
+
+
+def test_duplicate_kept_key_refused(selection: Path, tmp_path: Path) -> None:
+    table = pa.table({"shard": [str(selection / "in" / "00000.tar")], "keys": [["k0x001", "k0x001"]]})
+    with pytest.raises(UsageError, match="twice"):
+        reshard(table, tmp_path, ReshardConfig(), LocalExecutor())
+
+
+def test_non_contiguous_sample_refused(tmp_path: Path) -> None:
+    with tarfile.open(tmp_path / "in.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("a.jpg", "b.jpg", "a.txt"):
+            add_member(tar, name, b"x")
+    table = pa.table({"shard": [str(tmp_path / "in.tar")], "keys": [["a"]]})
+    with pytest.raises(DataError, match="not contiguous"):
+        reshard(table, tmp_path / "out", ReshardConfig(), LocalExecutor())
+
+
+def test_empty_selection_gives_empty_sizes(tmp_path: Path) -> None:
+    table = pa.table({"shard": ["x.tar"], "keys": pa.array([[]], pa.list_(pa.string()))})
+    assert reshard(table, tmp_path, ReshardConfig(), LocalExecutor()) == {}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {}
+
+
+def test_member_key_follows_webdataset() -> None:
+    assert member_key("abc.jpg") == "abc"
+    assert member_key("abc.seg.png") == "abc"
+    assert member_key("dir.v1/abc.txt") == "dir.v1/abc"
+    assert member_key("noext") is None and member_key(".hidden.jpg") is None
+
+
+@pytest.mark.parametrize("fmt", ["shard.tar", "{a}.tar", "{}/{}.tar", "sub/{:05d}.tar", "{:s}", ".{:05d}.tar"])
+def test_bad_name_format_refused(fmt: str) -> None:
+    with pytest.raises(ValidationError, match="name_format"):
+        ReshardConfig(name_format=fmt)
+
+
+def test_config_defaults() -> None:
+    cfg = ReshardConfig()
+    assert (cfg.shard_size, cfg.name_format) == (10000, "{:05d}.tar")
+    assert ReshardConfig(name_format="part-{:06d}.tar").name_format == "part-{:06d}.tar"
+    with pytest.raises(ValidationError):
+        ReshardConfig(shard_size=0)
+
+
+def test_reshard_under_local_ray(selection: Path, tmp_path: Path) -> None:
+    """The same stage as Ray tasks (one per output shard) gives the same bytes.
+
+    ``address="local"`` starts a fresh embedded Ray even when another cluster runs on this
+    machine (a plain ``ray.init()`` would attach to it); the executor then uses it.
+    """
+    import ray
+
+    from pipeline.runtime.executor import RayExecutor
+
+    manifest = selection / "selection" / MANIFEST_FILE
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        sizes = reshard(manifest, tmp_path / "ray", ReshardConfig(shard_size=8), RayExecutor(),
+                        Resources(num_cpus=0.5))
+    finally:
+        ray.shutdown()
+    check_output(selection, tmp_path / "ray", sizes, 8)  # 2 tasks: fewer worker start-ups
+    reshard(manifest, tmp_path / "local", ReshardConfig(shard_size=8), LocalExecutor())
+    for name in [*sizes, "sizes.json"]:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
