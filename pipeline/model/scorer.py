@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data.pairs import PairTable, sample_rank
+from pipeline.errors import UsageError
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast
@@ -96,7 +97,8 @@ def rank_select(table: PairTable, count: int, seed: int, salt: str) -> list[int]
 def split_bank(target: PairTable, bank_size: int, seed: int) -> tuple[list[int], list[int]]:
     """(bank indices, target-set indices): the bank is drawn by seed, V is the rest."""
     if len(target) <= bank_size:
-        raise ValueError(f"target set has {len(target)} pairs; needs more than bank_size={bank_size}")
+        raise UsageError(f"target set has {len(target)} pairs; needs more than target.bank_size={bank_size} "
+                         "(raise target.max_pairs / holdout_fraction or lower bank_size)")
     bank = rank_select(target, bank_size, seed, "bank")
     chosen = set(bank)
     return bank, [i for i in range(len(target)) if i not in chosen]

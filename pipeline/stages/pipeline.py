@@ -1,48 +1,102 @@
-"""The whole run, stage after stage, under any executor (each stage resumable on its own)."""
+"""The whole run, stage after stage, under any executor (each stage resumable on its own).
+
+``run_pipeline(..., stages=STAGES)`` runs every stage (``diffin run``); a stage's own job
+runs just that stage and requires the outputs of the stages before it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.config import RunConfig
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
-from pipeline.runtime.executor import Executor
+from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
+STAGES = ("trajectory", "prepare", "score", "select", "reshard")
+
+
+def _selection_fingerprint(config: RunConfig, score_files: Sequence[Path]) -> str:
+    """Inputs of the reducer: the select settings and each score file's identity."""
+    from pipeline.io.scores import read_fingerprint
+
+    files = [(p.name, read_fingerprint(p), p.stat().st_size) for p in score_files]
+    payload = json.dumps({"select": config.select.model_dump(mode="json"), "files": files}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def run_select(config: RunConfig, run_dir: Path, urls: list[str]) -> dict[str, Any]:
-    """The reducer over all score files (in input-shard order) → ``<run>/selection/``."""
+    """The reducer over all score files (in input-shard order) → ``<run>/selection/``.
+
+    Skipped when ``selection/done.json`` records the same inputs (completion marker).
+    """
     from pipeline.io.scores import score_path
     from pipeline.stages.select import select
 
-    summary = select([score_path(run_dir, u) for u in urls], config.select, run_dir / "selection")
-    return {"dir": str(run_dir / "selection"), **summary["counts"],
-            "summary": str(run_dir / "selection" / "summary.json")}
+    if config.select is None:
+        raise UsageError("select: this run's config has no select section")
+    files = [score_path(run_dir, u) for u in urls]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; run the score stage first")
+    out = run_dir / "selection"
+    fingerprint = _selection_fingerprint(config, files)
+    marker = out / "done.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        log.info("selection in %s is complete for these scores; reusing it", out)
+        summary = json.loads((out / "summary.json").read_text())
+        recomputed = False
+    else:
+        summary = select(files, config.select, out)
+        write_json_atomic(marker, {"fingerprint": fingerprint})
+        recomputed = True
+    return {"dir": str(out), **summary["counts"], "summary": str(out / "summary.json"), "recomputed": recomputed}
 
 
 def run_reshard(config: RunConfig, run_dir: Path, executor: Executor) -> dict[str, int]:
     """Copy the kept pairs into new shards (``<run>/shards/``), one task per output shard."""
-    from pipeline.runtime.executor import Resources
     from pipeline.stages.reshard import reshard
 
+    if config.reshard is None:
+        raise UsageError("reshard: this run's config has no reshard section")
+    manifest = run_dir / "selection" / "manifest.parquet"
+    if not manifest.is_file():
+        raise UsageError(f"reshard: {manifest} not found; run the select stage first")
     resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
-    return reshard(run_dir / "selection" / "manifest.parquet", run_dir / "shards", config.reshard,
-                   executor, resources)
+    return reshard(manifest, run_dir / "shards", config.reshard, executor, resources)
+
+
+def _existing_trajectory(config: RunConfig, run_dir: Path):
+    from pipeline.model.trajectory import Trajectory
+
+    path = Path(config.trajectory.path) if config.trajectory.path else run_dir / "trajectory"
+    if not (path / "trajectory.json").is_file() and not path.name == "trajectory.json":
+        raise UsageError(f"no trajectory at {path}; run the trajectory (train) stage first")
+    return Trajectory.load(path)
 
 
 def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
-                 progress: bool = True) -> dict[str, Any]:
-    """trajectory → prepare → score → select → reshard (each when configured); returns the summary."""
+                 progress: bool = True, stages: Sequence[str] = STAGES) -> dict[str, Any]:
+    """Run ``stages`` (in pipeline order) into ``run_dir``; returns (and writes) the summary.
+
+    Stages whose config section is absent are skipped when running everything; asking for
+    such a stage explicitly is a usage error.
+    """
     from pipeline.stages.prepare import prepare_fingerprint, run_prepare
     from pipeline.stages.score import run_score
     from pipeline.stages.trajectory import ensure_trajectory
 
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UsageError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    everything = tuple(stages) == STAGES
     run_dir = Path(run_dir)
     start = time.perf_counter()
     urls = expand_shards(config.data.shards)
@@ -55,16 +109,24 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
         timings[name] = round(time.perf_counter() - t0, 2)
         return result
 
-    trajectory = timed("trajectory", ensure_trajectory, config, run_dir, executor)
+    if "trajectory" in stages:
+        trajectory = timed("trajectory", ensure_trajectory, config, run_dir, executor)
+    else:
+        trajectory = _existing_trajectory(config, run_dir)
     summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "shards": len(urls),
+        "run_dir": str(run_dir), "stages": list(stages), "shards": len(urls),
         "pairs_in": sum(sizes.get(u.rsplit("/", 1)[-1], 0) for u in urls) if sizes else None,
         "trajectory": str(Path(trajectory.root) / "trajectory.json"),
         "checkpoints": [{"step": c.step, "lr": c.lr} for c in trajectory.checkpoints],
         "train_pairs": trajectory.num_samples,
     }
-    if config.target is not None:
-        prepared = timed("prepare", run_prepare, config, run_dir, trajectory, executor)
+    scoring = config.target is not None or not everything
+    if "prepare" in stages and scoring:
+        timed("prepare", run_prepare, config, run_dir, trajectory, executor)
+    if "score" in stages and scoring:
+        prepared = run_dir / "prepared"
+        if not (prepared / "bank.pt").is_file():
+            raise UsageError(f"no prepared vectors in {prepared}; run the prepare stage first")
         results = timed("score", run_score, config, run_dir, trajectory, prepared,
                         prepare_fingerprint(config, trajectory), executor, progress)
         failed: dict[str, int] = {}
@@ -73,14 +135,12 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
                 failed[k] = failed.get(k, 0) + v
         summary.update(scores=str(run_dir / "scores"), shards_scored_now=len(results),
                        pairs_scored_now=sum(r.rows for r in results), failed_now=failed)
-        if config.select is not None:
-            summary["selection"] = timed("select", run_select, config, run_dir, urls)
-        if config.reshard is not None:
-            if config.select is None:
-                raise UsageError("reshard: needs a select section (what to keep)")
-            sizes_out = timed("reshard", run_reshard, config, run_dir, executor)
-            summary["reshard"] = {"dir": str(run_dir / "shards"), "shards": len(sizes_out),
-                                  "pairs": sum(sizes_out.values())}
+    if "select" in stages and (config.select is not None or not everything):
+        summary["selection"] = timed("select", run_select, config, run_dir, urls)
+    if "reshard" in stages and (config.reshard is not None or not everything):
+        sizes_out = timed("reshard", run_reshard, config, run_dir, executor)
+        summary["reshard"] = {"dir": str(run_dir / "shards"), "shards": len(sizes_out),
+                              "pairs": sum(sizes_out.values())}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = timings
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,70 @@
+"""One factory for the stage jobs: ``python -m jobs.<stage> --config FILE [--run-dir DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from jobs._common import standalone
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
+    parser.add_argument("--executor", choices=("ray", "local"), default="ray",
+                        help="Ray (default: new embedded local Ray, or the cluster in RAY_ADDRESS / "
+                             "resources.address) or in-process")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    """What a person wants to see at the end of a run: counts, time, where the outputs are."""
+    print(f"done in {summary['seconds']:.1f}s ({', '.join(summary['stages'])}) -> {run_dir}")
+    print(f"  pairs in: {summary['pairs_in']} in {summary['shards']} shards; "
+          f"proxy training pairs: {summary['train_pairs']}")
+    print(f"  trajectory: {summary['trajectory']}  (checkpoints at steps {[c['step'] for c in summary['checkpoints']]})")
+    if "scores" in summary:
+        print(f"  scores: {summary['scores']}/  (scored now: {summary['shards_scored_now']} shards, "
+              f"{summary['pairs_scored_now']} pairs; failed now: {summary['failed_now'] or 'none'})")
+    if "selection" in summary:
+        sel = summary["selection"]
+        print(f"  selection: {sel['dir']}/  scored ok {sel['scored_ok']}, failed {sel['failed']}, kept {sel['kept']}")
+    if "reshard" in summary:
+        print(f"  shards: {summary['reshard']['dir']}/  ({summary['reshard']['shards']} shards, "
+              f"{summary['reshard']['pairs']} pairs)")
+    print(f"  summary: {run_dir / 'run_summary.json'}")
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """A job entrypoint running ``stages`` of the pipeline."""
+
+    command: str
+    stages: tuple[str, ...]
+    description: str
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pipeline.config import load_config
+        from pipeline.runtime.executor import make_executor
+        from pipeline.stages.pipeline import run_pipeline
+
+        config = load_config(args.config)
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        executor = make_executor(args.executor, config.resources.address)
+        try:
+            summary = run_pipeline(config, run_dir, executor, progress=not args.no_progress, stages=self.stages)
+        finally:
+            executor.shutdown()
+        print_summary(summary, run_dir)
+        return 0
+
+    def register(self, subparsers: argparse._SubParsersAction, help_text: str | None = None) -> None:
+        parser = subparsers.add_parser(self.command, help=help_text or self.description,
+                                       description=self.description)
+        add_run_arguments(parser)
+        parser.set_defaults(func=self.run)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        return standalone(add_run_arguments, self.run, self.description, argv)

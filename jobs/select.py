@@ -1,0 +1,14 @@
+"""``diffin select`` / ``python -m jobs.select``: the select stage alone (earlier stages' outputs must exist)."""
+
+from __future__ import annotations
+
+import sys
+
+from jobs._stagejob import StageJob
+
+JOB = StageJob("select", ("select",), "Select the pairs to keep from the score files: kept.parquet, kept_uids.npy, manifest, summary.")
+register = JOB.register
+main = JOB.main
+
+if __name__ == "__main__":
+    sys.exit(main())
