@@ -9,7 +9,7 @@ from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import forward_mode_safe
 from pipeline.influence.params import dot, params_of
 from pipeline.influence.prepare import hvp_exact, hvp_fd, mean_loss_grad, prepare_checkpoint
-from tests.influence.conftest import make_clip_case
+from tests.influence.conftest import make_clip_case, make_mlp_case
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -37,26 +37,18 @@ def _setup(case, dtype=torch.float64):
     return objective, params, target, train, batch_fn(4, dtype, 4)
 
 
-def test_exact_components_match_brute_force_float64(case64) -> None:
-    objective, params, target, train, batch = _setup(case64)
+@pytest.mark.parametrize("kind,dtype,tol", [("mlp", torch.float64, 1e-8), ("clip", torch.float64, 1e-8),
+                                            ("clip", torch.float32, 1e-4)])
+def test_exact_components_match_brute_force(kind: str, dtype: torch.dtype, tol: float) -> None:
+    case = make_clip_case(dtype) if kind == "clip" else make_mlp_case(dtype)
+    objective, params, target, train, batch = _setup(case, dtype)
     with forward_mode_safe():
         prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
         comp = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact")(batch)
         a, b, c = brute_force(objective, params, prep, batch)
-    assert rel(comp.a, a) <= 1e-8
-    assert rel(comp.b, b) <= 1e-8
-    assert rel(comp.c, c) <= 1e-8
-
-
-def test_exact_components_match_brute_force_float32() -> None:
-    objective, params, target, train, batch = _setup(make_clip_case(torch.float32), torch.float32)
-    with forward_mode_safe():
-        prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
-        comp = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact")(batch)
-        a, b, c = brute_force(objective, params, prep, batch)
-    assert rel(comp.a, a) <= 1e-4
-    assert rel(comp.b, b) <= 1e-4
-    assert rel(comp.c, c) <= 1e-4
+    assert rel(comp.a, a) <= tol
+    assert rel(comp.b, b) <= tol
+    assert rel(comp.c, c) <= tol
 
 
 def test_finite_differences_within_expected_error(case64) -> None:
