@@ -7,10 +7,10 @@ import sys
 from typing import Sequence
 
 from jobs import _common  # noqa: F401  (applies environment defaults first)
-from jobs import data, prepare, prune, reshard, score, select, train, trajectory
+from jobs import bench, data, prepare, prune, reshard, score, select, train, trajectory
 from jobs._common import run_cli
 
-JOB_MODULES = (prune, data, train, trajectory, prepare, score, select, reshard)
+JOB_MODULES = (prune, data, train, trajectory, prepare, score, select, reshard, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

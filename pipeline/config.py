@@ -132,7 +132,9 @@ RESHARD_PLAN_FILE = "reshard_plan.json"
 class SelectConfig(Section):
     """The ``select:`` section: which score, which rule, what to do with failed rows."""
 
-    column: Literal["diffin", "diffin_eq9", "tracin", "clip_score"] = "diffin"
+    # Default from the fidelity benchmark (docs/FIDELITY.md): tracin tracked true leave-one-out
+    # effects best; diffin and diffin_eq9 did worse in every setting measured.
+    column: Literal["diffin", "diffin_eq9", "tracin", "clip_score"] = "tracin"
     rule: Literal["top_fraction", "top_k", "threshold", "random"] = "top_fraction"
     fraction: float | None = Field(
         0.3, gt=0, le=1, description="kept share (top_fraction; random unless k is given)")

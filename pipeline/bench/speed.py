@@ -87,13 +87,14 @@ def _table(image_size: int, count: int) -> PairTable:
 
 
 def measure_model(name: str, device: torch.device, batch_size: int, repeats: int,
-                  bank_size: int, target_size: int, reference_samples: int, seed: int) -> dict:
+                  bank_size: int, target_size: int, reference_samples: int, seed: int,
+                  proxy_batch: int = 128) -> dict:
     """All methods for one model; returns seconds per sample per checkpoint and ratios."""
     torch.manual_seed(seed)
     model = build_clip(model_spec(name)).to(device).eval()
     size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size)
     tokenizer = make_tokenizer(context_length(model))
-    table = _table(size, batch_size + bank_size + target_size + 128)
+    table = _table(size, batch_size + bank_size + target_size + proxy_batch)
 
     def inputs(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (normalize_images(table.images[lo:hi]).to(device), tokenizer(table.captions[lo:hi]).to(device))
@@ -102,7 +103,7 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
     bank = inputs(batch_size, batch_size + bank_size)
     start_t = batch_size + bank_size
     target = [inputs(i, min(i + batch_size, start_t + target_size)) for i in range(start_t, start_t + target_size, batch_size)]
-    proxy = inputs(start_t + target_size, start_t + target_size + 128)
+    proxy = inputs(start_t + target_size, start_t + target_size + proxy_batch)
     objective = CLIPBankObjective(model, *bank)
     params = params_of(model)
     with forward_mode_safe():
@@ -141,17 +142,20 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         "speedup_diffin_fd_vs_reference": per_sample.get("reference", float("nan")) / per_sample["diffin_fd"],
         "prepare_s_per_ckpt": prep_time,
         "settings": {"batch_size": batch_size, "repeats": repeats, "bank_size": bank_size,
-                     "target_size": target_size, "proxy_batch": 128, "reference_samples": reference_samples,
+                     "target_size": target_size, "proxy_batch": proxy_batch, "reference_samples": reference_samples,
                      "image_size": size, "dtype": "float32", "device": str(device),
                      "parameters": sum(p.numel() for p in params.values())},
     }
 
 
-MODEL_PLANS = {  # batch, repeats, target |V|, reference samples (full / quick)
-    "tiny-clip-32": ({"batch_size": 128, "repeats": 5, "target_size": 256, "reference_samples": 3},
-                     {"batch_size": 64, "repeats": 2, "target_size": 128, "reference_samples": 1}),
-    "ViT-B-32": ({"batch_size": 16, "repeats": 2, "target_size": 32, "reference_samples": 1},
-                 {"batch_size": 4, "repeats": 1, "target_size": 8, "reference_samples": 0}),
+# Per model (full, quick): scoring batch, interleaved repeats, target |V|, proxy batch |B|,
+# reference samples. ViT-B-32 uses |B| = 32: the exact HVP's double backward over 128 images at
+# 224 px needs more than this 24 GiB machine has (it was OOM-killed at 21 GB).
+MODEL_PLANS = {
+    "tiny-clip-32": ({"batch_size": 128, "repeats": 5, "target_size": 256, "proxy_batch": 128, "reference_samples": 3},
+                     {"batch_size": 64, "repeats": 2, "target_size": 128, "proxy_batch": 128, "reference_samples": 1}),
+    "ViT-B-32": ({"batch_size": 16, "repeats": 2, "target_size": 32, "proxy_batch": 32, "reference_samples": 1},
+                 {"batch_size": 4, "repeats": 1, "target_size": 8, "proxy_batch": 8, "reference_samples": 0}),
 }
 
 
@@ -163,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     names = args.models.split(",") if args.models else (["tiny-clip-32"] if args.quick else list(MODEL_PLANS))
     results: dict = {}
-    meta = {"command": "diffin bench speed" + (" --quick" if args.quick else ""), "device": str(device),
+    command = "diffin bench speed" + (" --quick" if args.quick else "") + \
+        (f" --threads {args.threads}" if args.threads else "") + (f" --models {args.models}" if args.models else "")
+    meta = {"command": command, "device": str(device),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
     for name in names:
@@ -171,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         bank = 255 if name == "tiny-clip-32" and not args.quick else 31
         start = time.perf_counter()
         results[name] = measure_model(name, device, plan["batch_size"], plan["repeats"], bank,
-                                      plan["target_size"], plan["reference_samples"], args.seed)
+                                      plan["target_size"], plan["reference_samples"], args.seed,
+                                      plan["proxy_batch"])
         results[name]["wall_s"] = round(time.perf_counter() - start, 1)
         ratios = results[name]["ratio_to_forward"]
         print(f"{name}: " + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))

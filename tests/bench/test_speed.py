@@ -24,8 +24,8 @@ def test_measure_model_schema_and_reference_is_far_slower() -> None:
 
 def test_quick_run_writes_schema(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(speed.MODEL_PLANS, "tiny-clip-32", (
-        {"batch_size": 8, "repeats": 1, "target_size": 16, "reference_samples": 0},
-        {"batch_size": 8, "repeats": 1, "target_size": 16, "reference_samples": 0}))
+        {"batch_size": 8, "repeats": 1, "target_size": 16, "proxy_batch": 8, "reference_samples": 0},
+        {"batch_size": 8, "repeats": 1, "target_size": 16, "proxy_batch": 8, "reference_samples": 0}))
     parser = argparse.ArgumentParser()
     speed.add_arguments(parser)
     out = tmp_path / "speed.json"

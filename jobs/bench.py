@@ -1,0 +1,45 @@
+"""``diffin bench {fidelity,speed}`` / ``python -m jobs.bench``: the method's benchmarks (DESIGN §6)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from jobs._common import run_cli
+
+BENCHMARKS = {
+    "fidelity": "estimated vs actual effect of removing samples (leave-one-out, LDS) on real data",
+    "speed": "cost of scoring relative to a plain forward pass, and vs the reference algorithm",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"pipeline.bench.{name}")
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, help_text in BENCHMARKS.items():
+        bench = sub.add_parser(name, help=help_text, description=help_text)
+        module = _module(name)
+        module.add_arguments(bench)
+        bench.set_defaults(func=module.run)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed)",
+                                   description=__doc__)
+    add_subcommands(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__)
+    add_subcommands(parser)
+    args = parser.parse_args(argv)
+    return run_cli(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The retraining protocol of the fidelity benchmark, shared by every dataset.
+
+Samples are chosen by seeded rank of their uid (``sample_rank``), never by position: the
+train/target split, the leave-one-out samples and the random half-subsets. The actual effect
+of removing a set R is ``L_V(θ_T without R) − L_V(θ_T)``, measured by deterministic
+retraining with the same settings (the caller supplies ``retrained_loss``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipeline.data.pairs import sample_rank
+from pipeline.data.uids import make_uid
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def ranked(uids: Sequence[str], seed: int, salt: str) -> list[int]:
+    """Indices of ``uids`` sorted by ``sample_rank(uid, seed, salt)``."""
+    return sorted(range(len(uids)), key=lambda i: sample_rank(uids[i], seed, salt))
+
+
+def split_by_rank(uids: Sequence[str], num_train: int, num_target: int,
+                  seed: int) -> tuple[list[int], list[int]]:
+    """Disjoint train and target indices: the first ``num_train`` by rank, then ``num_target``.
+
+    Both lists are returned in rank order; a UsageError if there are not enough samples.
+    """
+    if num_train < 1 or num_target < 1:
+        raise UsageError(f"need at least one train and one target sample, got {num_train}, {num_target}")
+    if num_train + num_target > len(uids):
+        raise UsageError(f"need {num_train} train + {num_target} target samples, the data has {len(uids)}")
+    order = ranked(uids, seed, "split")
+    return order[:num_train], order[num_train:num_train + num_target]
+
+
+def loo_samples(uids: Sequence[str], count: int, seed: int) -> list[str]:
+    """The ``count`` uids left out one at a time (first by seeded rank)."""
+    if not 0 < count <= len(uids):
+        raise UsageError(f"leave-one-out count must be in 1..{len(uids)}, got {count}")
+    return [uids[i] for i in ranked(uids, seed, "loo")[:count]]
+
+
+def half_subsets(uids: Sequence[str], count: int, seed: int) -> list[list[str]]:
+    """``count`` random halves to REMOVE (subset j: the first ⌊n/2⌋ uids by rank with salt j)."""
+    if count < 1 or len(uids) < 2:
+        raise UsageError(f"need at least one subset and two samples, got {count} and {len(uids)}")
+    half = len(uids) // 2
+    return [[uids[i] for i in ranked(uids, seed, f"lds{j}")[:half]] for j in range(count)]
+
+
+def renamed_uid(uid: str) -> str:
+    """Another uid for the same sample: it moves the sample in the visiting order only."""
+    return make_uid("fidelity-noise", uid)
+
+
+def with_renamed(uids: Sequence[str], uid: str) -> list[str]:
+    """``uids`` with ``uid`` replaced by :func:`renamed_uid` (same samples, other order)."""
+    if uid not in uids:
+        raise ValueError(f"uid {uid} is not among the training uids")
+    return [renamed_uid(u) if u == uid else u for u in uids]
+
+
+@dataclass
+class GroundTruth:
+    """Actual effects of removal, measured by retraining, and the retraining noise floor.
+
+    ``noise_actual`` holds L_V changes of retrains on the SAME data with one sample's uid
+    renamed (:func:`renamed_uid`): only the visiting order changes, so these are what
+    order alone does to L_V — the scale below which leave-one-out effects are noise.
+    """
+
+    base_loss: float
+    loo_uids: list[str]
+    loo_actual: np.ndarray
+    removed_sets: list[list[str]]
+    lds_actual: np.ndarray
+    noise_actual: np.ndarray
+    seconds: float
+
+    def summary(self) -> dict:
+        """Counts and the spread of the actual effects (for the report's metadata)."""
+        def stats(x: np.ndarray) -> dict[str, float] | None:
+            if x.size == 0:
+                return None
+            return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+                    "max": float(x.max()), "rms": float(np.sqrt((x ** 2).mean()))}
+
+        return {"base_target_loss": self.base_loss, "loo_count": len(self.loo_uids),
+                "lds_subsets": len(self.removed_sets),
+                "removed_per_subset": len(self.removed_sets[0]) if self.removed_sets else 0,
+                "noise_count": int(self.noise_actual.size),
+                "loo_actual": stats(self.loo_actual), "lds_actual": stats(self.lds_actual),
+                "noise_actual": stats(self.noise_actual), "retrain_seconds": round(self.seconds, 1)}
+
+
+def measure_ground_truth(train_uids: Sequence[str], base_loss: float,
+                         retrained_loss: Callable[[set[str]], float],
+                         loo_count: int, lds_subsets: int, seed: int, name: str = "",
+                         renamed_loss: Callable[[str], float] | None = None,
+                         noise_count: int = 0) -> GroundTruth:
+    """Retrain once per left-out sample, per half-subset and per renamed sample (noise floor).
+
+    ``retrained_loss(removed)`` is L_V after retraining without ``removed``;
+    ``renamed_loss(uid)`` is L_V after retraining on all samples with ``uid`` renamed.
+    """
+    if noise_count and renamed_loss is None:
+        raise ValueError("noise_count > 0 needs renamed_loss")
+    start = time.perf_counter()
+    loo = loo_samples(train_uids, loo_count, seed)
+    removed_sets = half_subsets(train_uids, lds_subsets, seed)
+    renamed = [train_uids[i] for i in ranked(train_uids, seed, "noise")[:noise_count]]
+    jobs: list[Callable[[], float]] = [lambda r=set(r): retrained_loss(r) for r in [[u] for u in loo] + removed_sets]
+    jobs += [lambda u=u: renamed_loss(u) for u in renamed]
+    effects = []
+    for k, job in enumerate(jobs):
+        effects.append(job() - base_loss)
+        elapsed = time.perf_counter() - start
+        log.info("%s retrain %d/%d: effect %+.3e (%.0f s, ETA %.0f s)", name, k + 1, len(jobs),
+                 effects[-1], elapsed, elapsed / (k + 1) * (len(jobs) - k - 1))
+    arr = np.array(effects, dtype=np.float64)
+    n_loo, n_lds = len(loo), len(removed_sets)
+    return GroundTruth(base_loss, loo, arr[:n_loo], removed_sets, arr[n_loo:n_loo + n_lds],
+                       arr[n_loo + n_lds:], time.perf_counter() - start)
+
+
+@dataclass
+class DatasetResult:
+    """Scores of every training sample per method (None: not applicable) and the ground truth."""
+
+    scores: dict[str, dict[str, float] | None]
+    truth: GroundTruth
+    meta: dict
