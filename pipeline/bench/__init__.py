@@ -1,4 +1,5 @@
 """Benchmarks that prove the method (DESIGN §6): fidelity, speed (and later quality, scale).
 
-Each module exposes ``add_arguments(parser)`` and ``run(args) -> int`` for ``diffin bench``.
+``fidelity`` and ``speed`` expose ``add_arguments(parser)`` and ``run(args) -> int`` for
+``diffin bench``; the other modules are their parts.
 """

@@ -15,16 +15,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.data.pairs import sample_rank
+from pipeline.data.pairs import rank_order
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 
-def ranked(uids: Sequence[str], seed: int, salt: str) -> list[int]:
-    """Indices of ``uids`` sorted by ``sample_rank(uid, seed, salt)``."""
-    return sorted(range(len(uids)), key=lambda i: sample_rank(uids[i], seed, salt))
+ranked = rank_order  # seeded uid order, shared with training and scoring
 
 
 def split_by_rank(uids: Sequence[str], num_train: int, num_target: int,

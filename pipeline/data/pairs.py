@@ -91,6 +91,12 @@ def sample_rank(uid: str, seed: int, salt: str = "") -> bytes:
     return hashlib.blake2b(f"{seed}:{salt}:{uid}".encode(), digest_size=8).digest()
 
 
+def rank_order(uids: Sequence[str], seed: int, salt: str = "") -> list[int]:
+    """Indices of ``uids`` sorted by :func:`sample_rank` — a seeded order that depends on the
+    uids alone, never on their positions."""
+    return sorted(range(len(uids)), key=lambda i: sample_rank(uids[i], seed, salt))
+
+
 def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | None = None,
                max_samples: int | None = None, seed: int = 0, threads: int = 4) -> PairTable:
     """Read, decode and resize all pairs of ``urls`` (in shard order).
@@ -107,7 +113,7 @@ def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | Non
         for k, v in shard_skipped.items():
             skipped[k] = skipped.get(k, 0) + v
     if max_samples is not None and len(rows) > max_samples:
-        keep = set(sorted(range(len(rows)), key=lambda i: sample_rank(rows[i][0], seed, "subsample"))[:max_samples])
+        keep = set(rank_order([r[0] for r in rows], seed, "subsample")[:max_samples])
         rows = [r for i, r in enumerate(rows) if i in keep]
     uids = [r[0] for r in rows]
     if len(set(uids)) != len(uids):
@@ -166,8 +172,7 @@ def sample_pairs(urls: Sequence[str], image_size: int, count: int, seed: int, sa
         if have >= 2 * count:
             break
     merged = concat_tables(parts, image_size)
-    ranked = sorted(range(len(merged)), key=lambda i: sample_rank(merged.uids[i], seed, salt))
-    return merged.subset(ranked[:count])
+    return merged.subset(rank_order(merged.uids, seed, salt)[:count])
 
 
 def concat_tables(tables: Sequence[PairTable], image_size: int) -> PairTable:

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from pipeline.data.pairs import PairTable, sample_rank
+from pipeline.data.pairs import PairTable, rank_order
 from pipeline.errors import UsageError
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
@@ -90,8 +90,7 @@ def adam_preconditioner(optimizer_state: dict, model: torch.nn.Module, betas: Se
 
 def rank_select(table: PairTable, count: int, seed: int, salt: str) -> list[int]:
     """Indices of the ``count`` pairs ranked first by (uid, seed, salt) — never by position."""
-    ranked = sorted(range(len(table)), key=lambda i: sample_rank(table.uids[i], seed, salt))
-    return ranked[:count]
+    return rank_order(table.uids, seed, salt)[:count]
 
 
 def split_bank(target: PairTable, bank_size: int, seed: int) -> tuple[list[int], list[int]]:

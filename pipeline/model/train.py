@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data.pairs import PairTable, in_holdout, load_pairs, sample_rank
+from pipeline.data.pairs import PairTable, in_holdout, load_pairs, rank_order
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
 from pipeline.model.clip import build_clip, context_length, image_size, model_spec, normalize_images, tokenize
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def epoch_order(uids: Sequence[str], seed: int, epoch: int) -> list[int]:
     """Indices of ``uids`` in the order epoch ``epoch`` visits them."""
-    return sorted(range(len(uids)), key=lambda i: sample_rank(uids[i], seed, f"epoch{epoch}"))
+    return rank_order(uids, seed, f"epoch{epoch}")
 
 
 def batch_indices(uids: Sequence[str], seed: int, batch_size: int, steps: int) -> Iterator[list[int]]:

@@ -11,15 +11,15 @@ import torch
 from pipeline.bench import speed
 
 
-def test_measure_model_schema_and_reference_is_far_slower() -> None:
-    result = speed.measure_model("tiny-clip-32", torch.device("cpu"), batch_size=8, repeats=2,
-                                 bank_size=7, target_size=16, reference_samples=2, seed=0)
+def test_measure_model_schema() -> None:
+    """Machinery only: the measured numbers (and the speed targets) live in docs/SPEED.md."""
+    result = speed.measure_model("tiny-clip-32", torch.device("cpu"), batch_size=8, repeats=1,
+                                 bank_size=7, target_size=16, reference_samples=1, seed=0, proxy_batch=8)
     per_sample = result["s_per_sample_per_ckpt"]
     assert set(per_sample) == {"forward", "tracin", "diffin_fd", "diffin_exact", "reference"}
     assert all(v > 0 for v in per_sample.values())
     assert result["ratio_to_forward"]["forward"] == 1.0
-    # The reference recomputes batch and target gradients per sample: orders of magnitude slower.
-    assert per_sample["reference"] > 10 * per_sample["diffin_fd"]
+    assert result["settings"]["proxy_batch"] == 8 and result["settings"]["parameters"] > 0
 
 
 def test_quick_run_writes_schema(tmp_path: Path, monkeypatch) -> None:
