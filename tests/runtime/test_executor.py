@@ -57,3 +57,30 @@ def test_device_comes_from_the_config_not_the_driver(tmp_path) -> None:
     assert score_device(parse_config({**base, "resources": {"num_gpus": 0.5}})) == "cuda"
     assert score_device(parse_config({**base, "resources": {"num_gpus": 0}})) == "cpu"
     assert score_device(parse_config({**base, "resources": {"num_gpus": 1}, "score": {"device": "cpu"}})) == "cpu"
+
+
+@dataclass
+class DiesOnceStage:
+    """Its worker process dies (hard exit) the first time it sees task 2."""
+
+    marker: str
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, task: int) -> int:
+        if task == 2 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)  # like a SIGKILL mid-task: no cleanup, no exception
+        return task * 10
+
+
+def test_dead_actor_is_replaced_and_its_task_retried(tmp_path) -> None:
+    executor = RayExecutor(num_cpus=2, num_gpus=0)
+    try:
+        results = executor.run_stage(DiesOnceStage(str(tmp_path / "died")), list(range(5)), workers=2)
+    finally:
+        executor.shutdown()
+    assert (tmp_path / "died").exists()  # the worker really died once
+    assert results == [0, 10, 20, 30, 40]  # every task exactly once, in order
