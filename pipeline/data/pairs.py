@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.shards import IMAGE_EXTS, read_shard_checked
+from pipeline.data.uids import is_uid
 
 if TYPE_CHECKING:
     from pipeline.data.shards import Pair
@@ -53,26 +54,55 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def _decode_sample(sample: dict[str, Any], size: int) -> tuple[str, Any]:
-    """(status, payload) for one raw sample; payload = (uid, key, image, caption) when ok."""
+@dataclass
+class ParsedSample:
+    """One raw WebDataset sample, parsed: identity, json, decoded pair or failure status."""
+
+    key: str
+    meta: dict[str, Any]
+    status: str = "ok"  # ok | missing_image | missing_text | decode_error
+    error: str | None = None
+    image: np.ndarray | None = None  # uint8 HWC when ok
+    caption: str | None = None
+
+    @property
+    def json_uid(self) -> str | None:
+        """The json's uid when it is a valid 32-hex uid, else None."""
+        uid = self.meta.get("uid")
+        return uid if is_uid(uid) else None
+
+
+def parse_sample(sample: dict[str, Any], size: int) -> ParsedSample:
+    """Parse a raw sample: json metadata, caption, image decoded once to ``size``×``size``."""
+    meta: Any = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    parsed = ParsedSample(sample.get("__key__", ""), meta if isinstance(meta, dict) else {})
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        return "missing_image", None
     caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-    if not caption:
-        return "missing_text", None
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-    except json.JSONDecodeError:
-        meta = {}
-    uid = meta.get("uid") if isinstance(meta, dict) else None
-    if not uid:
+    if ext is None:
+        parsed.status, parsed.error = "missing_image", "missing image"
+    elif not caption:
+        parsed.status, parsed.error = "missing_text", "missing text"
+    else:
+        try:
+            parsed.image, parsed.caption = decode_image(sample[ext], size), caption
+        except Exception as exc:  # PIL raises many exception types for corrupt data
+            parsed.status, parsed.error = "decode_error", f"{type(exc).__name__}: {exc}"[:200]
+    return parsed
+
+
+def _decode_sample(sample: dict[str, Any], size: int) -> tuple[str, Any]:
+    """(status, payload) for training: payload = (uid, key, image, caption) when usable."""
+    parsed = parse_sample(sample, size)
+    if parsed.status != "ok":
+        return parsed.status, None
+    if parsed.json_uid is None:
         return "missing_uid", None
-    try:
-        image = decode_image(sample[ext], size)
-    except Exception:  # PIL raises many exception types for corrupt data
-        return "decode_error", None
-    return "ok", (str(uid), sample["__key__"], image, caption)
+    return "ok", (parsed.json_uid, parsed.key, parsed.image, parsed.caption)
 
 
 def _load_shard(url: str, sizes: dict[str, int] | None, size: int) -> tuple[list, dict[str, int]]:

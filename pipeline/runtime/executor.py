@@ -7,6 +7,7 @@ resources (declared in the config, never inferred from the driver's hardware).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -75,11 +76,6 @@ class _StageActor:
     def process(self, task: Any) -> Any:
         return self.stage.process(task)
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
 
 class LocalExecutor:
     """Runs every call in the current process, one after another."""
@@ -120,8 +116,6 @@ class RayExecutor:
         self._ray = ray
         self._owns_ray = False
         if not ray.is_initialized():
-            import os
-
             kwargs: dict[str, Any] = {"log_to_driver": True}
             address = address or os.environ.get("RAY_ADDRESS")
             if address:

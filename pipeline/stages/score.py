@@ -22,9 +22,9 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.data.pairs import decode_image
-from pipeline.data.shards import IMAGE_EXTS, expected_count, iter_raw_samples
-from pipeline.data.uids import is_uid, make_uid
+from pipeline.data.pairs import parse_sample
+from pipeline.data.shards import expected_count, iter_raw_samples
+from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
 from pipeline.io.scores import SCHEMA, read_fingerprint, score_path, write_scores
 from pipeline.runtime.executor import Executor, Resources
@@ -60,33 +60,6 @@ class ShardResult:
     ok: int
     failed: dict[str, int]
     seconds: float
-
-
-def _parse_sample(sample: dict[str, Any], url: str, image_size: int) -> tuple[dict, Any, str | None]:
-    """(row identity, decoded (image, caption) or None, failure status or None)."""
-    key = sample.get("__key__", "")
-    meta: dict = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    meta = meta if isinstance(meta, dict) else {}
-    uid = meta.get("uid")
-    uid = uid if is_uid(uid) else make_uid(url, key)
-    row = {"uid": uid, "key": key, "meta": meta}
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        return row, None, "missing_image"
-    caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-    if not caption:
-        return row, None, "missing_text"
-    try:
-        image = decode_image(sample[ext], image_size)
-    except Exception as exc:  # PIL raises many types for corrupt bytes
-        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-        return row, None, "decode_error"
-    return row, (image, caption), None
 
 
 @dataclass
@@ -133,10 +106,11 @@ class ScoreStage:
                            time.perf_counter() - start)
 
     def _row(self, sample: dict, url: str) -> dict:
-        row, decoded, status = _parse_sample(sample, url, self.influence.image_size)
-        row.update(status=status or "ok", decoded=decoded)
-        row.setdefault("error", None if status is None else status.replace("_", " "))
-        return row
+        """A row's identity (json uid, else a stable hash of shard URL and key) and decoded pair."""
+        parsed = parse_sample(sample, self.influence.image_size)
+        return {"uid": parsed.json_uid or make_uid(url, parsed.key), "key": parsed.key, "meta": parsed.meta,
+                "status": parsed.status, "error": parsed.error,
+                "decoded": (parsed.image, parsed.caption) if parsed.status == "ok" else None}
 
     def _score_rows(self, rows: list[dict]) -> None:
         """Score the decodable rows in batches; a row with any non-finite value becomes ``non_finite``."""
