@@ -30,6 +30,11 @@ class DataConfig(Section):
 
     shards: str | list[str] = Field(description="brace pattern, glob, or list of shard URLs")
     sizes: str | None = Field(None, description="sizes.json with per-shard counts")
+    require_uid: bool = Field(True, description="a pair without a json uid is a failed row (missing_json, "
+                                                "bad_json, missing_uid); false: score it under a hash of (shard, key)")
+    max_failed_fraction: float = Field(0.1, ge=0.0, le=1.0,
+                                       description="the score stage fails (exit 1, scores kept) when more than this "
+                                                   "fraction of the expected pairs failed or is missing")
 
 
 class TrainConfig(Section):
@@ -114,7 +119,7 @@ class ScoreConfig(Section):
     batch_size: PositiveInt = 128
     c_mode: Literal["fd", "exact"] = "fd"
     hvp: Literal["exact", "fd"] = "exact"
-    eps: PositiveFloat = 1e-3
+    eps: PositiveFloat = Field(1e-3, allow_inf_nan=False)
     proxy_batches: PositiveInt = 1
     proxy_batch_size: PositiveInt = 128
     method: Literal["diffin", "tracin"] = "diffin"
@@ -122,6 +127,13 @@ class ScoreConfig(Section):
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keep_json_fields: list[str] = []
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _check_checkpoints(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("must be a non-empty list of distinct checkpoint indices (or null for all)")
+        return value
 
 
 _RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"threshold"},
@@ -213,6 +225,13 @@ class ResourcesConfig(Section):
     address: str | None = Field(None, description="Ray address; default: local or RAY_ADDRESS")
     threads: PositiveInt | None = Field(None, description="torch threads per actor (default: ceil(num_cpus))")
 
+    @field_validator("num_gpus")
+    @classmethod
+    def _check_num_gpus(cls, value: float) -> float:
+        if value > 1 and not float(value).is_integer():
+            raise ValueError(f"{value} GPUs per actor: a fraction must be at most 1, more must be a whole number")
+        return value
+
 
 class RunConfig(Section):
     """A whole run."""
@@ -247,6 +266,7 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
     except ValidationError as exc:
         raise UsageError(f"{source}: {_format_error(exc)}") from None
     check_paths(config, source)
+    check_consistency(config, source)
     return config
 
 
@@ -270,16 +290,19 @@ def check_paths(config: RunConfig, source: str) -> None:
     """Check that local input paths named by the config exist and the model is known."""
     from pipeline.data.shards import expand_shards  # local import: keeps config import light
 
-    try:
-        urls = expand_shards(config.data.shards)
-    except UsageError as exc:
-        raise UsageError(f"{source}: data.shards: {exc}") from None
-    missing = [u for u in urls if _is_local(u) and not Path(u.removeprefix("file://")).is_file()]
-    if missing:
-        extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UsageError(f"{source}: data.shards: shard not found: {missing[0]}{extra}")
-    if config.data.sizes and not Path(config.data.sizes).is_file():
-        raise UsageError(f"{source}: data.sizes: file not found: {config.data.sizes}")
+    sections = [("data", config.data)] + ([("target", config.target)] if config.target else [])
+    for name, section in sections:
+        if section.shards is not None:
+            try:
+                urls = expand_shards(section.shards)
+            except UsageError as exc:
+                raise UsageError(f"{source}: {name}.shards: {exc}") from None
+            missing = [u for u in urls if _is_local(u) and not Path(u.removeprefix("file://")).is_file()]
+            if missing:
+                extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UsageError(f"{source}: {name}.shards: shard not found: {missing[0]}{extra}")
+        if section.sizes and not Path(section.sizes).is_file():
+            raise UsageError(f"{source}: {name}.sizes: file not found: {section.sizes}")
     traj = config.trajectory
     if traj.path is not None:
         manifest = Path(traj.path)
@@ -296,3 +319,19 @@ def check_paths(config: RunConfig, source: str) -> None:
         if traj.train.exclude_uids and not Path(traj.train.exclude_uids).is_file():
             raise UsageError(
                 f"{source}: trajectory.train.exclude_uids: file not found: {traj.train.exclude_uids}")
+
+
+def check_consistency(config: RunConfig, source: str) -> None:
+    """Check settings of different sections against each other (one line naming the key)."""
+    if config.score.device == "cuda" and config.resources.num_gpus == 0:
+        raise UsageError(f"{source}: score.device: 'cuda' needs resources.num_gpus > 0 "
+                         "(GPUs are declared per actor, never taken from the driver)")
+    select = config.select
+    if select is None:
+        return
+    if config.score.method == "tracin" and select.column in ("diffin", "diffin_eq9"):
+        raise UsageError(f"{source}: select.column: '{select.column}' is not computed when score.method "
+                         "is 'tracin' (use tracin or clip_score)")
+    if select.stratify_by and select.stratify_by not in config.score.keep_json_fields:
+        raise UsageError(f"{source}: select.stratify_by: json field '{select.stratify_by}' is not kept in "
+                         "the score files; add it to score.keep_json_fields")

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.shards import IMAGE_EXTS, read_shard_checked
+from pipeline.data.scan import ShardReader
+from pipeline.data.shards import IMAGE_EXTS, expected_count
 from pipeline.data.uids import is_uid
 
 if TYPE_CHECKING:
@@ -54,13 +55,25 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+ROW_STATUSES = ("ok", "dotted_key", "duplicate_key", "non_contiguous", "missing_json", "bad_json",
+                "missing_uid", "missing_image", "missing_text", "empty_text", "not_image", "decode_error",
+                "non_finite")
+
+
 @dataclass
 class ParsedSample:
-    """One raw WebDataset sample, parsed: identity, json, decoded pair or failure status."""
+    """One raw WebDataset sample, parsed: identity, json, decoded pair or failure status.
+
+    ``status`` is ``ok`` or the first problem found, checked in this order: the sample's
+    structure (``dotted_key``, ``duplicate_key``, ``non_contiguous``, from the reader), its
+    json (``missing_json``, ``bad_json``, ``missing_uid`` — only when a uid is required),
+    then ``missing_image``, ``missing_text``, ``empty_text``, and decoding (``not_image``:
+    bytes no image library recognises; ``decode_error``: a recognised but corrupt image).
+    """
 
     key: str
     meta: dict[str, Any]
-    status: str = "ok"  # ok | missing_image | missing_text | decode_error
+    status: str = "ok"
     error: str | None = None
     image: np.ndarray | None = None  # uint8 HWC when ok
     caption: str | None = None
@@ -71,49 +84,87 @@ class ParsedSample:
         uid = self.meta.get("uid")
         return uid if is_uid(uid) else None
 
+    def fail(self, status: str, error: str) -> "ParsedSample":
+        self.status, self.error = status, error[:300]
+        return self
 
-def parse_sample(sample: dict[str, Any], size: int) -> ParsedSample:
-    """Parse a raw sample: json metadata, caption, image decoded once to ``size``×``size``."""
-    meta: Any = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    parsed = ParsedSample(sample.get("__key__", ""), meta if isinstance(meta, dict) else {})
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+
+def _parse_json(members: dict[str, bytes]) -> tuple[dict[str, Any], str | None]:
+    """(metadata, problem): the json member as a dict, or the reason it is unusable."""
+    if "json" not in members:
+        return {}, "missing_json"
+    try:
+        meta = json.loads(members["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}, "bad_json"
+    return (meta, None) if isinstance(meta, dict) else ({}, "bad_json")
+
+
+def parse_sample(key: str, members: dict[str, bytes], size: int, *, require_uid: bool = True,
+                 problem: str | None = None, detail: str | None = None, decode: bool = True) -> ParsedSample:
+    """Parse a raw sample (members by field): json, caption, image decoded once to ``size``².
+
+    ``problem``/``detail`` carry a structural problem the shard reader found; such a sample
+    is never decoded. ``decode=False`` checks everything but the image bytes.
+    """
+    meta, json_problem = _parse_json(members)
+    parsed = ParsedSample(key, meta)
+    if problem is not None:
+        return parsed.fail(problem, detail or problem)
+    if require_uid and json_problem is not None:
+        return parsed.fail(json_problem, json_problem.replace("_", " "))
+    if require_uid and parsed.json_uid is None:
+        return parsed.fail("missing_uid", f"json has no valid 32-hex uid (got {str(meta.get('uid'))[:40]!r})")
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
-        parsed.status, parsed.error = "missing_image", "missing image"
-    elif not caption:
-        parsed.status, parsed.error = "missing_text", "missing text"
-    else:
-        try:
-            parsed.image, parsed.caption = decode_image(sample[ext], size), caption
-        except Exception as exc:  # PIL raises many exception types for corrupt data
-            parsed.status, parsed.error = "decode_error", f"{type(exc).__name__}: {exc}"[:200]
+        return parsed.fail("missing_image", "no image member (" + "/".join(IMAGE_EXTS) + ")")
+    if "txt" not in members:
+        return parsed.fail("missing_text", "no txt member")
+    caption = members["txt"].decode("utf-8", "replace").strip()
+    if not caption:
+        return parsed.fail("empty_text", "caption is empty")
+    if not decode:
+        parsed.caption = caption
+        return parsed
+    try:
+        parsed.image, parsed.caption = decode_image(members[ext], size), caption
+    except UnidentifiedImageError as exc:
+        return parsed.fail("not_image", f"{ext} member is not an image: {exc}")
+    except Exception as exc:  # PIL raises many exception types for corrupt data
+        return parsed.fail("decode_error", f"{type(exc).__name__}: {exc}")
     return parsed
 
 
-def _decode_sample(sample: dict[str, Any], size: int) -> tuple[str, Any]:
+def _decode_sample(key: str, members: dict[str, bytes], size: int, problem: str | None = None,
+                   detail: str | None = None) -> tuple[str, Any]:
     """(status, payload) for training: payload = (uid, key, image, caption) when usable."""
-    parsed = parse_sample(sample, size)
+    parsed = parse_sample(key, members, size, require_uid=True, problem=problem, detail=detail)
     if parsed.status != "ok":
         return parsed.status, None
-    if parsed.json_uid is None:
-        return "missing_uid", None
     return "ok", (parsed.json_uid, parsed.key, parsed.image, parsed.caption)
 
 
 def _load_shard(url: str, sizes: dict[str, int] | None, size: int) -> tuple[list, dict[str, int]]:
-    rows, skipped = [], {}
-    for sample in read_shard_checked(url, sizes):
-        status, payload = _decode_sample(sample, size)
-        if status == "ok":
-            rows.append((*payload, url))
-        else:
+    """Usable pairs of one shard, and counts of the skipped by reason (shard problems included:
+    ``shard_<status>`` counts the pairs ``sizes.json`` promises that could not be read)."""
+    reader = ShardReader(url, expected_count(url, sizes))
+    rows, statuses = [], []
+    for raw in reader:
+        status, payload = _decode_sample(raw.key, raw.members, size, raw.problem, raw.detail)
+        statuses.append(status)
+        rows.append((*payload, url) if status == "ok" else None)
+    for index, (status, _) in reader.report.late.items():
+        statuses[index], rows[index] = status, None
+    skipped: dict[str, int] = {}
+    for status in statuses:
+        if status != "ok":
             skipped[status] = skipped.get(status, 0) + 1
-    return rows, skipped
+    report = reader.report
+    if report.status != "ok":
+        log.warning("shard %s: %s (%s)", url, report.status, report.error)
+        if report.missing:
+            skipped[f"shard_{report.status}"] = report.missing
+    return [r for r in rows if r is not None], skipped
 
 
 def sample_rank(uid: str, seed: int, salt: str = "") -> bytes:
@@ -167,7 +218,7 @@ def table_from_pairs(pairs: Iterable["Pair"], image_size: int, source: str = "me
     (benchmarks and tests: same decoding as shards, no files)."""
     rows, skipped = [], {}
     for pair in pairs:
-        status, payload = _decode_sample({"__key__": pair.key, **pair.members()}, image_size)
+        status, payload = _decode_sample(pair.key, pair.members(), image_size)
         if status == "ok":
             rows.append((*payload, source))
         else:

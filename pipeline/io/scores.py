@@ -7,6 +7,7 @@ a shard whose file exists with the same configuration fingerprint is done.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +21,7 @@ SCORE_COLUMNS = ("diffin", "diffin_eq9", "tracin", "clip_score")
 META_CONFIG = b"diffin.config_fingerprint"
 META_TRAJECTORY = b"diffin.trajectory_fingerprint"
 META_VERSION = b"diffin.version"
+META_SHARD = b"diffin.shard"  # JSON: what reading the shard found (status, expected, read, rows, ok, failed)
 
 SCHEMA = pa.schema([
     pa.field("uid", pa.string(), nullable=False),
@@ -51,11 +53,13 @@ def score_path(run_dir: str | os.PathLike, url: str) -> Path:
 
 def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config_fingerprint: str,
                  trajectory_fingerprint: str, version: str,
-                 extra: dict[str, Sequence[str | None]] | None = None) -> None:
+                 extra: dict[str, Sequence[str | None]] | None = None,
+                 shard: dict[str, Any] | None = None) -> None:
     """Write one shard's rows (column name → values, SCHEMA order) atomically, with metadata.
 
     ``extra`` adds string columns after the schema's (e.g. ``json.<field>`` copied from the
-    samples' json for stratified selection). The writer is configured for byte-stable
+    samples' json for stratified selection); ``shard`` is stored as JSON in the file's
+    metadata (the shard-level status and counts, for reconciliation). The writer is configured for byte-stable
     output (no timestamps, fixed compression).
     """
     schema = SCHEMA
@@ -66,6 +70,7 @@ def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config
     table = table.replace_schema_metadata({
         META_CONFIG: config_fingerprint.encode(), META_TRAJECTORY: trajectory_fingerprint.encode(),
         META_VERSION: version.encode(),
+        **({META_SHARD: json.dumps(shard, sort_keys=True).encode()} if shard is not None else {}),
     })
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", write_statistics=True, use_dictionary=["status", "shard"])
@@ -79,3 +84,13 @@ def read_fingerprint(path: str | os.PathLike) -> str | None:
         return None
     value = meta.get(META_CONFIG)
     return value.decode() if value is not None else None
+
+
+def read_shard_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The shard record stored in a score file's metadata (None when absent or unreadable)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = meta.get(META_SHARD)
+    return json.loads(value) if value is not None else None

@@ -102,6 +102,8 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     urls = expand_shards(config.data.shards)
     sizes = load_sizes(config.data.sizes) if config.data.sizes else None
     timings: dict[str, float] = {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))
 
     def timed(name: str, fn, *args):
         t0 = time.perf_counter()

@@ -12,6 +12,9 @@ import hashlib
 import json
 import logging
 import math
+import os
+import resource
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +26,12 @@ import torch
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.data.pairs import parse_sample
-from pipeline.data.shards import expected_count, iter_raw_samples
+from pipeline.data.scan import ShardReader, ShardReport
+from pipeline.data.shards import expected_count
 from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
-from pipeline.io.scores import SCHEMA, read_fingerprint, score_path, write_scores
+from pipeline.io.atomic import write_json_atomic
+from pipeline.io.scores import SCHEMA, read_fingerprint, read_shard_meta, score_path, shard_stem, write_scores
 from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,8 @@ def score_fingerprint(prepare_fp: str, config: RunConfig) -> str:
     score = config.score.model_dump(mode="json")
     for key in ("batch_size", "device"):  # do not change what is computed
         score.pop(key)
-    payload = json.dumps({"prepare": prepare_fp, "score": score}, sort_keys=True)
+    payload = json.dumps({"prepare": prepare_fp, "score": score, "require_uid": config.data.require_uid},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -52,7 +58,7 @@ class ShardTask:
 
 @dataclass
 class ShardResult:
-    """What scoring one shard produced."""
+    """What scoring one shard produced (also written to ``<run>/stats/<stem>.json``)."""
 
     url: str
     path: str
@@ -60,6 +66,26 @@ class ShardResult:
     ok: int
     failed: dict[str, int]
     seconds: float
+    shard_status: str = "ok"
+    shard_error: str | None = None
+    expected: int | None = None
+    missing: int = 0
+    peak_rss_mb: float = 0.0
+    pid: int = 0
+    host: str = ""
+
+    def stats(self) -> dict[str, Any]:
+        """The per-shard stats record."""
+        return {"shard": self.url, "scores": self.path, "status": self.shard_status, "error": self.shard_error,
+                "expected": self.expected, "rows": self.rows, "ok": self.ok, "failed": self.failed,
+                "missing": self.missing, "seconds": round(self.seconds, 3),
+                "pairs_per_s": round(self.rows / self.seconds, 1) if self.seconds > 0 else None,
+                "worker": {"pid": self.pid, "host": self.host, "peak_rss_mb": round(self.peak_rss_mb, 1)}}
+
+
+def stats_path(run_dir: str | Path, url: str) -> Path:
+    """``<run>/stats/<stem>.json``: per-shard statistics of the score stage."""
+    return Path(run_dir) / "stats" / f"{shard_stem(url)}.json"
 
 
 @dataclass
@@ -76,6 +102,7 @@ class ScoreStage:
     keep_json_fields: tuple[str, ...] = ()
     threads: int | None = None
     resources: Resources = field(default_factory=Resources)
+    require_uid: bool = True
 
     def setup(self) -> None:
         from pipeline.model.scorer import TrajectoryInfluence
@@ -89,48 +116,59 @@ class ScoreStage:
         self.influence.load_prepared(prepared)
 
     def process(self, task: ShardTask) -> ShardResult:
+        """Stream one shard, scoring decodable pairs batch by batch; commit its score file."""
         start = time.perf_counter()
-        rows = [self._row(sample, task.url) for sample in iter_raw_samples(task.url)]
-        if task.expected is not None and len(rows) != task.expected:
-            raise DataError(f"shard {task.url} holds {len(rows)} samples but sizes.json says {task.expected}")
-        self._score_rows(rows)
-        columns = self._columns(rows, task.url)
-        path = score_path(self.run_dir, task.url)
-        write_scores(path, columns, self.fingerprint, self.trajectory_fingerprint, __version__,
-                     extra={f"json.{f}": values for f, values in self._extra(rows).items()})
+        reader = ShardReader(task.url, task.expected)
+        rows: list[dict] = []
+        batch: list[tuple[dict, np.ndarray, str]] = []
+        for raw in reader:
+            parsed = parse_sample(raw.key, raw.members, self.influence.image_size, require_uid=self.require_uid,
+                                  problem=raw.problem, detail=raw.detail)
+            row = {"uid": parsed.json_uid or make_uid(task.url, parsed.key), "key": parsed.key,
+                   "status": parsed.status, "error": parsed.error,
+                   "extra": [_json_field(parsed.meta, f) for f in self.keep_json_fields]}
+            rows.append(row)
+            if parsed.status == "ok":
+                batch.append((row, parsed.image, parsed.caption))
+                if len(batch) == self.settings.batch_size:
+                    self._score_batch(batch)
+                    batch = []
+        if batch:
+            self._score_batch(batch)
+        for index, (status, error) in sorted(reader.report.late.items()):
+            rows[index].update(status=status, error=error, scores=None, components=None)
+        return self._commit(task, rows, reader.report, time.perf_counter() - start)
+
+    def _commit(self, task: ShardTask, rows: list[dict], report: ShardReport, seconds: float) -> ShardResult:
+        """Write the per-shard stats, then the score file (its existence marks the shard done)."""
         failed: dict[str, int] = {}
         for row in rows:
             if row["status"] != "ok":
                 failed[row["status"]] = failed.get(row["status"], 0) + 1
-        return ShardResult(task.url, str(path), len(rows), len(rows) - sum(failed.values()), failed,
-                           time.perf_counter() - start)
+        path = score_path(self.run_dir, task.url)
+        result = ShardResult(task.url, str(path), len(rows), len(rows) - sum(failed.values()), dict(sorted(failed.items())),
+                             seconds, report.status, report.error, report.expected, report.missing,
+                             peak_rss_mb(), os.getpid(), socket.gethostname())
+        write_json_atomic(stats_path(self.run_dir, task.url), result.stats())
+        shard_meta = {**report.as_dict(), "rows": result.rows, "ok": result.ok, "failed": result.failed}
+        write_scores(path, self._columns(rows, task.url), self.fingerprint, self.trajectory_fingerprint, __version__,
+                     extra={f"json.{f}": [r["extra"][i] for r in rows] for i, f in enumerate(self.keep_json_fields)},
+                     shard=shard_meta)
+        return result
 
-    def _row(self, sample: dict, url: str) -> dict:
-        """A row's identity (json uid, else a stable hash of shard URL and key) and decoded pair."""
-        parsed = parse_sample(sample, self.influence.image_size)
-        return {"uid": parsed.json_uid or make_uid(url, parsed.key), "key": parsed.key, "meta": parsed.meta,
-                "status": parsed.status, "error": parsed.error,
-                "decoded": (parsed.image, parsed.caption) if parsed.status == "ok" else None}
-
-    def _score_rows(self, rows: list[dict]) -> None:
-        """Score the decodable rows in batches; a row with any non-finite value becomes ``non_finite``."""
+    def _score_batch(self, batch: list[tuple[dict, np.ndarray, str]]) -> None:
+        """Score one batch of decoded pairs; a row with any non-finite value becomes ``non_finite``."""
         full = "b" in self.settings.components  # diffin; otherwise tracin only (b, c, diffin* null)
         score_names = ("diffin", "diffin_eq9", "tracin", "clip_score") if full else ("tracin", "clip_score")
         comp_names = COMPONENTS if full else ("a",)
-        ok = [r for r in rows if r["status"] == "ok"]
-        size = self.settings.batch_size
-        for lo in range(0, len(ok), size):
-            batch = ok[lo:lo + size]
-            images = torch.from_numpy(np.stack([r["decoded"][0] for r in batch])).permute(0, 3, 1, 2)
-            out = self.influence.score_inputs(*self.influence.inputs(images, [r["decoded"][1] for r in batch]))
-            for j, row in enumerate(batch):
-                row["scores"] = {k: float(out[k][j]) for k in score_names}
-                row["components"] = {k: out[k][:, j].tolist() for k in comp_names}
-                values = list(row["scores"].values()) + [x for k in comp_names for x in row["components"][k]]
-                if not all(math.isfinite(v) for v in values):
-                    row.update(status="non_finite", error="non-finite score", scores=None, components=None)
-        for row in rows:
-            row.pop("decoded", None)
+        images = torch.from_numpy(np.stack([image for _, image, _ in batch])).permute(0, 3, 1, 2)
+        out = self.influence.score_inputs(*self.influence.inputs(images, [caption for _, _, caption in batch]))
+        for j, (row, _, _) in enumerate(batch):
+            row["scores"] = {k: float(out[k][j]) for k in score_names}
+            row["components"] = {k: out[k][:, j].tolist() for k in comp_names}
+            values = list(row["scores"].values()) + [x for k in comp_names for x in row["components"][k]]
+            if not all(math.isfinite(v) for v in values):
+                row.update(status="non_finite", error="non-finite score", scores=None, components=None)
 
     def _columns(self, rows: list[dict], url: str) -> dict[str, list]:
         cols: dict[str, list] = {f.name: [] for f in SCHEMA}
@@ -148,14 +186,25 @@ class ScoreStage:
                 cols[name].append(comps.get(name) if comps else None)
         return cols
 
-    def _extra(self, rows: list[dict]) -> dict[str, list]:
-        return {f: [None if r["meta"].get(f) is None else str(r["meta"].get(f)) for r in rows]
-                for f in self.keep_json_fields}
+
+def _json_field(meta: dict[str, Any], name: str) -> str | None:
+    value = meta.get(name)
+    return None if value is None else str(value)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: Path, prepare_fp: str,
               executor: Executor, progress: bool = True) -> list[ShardResult]:
-    """Score every shard that has no score file of this configuration yet (resumable)."""
+    """Score every shard that has no score file of this configuration yet (resumable).
+
+    A shard recorded as ``unreadable`` is tried again on every run. When the scoring is
+    complete, the failed and missing pairs over all shards are checked against
+    ``data.max_failed_fraction`` (:func:`check_failed_fraction`).
+    """
     from pipeline.data.shards import expand_shards, load_sizes
     from pipeline.stages.prepare import influence_settings, score_device, worker_threads
     from pipeline.runtime.progress import ShardProgress
@@ -168,17 +217,52 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
         path = score_path(run_dir, url)
         if path.is_file():
             found = read_fingerprint(path)
-            if found == fingerprint:
+            if found != fingerprint:
+                raise UsageError(f"{path} was scored under another configuration ({found} != {fingerprint}); "
+                                 "use a new --run-dir or delete the scores")
+            if (read_shard_meta(path) or {}).get("status") != "unreadable":
                 done += 1
                 continue
-            raise UsageError(f"{path} was scored under another configuration ({found} != {fingerprint}); "
-                             "use a new --run-dir or delete the scores")
         todo.append(ShardTask(url, expected_count(url, sizes)))
     log.info("score: %d shards, %d already done, %d to score", len(urls), done, len(todo))
     resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
     stage = ScoreStage(str(trajectory.root), str(prepared_dir), influence_settings(config), score_device(config),
                        str(run_dir), fingerprint, trajectory.fingerprint(),
-                       tuple(config.score.keep_json_fields), worker_threads(config), resources)
+                       tuple(config.score.keep_json_fields), worker_threads(config), resources,
+                       config.data.require_uid)
     total = sum(t.expected or 0 for t in todo) or None
     with ShardProgress(len(todo), total, enabled=progress) as bar:
-        return executor.run_stage(stage, todo, config.resources.actors, on_result=bar.update)
+        results = executor.run_stage(stage, todo, config.resources.actors, on_result=bar.update)
+    for result in results:
+        if result.shard_status != "ok":
+            log.warning("shard %s: %s (%s)", result.url, result.shard_status, result.shard_error)
+    check_failed_fraction([score_path(run_dir, u) for u in urls], config.data.max_failed_fraction)
+    return results
+
+
+def failure_totals(score_files: list[Path]) -> dict[str, Any]:
+    """Pairs expected, read, ok, failed by reason and missing, summed over score files' shard records."""
+    totals: dict[str, Any] = {"rows": 0, "ok": 0, "missing": 0, "failed": {}, "shards": {}}
+    for path in score_files:
+        meta = read_shard_meta(path) or {}
+        totals["rows"] += meta.get("rows", 0)
+        totals["ok"] += meta.get("ok", 0)
+        totals["missing"] += meta.get("missing", 0)
+        status = meta.get("status", "unknown")
+        totals["shards"][status] = totals["shards"].get(status, 0) + 1
+        for reason, n in (meta.get("failed") or {}).items():
+            totals["failed"][reason] = totals["failed"].get(reason, 0) + n
+    return totals
+
+
+def check_failed_fraction(score_files: list[Path], limit: float) -> dict[str, Any]:
+    """Raise :class:`DataError` when failed + missing pairs exceed ``limit`` of all pairs."""
+    totals = failure_totals(score_files)
+    bad = sum(totals["failed"].values()) + totals["missing"]
+    total = totals["rows"] + totals["missing"]
+    if total and bad / total > limit:
+        reasons = dict(sorted(totals["failed"].items()), **({"missing": totals["missing"]} if totals["missing"] else {}))
+        raise DataError(f"{bad} of {total} pairs ({bad / total:.1%}) failed or are missing, more than "
+                        f"data.max_failed_fraction={limit}: {reasons}; shards by status {totals['shards']}; "
+                        "the score files are kept (fix the data or raise the limit, then rerun)")
+    return totals

@@ -34,7 +34,8 @@ Outputs in ``out_dir`` (each written atomically; byte-identical for identical in
     (per input shard in the order the score files are given: shard, n_in, n_scored_ok,
     n_kept, keys in shard order; a score file with no rows names no shard and is left out),
     ``summary.json`` (written last): rule, column, config, counts (in, scored_ok, failed,
-    kept), failed rows by status and ok rows without a score, ``threshold_applied`` (the
+    kept, missing — in = scored_ok + failed; missing = pairs sizes.json promised that no
+    score file holds), shards by status with the problem shards listed, failed rows by status and ok rows without a score, ``threshold_applied`` (the
     score of the last kept row in the rule's order; null if none), score quantiles of the
     scored-ok rows (linear interpolation), per-stratum counts, fingerprints, and the number
     of kept rows that repeat a uid.
@@ -67,7 +68,7 @@ from pipeline.config import SelectConfig
 from pipeline.data.uids import u8u8_to_uids, uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
-from pipeline.io.scores import META_CONFIG, META_TRAJECTORY
+from pipeline.io.scores import META_CONFIG, META_TRAJECTORY, read_shard_meta
 
 log = logging.getLogger(__name__)
 
@@ -592,6 +593,24 @@ def _count_duplicates(uids: np.ndarray) -> int:
     return int((uids[1:] == uids[:-1]).sum()) if len(uids) > 1 else 0
 
 
+def shard_summary(paths: Sequence[str], limit: int = 1000) -> dict[str, Any]:
+    """Shard-level reconciliation from the score files' shard records: shards by status,
+    pairs sizes.json expected but never read (``missing``), and the problem shards (at most
+    ``limit`` listed, in input order)."""
+    by_status: dict[str, int] = collections.Counter()
+    problems, missing = [], 0
+    for path in paths:
+        meta = read_shard_meta(path)
+        status = meta.get("status", "ok") if meta else "unknown"
+        by_status[status] += 1
+        if meta:
+            missing += int(meta.get("missing") or 0)
+        if status != "ok" and len(problems) < limit:
+            problems.append({k: (meta or {}).get(k) for k in ("shard", "status", "error", "expected", "read")})
+    return {"total": len(paths), "by_status": dict(sorted(by_status.items())), "missing": missing,
+            "problems": problems, "problems_listed": len(problems)}
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -625,6 +644,8 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig,
     _write_parquet(out / MANIFEST_FILE, MANIFEST_SCHEMA.with_metadata(meta),
                    (t.replace_schema_metadata(meta) for t in manifest), ["shard"])
     summary["duplicate_kept_uids"] = _count_duplicates(uids)
+    summary["shards"] = shard_summary(paths)
+    summary["counts"]["missing"] = summary["shards"]["missing"]
     write_json_atomic(out / SUMMARY_FILE, summary)
     log.info("select: kept %d of %d pairs (%d scored ok, %d failed) by %s on %s",
              summary["counts"]["kept"], summary["counts"]["in"], summary["counts"]["scored_ok"],

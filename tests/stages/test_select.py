@@ -165,7 +165,7 @@ def failing(tmp_path: Path) -> Path:
 def test_failed_rows_are_dropped_and_counted(tmp_path: Path) -> None:
     summary = select([failing(tmp_path)], SelectConfig(fraction=1.0), tmp_path / "out")
     assert sorted(r["key"] for r in kept(tmp_path / "out")) == ["s0000", "s0006"]
-    assert summary["counts"] == {"in": 7, "scored_ok": 2, "failed": 5, "kept": 2}
+    assert summary["counts"] == {"in": 7, "scored_ok": 2, "failed": 5, "kept": 2, "missing": 0}
     assert summary["failed_by_status"] == {"decode_error": 1, "missing_text": 1}
     assert summary["ok_without_score"] == {"null": 1, "non_finite": 2}
     manifest = pq.read_table(tmp_path / "out" / MANIFEST_FILE).to_pylist()
