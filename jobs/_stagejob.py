@@ -19,7 +19,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
+def print_summary(summary: dict, run_dir: str) -> None:
     """What a person wants to see at the end of a run: counts, time, where the outputs are."""
     print(f"done in {summary['seconds']:.1f}s ({', '.join(summary['stages'])}) -> {run_dir}")
     print(f"  pairs in: {summary['pairs_in']} in {summary['shards']} shards; "
@@ -34,7 +34,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     if "reshard" in summary:
         print(f"  shards: {summary['reshard']['dir']}/  ({summary['reshard']['shards']} shards, "
               f"{summary['reshard']['pairs']} pairs)")
-    print(f"  summary: {run_dir / 'run_summary.json'}")
+    print(f"  summary: {run_dir.rstrip('/')}/run_summary.json")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class StageJob:
         from pipeline.stages.pipeline import run_pipeline
 
         config = load_config(args.config)
-        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)  # a path or an fsspec URL
         executor = make_executor(args.executor, config.resources.address)
         try:
             summary = run_pipeline(config, run_dir, executor, progress=not args.no_progress, stages=self.stages)

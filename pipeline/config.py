@@ -243,6 +243,18 @@ class RunConfig(Section):
     select: SelectConfig | None = None
     reshard: ReshardConfig | None = None
     resources: ResourcesConfig = ResourcesConfig()
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="fsspec options by protocol, e.g. {s3: {endpoint_url: …}}")
+
+    @field_validator("storage")
+    @classmethod
+    def _known_protocols(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import fsspec
+
+        unknown = sorted(set(value) - set(fsspec.available_protocols()))
+        if unknown:
+            raise ValueError(f"unknown storage protocol {unknown[0]!r} (fsspec knows e.g. s3, gcs, abfs, http)")
+        return value
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -287,7 +299,8 @@ def _is_local(url: str) -> bool:
 
 
 def check_paths(config: RunConfig, source: str) -> None:
-    """Check that local input paths named by the config exist and the model is known."""
+    """Check that local input paths named by the config exist and the model is known (remote
+    URLs are checked when a stage opens them)."""
     from pipeline.data.shards import expand_shards  # local import: keeps config import light
 
     sections = [("data", config.data)] + ([("target", config.target)] if config.target else [])
@@ -301,11 +314,11 @@ def check_paths(config: RunConfig, source: str) -> None:
             if missing:
                 extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise UsageError(f"{source}: {name}.shards: shard not found: {missing[0]}{extra}")
-        if section.sizes and not Path(section.sizes).is_file():
+        if section.sizes and _is_local(section.sizes) and not Path(section.sizes.removeprefix("file://")).is_file():
             raise UsageError(f"{source}: {name}.sizes: file not found: {section.sizes}")
     traj = config.trajectory
-    if traj.path is not None:
-        manifest = Path(traj.path)
+    if traj.path is not None and _is_local(traj.path):
+        manifest = Path(traj.path.removeprefix("file://"))
         manifest = manifest if manifest.name == "trajectory.json" else manifest / "trajectory.json"
         if not manifest.is_file():
             raise UsageError(f"{source}: trajectory.path: trajectory manifest not found: {manifest}")

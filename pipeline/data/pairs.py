@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.data.scan import ShardReader
 from pipeline.data.shards import IMAGE_EXTS, expected_count
 from pipeline.data.uids import is_uid
+from pipeline.io.storage import StorageOptions
 
 if TYPE_CHECKING:
     from pipeline.data.shards import Pair
@@ -144,10 +145,11 @@ def _decode_sample(key: str, members: dict[str, bytes], size: int, problem: str 
     return "ok", (parsed.json_uid, parsed.key, parsed.image, parsed.caption)
 
 
-def _load_shard(url: str, sizes: dict[str, int] | None, size: int) -> tuple[list, dict[str, int]]:
+def _load_shard(url: str, sizes: dict[str, int] | None, size: int,
+                storage: StorageOptions | None = None) -> tuple[list, dict[str, int]]:
     """Usable pairs of one shard, and counts of the skipped by reason (shard problems included:
     ``shard_<status>`` counts the pairs ``sizes.json`` promises that could not be read)."""
-    reader = ShardReader(url, expected_count(url, sizes))
+    reader = ShardReader(url, expected_count(url, sizes), storage)
     rows, statuses = [], []
     for raw in reader:
         status, payload = _decode_sample(raw.key, raw.members, size, raw.problem, raw.detail)
@@ -179,7 +181,8 @@ def rank_order(uids: Sequence[str], seed: int, salt: str = "") -> list[int]:
 
 
 def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | None = None,
-               max_samples: int | None = None, seed: int = 0, threads: int = 4) -> PairTable:
+               max_samples: int | None = None, seed: int = 0, threads: int = 4,
+               storage: StorageOptions | None = None) -> PairTable:
     """Read, decode and resize all pairs of ``urls`` (in shard order).
 
     Pairs that cannot be used (no image, no caption, no uid, undecodable) are skipped and
@@ -187,7 +190,7 @@ def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | Non
     (uid + seed) is kept, in shard order. Duplicate uids are an error.
     """
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda u: _load_shard(u, sizes, image_size), urls))
+        results = list(pool.map(lambda u: _load_shard(u, sizes, image_size, storage), urls))
     rows, skipped = [], {}
     for shard_rows, shard_skipped in results:
         rows.extend(shard_rows)
@@ -234,7 +237,7 @@ def in_holdout(uid: str, fraction: float, seed: int) -> bool:
 
 def sample_pairs(urls: Sequence[str], image_size: int, count: int, seed: int, salt: str,
                  sizes: dict[str, int] | None = None,
-                 keep: Callable[[str], bool] | None = None) -> PairTable:
+                 keep: Callable[[str], bool] | None = None, storage: StorageOptions | None = None) -> PairTable:
     """Up to ``count`` pairs (satisfying ``keep(uid)``) from a seeded sample of shards.
 
     Shards are visited in an order given by (seed, shard name) until at least twice
@@ -245,7 +248,7 @@ def sample_pairs(urls: Sequence[str], image_size: int, count: int, seed: int, sa
     parts: list[PairTable] = []
     have = 0
     for url in order:
-        table = load_pairs([url], image_size, sizes=sizes, threads=1)
+        table = load_pairs([url], image_size, sizes=sizes, threads=1, storage=storage)
         if keep is not None:
             table = table.subset([i for i, u in enumerate(table.uids) if keep(u)])
         parts.append(table)

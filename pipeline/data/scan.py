@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pipeline.data.shards import IMAGE_EXTS
-from pipeline.io.storage import open_input
+from pipeline.io.storage import StorageOptions, open_input
 
 PAIR_FIELDS = (*IMAGE_EXTS, "txt", "json")
 SHARD_STATUSES = ("ok", "short", "long", "truncated", "empty", "unreadable")
@@ -131,15 +131,14 @@ class ShardReader:
     disagrees with ``expected`` end the iteration and are recorded in the report.
     """
 
-    def __init__(self, url: str, expected: int | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, expected: int | None = None, storage: StorageOptions | None = None) -> None:
         self.url = url
-        self.storage_options = storage_options
+        self.storage = storage
         self.report = ShardReport(url, expected)
 
     def __iter__(self) -> Iterator[RawSample]:
         try:
-            stream = open_input(self.url, self.storage_options)
+            stream = open_input(self.url, self.storage)
         except Exception as exc:  # any opener error: missing file, permissions, network, bad URL
             self._fail("unreadable", exc)
             return

@@ -172,17 +172,23 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def load_sizes(path: str | os.PathLike) -> dict[str, int]:
-    """Read a ``sizes.json`` (shard file name → sample count)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"sizes file not found: {p}")
+def load_sizes(path: str | os.PathLike, storage: Any = None) -> dict[str, int]:
+    """Read a ``sizes.json`` (shard file name → sample count), local or at an fsspec URL."""
+    from pipeline.io.storage import as_path
+
+    p = as_path(path, storage)
     try:
-        sizes = json.loads(p.read_text())
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"sizes file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"sizes file is a directory: {path}") from None
+    try:
+        sizes = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"sizes file {p} is not valid JSON: {exc.msg}") from None
+        raise UsageError(f"sizes file {path} is not valid JSON: {exc.msg}") from None
     if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
-        raise UsageError(f"sizes file {p} must map shard names to integer counts")
+        raise UsageError(f"sizes file {path} must map shard names to integer counts")
     return sizes
 
 

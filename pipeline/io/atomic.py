@@ -1,4 +1,9 @@
-"""Atomic commits of local files and directories: write to a temporary name, then rename."""
+"""Atomic commits of files and directories: write to a temporary name, then rename.
+
+A remote target (an fsspec URL, see :mod:`pipeline.io.storage`) is written to a local
+temporary first and uploaded only when complete: an object store's PUT makes a file appear
+whole or not at all (a directory's files appear one by one, so write its marker last).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.io.storage import as_path, is_remote, upload
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -22,6 +30,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and directories. On failure the temporary is removed and ``path`` is
     left as it was.
     """
+    if is_remote(path):
+        with _remote_atomic_path(path) as tmp:
+            yield tmp
+        return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target)
@@ -40,6 +52,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def _remote_atomic_path(path: Any) -> Iterator[Path]:
+    target = as_path(path)
+    scratch = Path(tempfile.mkdtemp(prefix="diffin-upload-"))
+    try:
+        tmp = scratch / target.name
+        yield tmp
+        upload(tmp, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path
+from pipeline.io.storage import StoragePath, arrow_source, as_path
 
 SCORE_COLUMNS = ("diffin", "diffin_eq9", "tracin", "clip_score")
 META_CONFIG = b"diffin.config_fingerprint"
@@ -46,9 +46,9 @@ def shard_stem(url: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
-def score_path(run_dir: str | os.PathLike, url: str) -> Path:
-    """``<run>/scores/<shard-stem>.parquet``."""
-    return Path(run_dir) / "scores" / f"{shard_stem(url)}.parquet"
+def score_path(run_dir: StoragePath | str, url: str) -> StoragePath:
+    """``<run>/scores/<shard-stem>.parquet`` (``run_dir`` best a path object from ``as_path``)."""
+    return as_path(run_dir) / "scores" / f"{shard_stem(url)}.parquet"
 
 
 def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config_fingerprint: str,
@@ -76,21 +76,22 @@ def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config
         pq.write_table(table, tmp, compression="zstd", write_statistics=True, use_dictionary=["status", "shard"])
 
 
-def read_fingerprint(path: str | os.PathLike) -> str | None:
-    """The configuration fingerprint recorded in a score file (None if unreadable)."""
+def read_file_metadata(path: StoragePath) -> dict[bytes, bytes] | None:
+    """A score file's key-value metadata (None if the file cannot be read)."""
+    where, filesystem = arrow_source(as_path(path))
     try:
-        meta = pq.read_schema(path).metadata or {}
+        return pq.read_schema(where, filesystem=filesystem).metadata or {}
     except (OSError, pa.ArrowInvalid):
         return None
-    value = meta.get(META_CONFIG)
+
+
+def read_fingerprint(path: StoragePath) -> str | None:
+    """The configuration fingerprint recorded in a score file (None if unreadable)."""
+    value = (read_file_metadata(path) or {}).get(META_CONFIG)
     return value.decode() if value is not None else None
 
 
-def read_shard_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+def read_shard_meta(path: StoragePath) -> dict[str, Any] | None:
     """The shard record stored in a score file's metadata (None when absent or unreadable)."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid):
-        return None
-    value = meta.get(META_SHARD)
+    value = (read_file_metadata(path) or {}).get(META_SHARD)
     return json.loads(value) if value is not None else None

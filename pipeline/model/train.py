@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.pairs import PairTable, in_holdout, load_pairs, rank_order
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.storage import as_path
 from pipeline.model.clip import build_clip, context_length, image_size, model_spec, normalize_images, tokenize
 from pipeline.model.schedule import LRSchedule
 from pipeline.model.trajectory import CheckpointRef, Trajectory
@@ -196,7 +197,7 @@ def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
             schedule=schedule.to_dict(), checkpoints=checkpoints, seed=cfg.seed,
             source={"kind": "proxy", "fingerprint": fingerprint, "data": data_id,
                     "num_excluded": len(table) - len(data), "train": cfg.model_dump(mode="json")},
-            root=Path(out_dir),
+            root=as_path(out_dir),
         )
         trajectory.save(tmp)
     return trajectory
@@ -226,7 +227,7 @@ def proxy_fingerprint(urls: Sequence[str], cfg: TrainConfig, sizes: dict[str, in
 
 def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.PathLike,
                       sizes: dict[str, int] | None = None, exclude: Iterable[str] = (),
-                      holdout: tuple[float, int] | None = None) -> Trajectory:
+                      holdout: tuple[float, int] | None = None, storage: Any = None) -> Trajectory:
     """Load pairs from ``urls`` at the model's resolution and run :func:`train_proxy`.
 
     ``holdout=(fraction, seed)`` leaves the held-out target pairs (:func:`in_holdout`) out
@@ -234,7 +235,8 @@ def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.P
     """
     excluded = resolve_exclusions(cfg, exclude)
     size = int(model_spec(cfg.model)["config"]["vision_cfg"]["image_size"])
-    table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed)
+    table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed, storage=storage)
+    out_dir = as_path(out_dir, storage)
     if holdout is not None:
         table = table.subset([i for i, u in enumerate(table.uids) if not in_holdout(u, *holdout)])
     log.info("loaded %d pairs from %d shards (%d excluded)", len(table), len(urls),

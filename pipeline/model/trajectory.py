@@ -58,6 +58,7 @@ class Trajectory:
     seed: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
+    location: str | None = field(default=None, compare=False)  # where it was loaded from, if remote
 
     def __post_init__(self) -> None:
         steps = [c.step for c in self.checkpoints]
@@ -69,6 +70,7 @@ class Trajectory:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("root")
+        data.pop("location")
         return {"format": FORMAT, **data}
 
     def checkpoint_path(self, index: int) -> str:

@@ -17,6 +17,7 @@ from pipeline.config import RunConfig
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
+from pipeline.io.storage import StoragePath, as_path
 from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _selection_fingerprint(config: RunConfig, score_files: Sequence[Path]) -> st
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def run_select(config: RunConfig, run_dir: Path, urls: list[str]) -> dict[str, Any]:
+def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str]) -> dict[str, Any]:
     """The reducer over all score files (in input-shard order) → ``<run>/selection/``.
 
     Skipped when ``selection/done.json`` records the same inputs (completion marker).
@@ -60,7 +61,7 @@ def run_select(config: RunConfig, run_dir: Path, urls: list[str]) -> dict[str, A
     return {"dir": str(out), **summary["counts"], "summary": str(out / "summary.json"), "recomputed": recomputed}
 
 
-def run_reshard(config: RunConfig, run_dir: Path, executor: Executor) -> dict[str, int]:
+def run_reshard(config: RunConfig, run_dir: StoragePath, executor: Executor) -> dict[str, int]:
     """Copy the kept pairs into new shards (``<run>/shards/``), one task per output shard."""
     from pipeline.stages.reshard import reshard
 
@@ -70,16 +71,16 @@ def run_reshard(config: RunConfig, run_dir: Path, executor: Executor) -> dict[st
     if not manifest.is_file():
         raise UsageError(f"reshard: {manifest} not found; run the select stage first")
     resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
-    return reshard(manifest, run_dir / "shards", config.reshard, executor, resources)
+    return reshard(manifest, run_dir / "shards", config.reshard, executor, resources, config.storage)
 
 
-def _existing_trajectory(config: RunConfig, run_dir: Path):
-    from pipeline.model.trajectory import Trajectory
+def _existing_trajectory(config: RunConfig, run_dir: StoragePath):
+    from pipeline.stages.trajectory import load_trajectory
 
-    path = Path(config.trajectory.path) if config.trajectory.path else run_dir / "trajectory"
+    path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else run_dir / "trajectory"
     if not (path / "trajectory.json").is_file() and not path.name == "trajectory.json":
         raise UsageError(f"no trajectory at {path}; run the trajectory (train) stage first")
-    return Trajectory.load(path)
+    return load_trajectory(path, config.storage)
 
 
 def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
@@ -91,19 +92,17 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     """
     from pipeline.stages.prepare import prepare_fingerprint, run_prepare
     from pipeline.stages.score import run_score
-    from pipeline.stages.trajectory import ensure_trajectory
+    from pipeline.stages.trajectory import ensure_trajectory, trajectory_location
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     everything = tuple(stages) == STAGES
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir, config.storage)
     start = time.perf_counter()
     urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
+    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     timings: dict[str, float] = {}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))
 
     def timed(name: str, fn, *args):
         t0 = time.perf_counter()
@@ -118,7 +117,7 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     summary: dict[str, Any] = {
         "run_dir": str(run_dir), "stages": list(stages), "shards": len(urls),
         "pairs_in": sum(sizes.get(u.rsplit("/", 1)[-1], 0) for u in urls) if sizes else None,
-        "trajectory": str(Path(trajectory.root) / "trajectory.json"),
+        "trajectory": trajectory_location(trajectory) + "/trajectory.json",
         "checkpoints": [{"step": c.step, "lr": c.lr} for c in trajectory.checkpoints],
         "train_pairs": trajectory.num_samples,
     }
@@ -145,6 +144,6 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
                               "pairs": sum(sizes_out.values())}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = timings
-    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))
     write_json_atomic(run_dir / "run_summary.json", summary)
     return summary

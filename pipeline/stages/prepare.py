@@ -23,10 +23,12 @@ from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.prepare import PreparedCheckpoint
 from pipeline.io.atomic import atomic_path
+from pipeline.io.storage import StorageOptions, StoragePath, as_path, read_torch
 from pipeline.model.clip import resolve_model_config
 from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, split_bank
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import Executor, Resources
+from pipeline.stages.trajectory import load_trajectory, trajectory_location
 
 log = logging.getLogger(__name__)
 BANK_FILE = "bank.pt"
@@ -75,13 +77,13 @@ def load_target(config: RunConfig, image_size: int) -> PairTable:
     """The target set's pairs (own shards, or the held-out pairs of the corpus)."""
     target = require_target(config)
     if target.shards is not None:
-        sizes = load_sizes(target.sizes) if target.sizes else None
+        sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
         return load_pairs(expand_shards(target.shards), image_size, sizes=sizes,
-                          max_samples=target.max_pairs, seed=target.seed)
+                          max_samples=target.max_pairs, seed=target.seed, storage=config.storage)
     urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
+    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
-    return sample_pairs(urls, image_size, target.max_pairs, target.seed, "target", sizes, keep)
+    return sample_pairs(urls, image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage)
 
 
 def load_proxy_pool(config: RunConfig, image_size: int) -> PairTable:
@@ -89,11 +91,11 @@ def load_proxy_pool(config: RunConfig, image_size: int) -> PairTable:
     settings = influence_settings(config)
     target = require_target(config)
     urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
+    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
         if target.holdout_fraction is not None else None
     count = 4 * settings.proxy_batches * settings.proxy_batch_size
-    return sample_pairs(urls, image_size, count, settings.seed, "proxy-pool", sizes, keep)
+    return sample_pairs(urls, image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
 
 
 def _not_holdout(uid: str, fraction: float, seed: int) -> bool:
@@ -130,12 +132,12 @@ class PrepareStage:
         from pipeline.model.scorer import TrajectoryInfluence
 
         torch.set_num_threads(worker_threads(self.config))
-        trajectory = Trajectory.load(self.trajectory_dir)
+        trajectory = load_trajectory(self.trajectory_dir, self.config.storage)
         influence = TrajectoryInfluence(trajectory, influence_settings(self.config), self.device)
         size = influence.image_size
         prepared, precond = influence.prepare_checkpoint(task.index, load_target(self.config, size),
                                                          load_proxy_pool(self.config, size))
-        path = Path(self.out_dir) / f"ckpt_{task.index:03d}.pt"
+        path = as_path(self.out_dir, self.config.storage) / f"ckpt_{task.index:03d}.pt"
         with atomic_path(path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "step": influence.checkpoints[task.index].step,
                         "u": _cpu(prepared.u), "g": _cpu(prepared.g), "w": _cpu(prepared.w),
@@ -148,16 +150,16 @@ def _cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in params.items()}
 
 
-def _stamp(path: Path) -> str | None:
+def _stamp(path: StoragePath) -> str | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True).get("fingerprint")
+    return read_torch(path).get("fingerprint")
 
 
 def run_prepare(config: RunConfig, run_dir: str | Path, trajectory: Trajectory,
-                executor: Executor) -> Path:
+                executor: Executor) -> StoragePath:
     """Write (or reuse) ``<run>/prepared/``: the bank, then one task per checkpoint."""
-    out = Path(run_dir) / "prepared"
+    out = as_path(run_dir, config.storage) / "prepared"
     fingerprint = prepare_fingerprint(config, trajectory)
     settings = influence_settings(config)
     count = len(settings.checkpoints or trajectory.checkpoints)
@@ -180,19 +182,21 @@ def run_prepare(config: RunConfig, run_dir: str | Path, trajectory: Trajectory,
     todo = [PrepareTask(k) for k in range(count) if stamps[k + 1] is None]
     if todo:
         resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
-        stage = PrepareStage(config, str(trajectory.root), str(out), fingerprint, score_device(config), resources)
+        stage = PrepareStage(config, trajectory_location(trajectory), str(out), fingerprint, score_device(config),
+                             resources)
         executor.map(stage.process, todo, resources)
     log.info("prepared %d checkpoints in %s (%d computed now)", count, out, len(todo))
     return out
 
 
-def load_prepared_dir(directory: str | Path, count: int) -> tuple[PreparedTrajectory, str]:
+def load_prepared_dir(directory: str | StoragePath, count: int,
+                      storage: StorageOptions | None = None) -> tuple[PreparedTrajectory, str]:
     """Read ``bank.pt`` and ``ckpt_000..`` back into a :class:`PreparedTrajectory`."""
-    d = Path(directory)
-    bank = torch.load(d / BANK_FILE, map_location="cpu", weights_only=True)
+    d = as_path(directory, storage)
+    bank = read_torch(d / BANK_FILE)
     prepared, preconds = [], []
     for k in range(count):
-        obj = torch.load(d / f"ckpt_{k:03d}.pt", map_location="cpu", weights_only=True)
+        obj = read_torch(d / f"ckpt_{k:03d}.pt")
         if obj["fingerprint"] != bank["fingerprint"]:
             raise UsageError(f"{d}: checkpoint {k} was prepared under another configuration")
         prepared.append(PreparedCheckpoint(obj["u"], obj["g"], obj["w"], obj["hvp"], obj["target_loss"]))

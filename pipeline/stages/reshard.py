@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +37,7 @@ from pipeline.config import ReshardConfig
 from pipeline.data.shards import SIZES_FILE, add_member
 from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
+from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path, open_input
 from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class ReshardTask:
 
     out_dir: str
     shard: OutputShard
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ planning
@@ -116,8 +118,9 @@ def load_manifest(manifest: str | os.PathLike | pa.Table) -> tuple[list[str], li
 
 
 def _read_table(path: str | os.PathLike) -> pa.Table:
+    where, filesystem = arrow_source(as_path(path))
     try:
-        return pq.read_table(path)
+        return pq.read_table(where, filesystem=filesystem)
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"cannot read manifest {path}: {exc}") from None
 
@@ -165,18 +168,12 @@ def member_key(name: str) -> str | None:
     return f"{base[0]}/{stem[0]}" if len(base) == 2 else stem[0]
 
 
-def _open_stream(url: str) -> Any:
-    from webdataset.gopen import gopen  # same opener as the shard reader: local, fsspec, pipe:
-
-    return gopen(url)
-
-
-def _copy_source(out: tarfile.TarFile, source: Source) -> int:
+def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions | None = None) -> int:
     """Copy the members of ``source``'s kept samples into ``out``; return the sample count."""
     wanted = set(source.keys.to_pylist())
     copied: set[str] = set()
     current: str | None = None
-    stream = _open_stream(source.url)
+    stream = open_input(source.url, storage)  # the shard reader's opener: local, fsspec, pipe:
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -200,10 +197,10 @@ def _copy_source(out: tarfile.TarFile, source: Source) -> int:
 
 def write_output_shard(task: ReshardTask) -> int:
     """Write one output shard (temporary name, renamed when complete); return its count."""
-    path = Path(task.out_dir) / task.shard.name
+    path = as_path(task.out_dir, task.storage) / task.shard.name
     with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
-            count = sum(_copy_source(out, source) for source in task.shard.sources)
+            count = sum(_copy_source(out, source, task.storage) for source in task.shard.sources)
     log.info("reshard: wrote %s (%d pairs)", task.shard.name, count)
     return count
 
@@ -211,7 +208,7 @@ def write_output_shard(task: ReshardTask) -> int:
 # ------------------------------------------------------------------------------ the stage
 
 
-def _claim_out_dir(out_dir: Path, plan: Sequence[OutputShard], fingerprint: str) -> None:
+def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprint: str) -> None:
     """Record the plan in ``out_dir``, or refuse if it holds another plan's output."""
     plan_path = out_dir / PLAN_FILE
     if plan_path.is_file():
@@ -229,7 +226,8 @@ def _claim_out_dir(out_dir: Path, plan: Sequence[OutputShard], fingerprint: str)
 
 
 def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, cfg: ReshardConfig,
-            executor: Executor, resources: Resources = Resources()) -> dict[str, int]:
+            executor: Executor, resources: Resources = Resources(),
+            storage: StorageOptions | None = None) -> dict[str, int]:
     """Copy the kept pairs into new shards under ``out_dir``; return (and write) ``sizes.json``.
 
     ``manifest``: see :func:`load_manifest`. One executor task per output shard, with
@@ -237,11 +235,11 @@ def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, 
     kept key is not in its input shard, :class:`UsageError` when ``out_dir`` holds output
     of another plan.
     """
-    out = Path(out_dir)
+    out = as_path(out_dir, storage)
     urls, keys = load_manifest(manifest)
     plan = plan_reshard(urls, keys, cfg)
     _claim_out_dir(out, plan, plan_fingerprint(plan, cfg))
-    todo = [ReshardTask(str(out), shard) for shard in plan if not (out / shard.name).is_file()]
+    todo = [ReshardTask(str(out), shard, dict(storage or {})) for shard in plan if not (out / shard.name).is_file()]
     log.info("reshard: %d output shards (%d already done), %d pairs",
              len(plan), len(plan) - len(todo), sum(s.count for s in plan))
     for task, count in zip(todo, executor.map(write_output_shard, todo, resources)):

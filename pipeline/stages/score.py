@@ -31,6 +31,7 @@ from pipeline.data.shards import expected_count
 from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import write_json_atomic
+from pipeline.io.storage import StoragePath, as_path
 from pipeline.io.scores import SCHEMA, read_fingerprint, read_shard_meta, score_path, shard_stem, write_scores
 from pipeline.runtime.executor import Executor, Resources
 
@@ -83,9 +84,9 @@ class ShardResult:
                 "worker": {"pid": self.pid, "host": self.host, "peak_rss_mb": round(self.peak_rss_mb, 1)}}
 
 
-def stats_path(run_dir: str | Path, url: str) -> Path:
+def stats_path(run_dir: StoragePath | str, url: str) -> StoragePath:
     """``<run>/stats/<stem>.json``: per-shard statistics of the score stage."""
-    return Path(run_dir) / "stats" / f"{shard_stem(url)}.json"
+    return as_path(run_dir) / "stats" / f"{shard_stem(url)}.json"
 
 
 @dataclass
@@ -103,22 +104,24 @@ class ScoreStage:
     threads: int | None = None
     resources: Resources = field(default_factory=Resources)
     require_uid: bool = True
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def setup(self) -> None:
         from pipeline.model.scorer import TrajectoryInfluence
-        from pipeline.model.trajectory import Trajectory
         from pipeline.stages.prepare import load_prepared_dir
+        from pipeline.stages.trajectory import load_trajectory
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.influence = TrajectoryInfluence(Trajectory.load(self.trajectory_dir), self.settings, self.device)
-        prepared, _ = load_prepared_dir(self.prepared_dir, len(self.influence.params))
+        trajectory = load_trajectory(self.trajectory_dir, self.storage)
+        self.influence = TrajectoryInfluence(trajectory, self.settings, self.device)
+        prepared, _ = load_prepared_dir(self.prepared_dir, len(self.influence.params), self.storage)
         self.influence.load_prepared(prepared)
 
     def process(self, task: ShardTask) -> ShardResult:
         """Stream one shard, scoring decodable pairs batch by batch; commit its score file."""
         start = time.perf_counter()
-        reader = ShardReader(task.url, task.expected)
+        reader = ShardReader(task.url, task.expected, self.storage)
         rows: list[dict] = []
         batch: list[tuple[dict, np.ndarray, str]] = []
         for raw in reader:
@@ -145,11 +148,12 @@ class ScoreStage:
         for row in rows:
             if row["status"] != "ok":
                 failed[row["status"]] = failed.get(row["status"], 0) + 1
-        path = score_path(self.run_dir, task.url)
+        run_dir = as_path(self.run_dir, self.storage)
+        path = score_path(run_dir, task.url)
         result = ShardResult(task.url, str(path), len(rows), len(rows) - sum(failed.values()), dict(sorted(failed.items())),
                              seconds, report.status, report.error, report.expected, report.missing,
                              peak_rss_mb(), os.getpid(), socket.gethostname())
-        write_json_atomic(stats_path(self.run_dir, task.url), result.stats())
+        write_json_atomic(stats_path(run_dir, task.url), result.stats())
         shard_meta = {**report.as_dict(), "rows": result.rows, "ok": result.ok, "failed": result.failed}
         write_scores(path, self._columns(rows, task.url), self.fingerprint, self.trajectory_fingerprint, __version__,
                      extra={f"json.{f}": [r["extra"][i] for r in rows] for i, f in enumerate(self.keep_json_fields)},
@@ -208,9 +212,11 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     from pipeline.data.shards import expand_shards, load_sizes
     from pipeline.stages.prepare import influence_settings, score_device, worker_threads
     from pipeline.runtime.progress import ShardProgress
+    from pipeline.stages.trajectory import trajectory_location
 
     urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
+    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
+    run_dir = as_path(run_dir, config.storage)
     fingerprint = score_fingerprint(prepare_fp, config)
     todo, done = [], 0
     for url in urls:
@@ -226,10 +232,10 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
         todo.append(ShardTask(url, expected_count(url, sizes)))
     log.info("score: %d shards, %d already done, %d to score", len(urls), done, len(todo))
     resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
-    stage = ScoreStage(str(trajectory.root), str(prepared_dir), influence_settings(config), score_device(config),
+    stage = ScoreStage(trajectory_location(trajectory), str(prepared_dir), influence_settings(config), score_device(config),
                        str(run_dir), fingerprint, trajectory.fingerprint(),
                        tuple(config.score.keep_json_fields), worker_threads(config), resources,
-                       config.data.require_uid)
+                       config.data.require_uid, dict(config.storage))
     total = sum(t.expected or 0 for t in todo) or None
     with ShardProgress(len(todo), total, enabled=progress) as bar:
         results = executor.run_stage(stage, todo, config.resources.actors, on_result=bar.update)
@@ -240,7 +246,7 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     return results
 
 
-def failure_totals(score_files: list[Path]) -> dict[str, Any]:
+def failure_totals(score_files: list[StoragePath]) -> dict[str, Any]:
     """Pairs expected, read, ok, failed by reason and missing, summed over score files' shard records."""
     totals: dict[str, Any] = {"rows": 0, "ok": 0, "missing": 0, "failed": {}, "shards": {}}
     for path in score_files:
@@ -255,7 +261,7 @@ def failure_totals(score_files: list[Path]) -> dict[str, Any]:
     return totals
 
 
-def check_failed_fraction(score_files: list[Path], limit: float) -> dict[str, Any]:
+def check_failed_fraction(score_files: list[StoragePath], limit: float) -> dict[str, Any]:
     """Raise :class:`DataError` when failed + missing pairs exceed ``limit`` of all pairs."""
     totals = failure_totals(score_files)
     bad = sum(totals["failed"].values()) + totals["missing"]

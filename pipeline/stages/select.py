@@ -69,6 +69,7 @@ from pipeline.data.uids import u8u8_to_uids, uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.scores import META_CONFIG, META_TRAJECTORY, read_shard_meta
+from pipeline.io.storage import arrow_source, as_path
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ class _Scan:
         self.files.append(stats)
         shards: set[str] = set()
         indices: list[np.ndarray] = []
-        with pq.ParquetFile(path) as parquet:
+        where, filesystem = arrow_source(path)
+        with pq.ParquetFile(where, filesystem=filesystem) as parquet:
             for batch in parquet.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=self.read_columns):
                 shards.update(pc.unique(batch.column("shard")).to_pylist())
                 index = batch.column("index").to_numpy(zero_copy_only=False).astype(np.int32)
@@ -302,7 +304,8 @@ def _check_score_files(paths: Sequence[str], columns: Sequence[str]) -> tuple[tu
 def _file_metadata(path: str, columns: Sequence[str]) -> tuple[tuple[str, str], int]:
     """(configuration, trajectory) fingerprints and row count of a score file that has ``columns``."""
     try:
-        metadata = pq.read_metadata(path)
+        where, filesystem = arrow_source(path)
+        metadata = pq.read_metadata(where, filesystem=filesystem)
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"cannot read score file {path}: {exc}") from None
     meta = metadata.metadata or {}
@@ -429,7 +432,8 @@ def _kept_keys(path: str, index: np.ndarray) -> pa.Array:
     """The keys of the rows of one score file at the given indices (in that order)."""
     if not len(index):
         return pa.array([], pa.string())
-    table = pq.read_table(path, columns=["key", "index"])
+    where, filesystem = arrow_source(path)
+    table = pq.read_table(where, columns=["key", "index"], filesystem=filesystem)
     file_index = table.column("index").to_numpy()
     by_index = np.argsort(file_index, kind="stable")
     located = by_index[np.searchsorted(file_index[by_index], index)]
@@ -619,11 +623,11 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig,
     """Select the pairs to keep from per-shard score files; write ``out_dir``'s outputs.
 
     ``score_files`` are the run's score files in input-shard order (that order is the
-    manifest's). Returns the summary (also written as ``summary.json``). Raises
+    manifest's): local paths or remote path objects from :func:`pipeline.io.storage.as_path`. Returns the summary (also written as ``summary.json``). Raises
     :class:`UsageError` for files of different runs, missing columns, bad uids, or failed
     rows under ``failed: error``.
     """
-    paths = [os.fspath(p) for p in score_files]
+    paths = [as_path(p) for p in score_files]
     prints, scan = _scan(paths, cfg)
     rows, strata, n_in = scan.rows()
     kept = _decide(rows, len(strata), cfg)
@@ -633,7 +637,7 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig,
     kept_rows, n_kept, per_file_keys = _collect_kept(paths, in_order, rank)
     meta = {META_CONFIG: prints[0].encode(), META_TRAJECTORY: prints[1].encode(),
             META_SELECT: json.dumps(cfg.effective(), sort_keys=True).encode()}
-    out = Path(out_dir)
+    out = as_path(out_dir)
     shards = pa.array([s.shard or "" for s in scan.files], pa.string())
     schema = _kept_schema(cfg.stratum_column).with_metadata(meta)
     _write_parquet(out / KEPT_FILE, schema,

@@ -7,13 +7,19 @@ silently mixed in — the stage refuses and says so.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.storage import StorageOptions, as_path, download_dir, is_remote
 from pipeline.model.trajectory import MANIFEST, Trajectory
 from pipeline.runtime.executor import Executor, Resources
 
@@ -30,6 +36,7 @@ class TrainTask:
     sizes: dict[str, int] | None = None
     exclude: frozenset[str] = field(default_factory=frozenset)
     holdout: tuple[float, int] | None = None
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,7 +49,7 @@ class TrainStage:
         """Train and return the trajectory directory."""
         from pipeline.model.train import train_from_shards  # heavy imports only on the worker
 
-        train_from_shards(task.urls, task.cfg, task.out_dir, task.sizes, task.exclude, task.holdout)
+        train_from_shards(task.urls, task.cfg, task.out_dir, task.sizes, task.exclude, task.holdout, task.storage)
         return task.out_dir
 
 
@@ -57,17 +64,17 @@ def holdout_of(config: RunConfig) -> tuple[float, int] | None:
 def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor) -> Trajectory:
     """Return the run's trajectory, training the proxy one first if needed (resumable)."""
     if config.trajectory.path is not None:
-        return Trajectory.load(config.trajectory.path)
+        return load_trajectory(config.trajectory.path, config.storage)
     from pipeline.model.train import proxy_fingerprint
 
-    out_dir = Path(run_dir) / "trajectory"
+    out_dir = as_path(run_dir, config.storage) / "trajectory"
     urls = tuple(expand_shards(config.data.shards))
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
+    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     cfg = config.trajectory.train
     holdout = holdout_of(config)
     fingerprint = proxy_fingerprint(urls, cfg, sizes, holdout=holdout)
     if (out_dir / MANIFEST).is_file():
-        existing = Trajectory.load(out_dir)
+        existing = load_trajectory(out_dir, config.storage)
         if existing.source.get("fingerprint") == fingerprint:
             log.info("trajectory %s is complete for this configuration; reusing it", out_dir)
             return existing
@@ -75,6 +82,39 @@ def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor
             f"{out_dir} holds a trajectory from a different configuration "
             f"({existing.source.get('fingerprint')} != {fingerprint}); use a new --run-dir or delete it")
     resources = Resources(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)
-    task = TrainTask(urls, cfg, str(out_dir), sizes, holdout=holdout)
+    task = TrainTask(urls, cfg, str(out_dir), sizes, holdout=holdout, storage=dict(config.storage))
     executor.map(TrainStage(resources).process, [task], resources)
-    return Trajectory.load(out_dir)
+    return load_trajectory(out_dir, config.storage)
+
+
+def trajectory_location(trajectory: Trajectory) -> str:
+    """Where workers load ``trajectory`` from: its remote URL, else its local directory."""
+    return trajectory.location or str(trajectory.root)
+
+
+def cache_dir() -> Path:
+    """Local cache for remote inputs: ``$DIFFIN_CACHE`` or ``~/.cache/diffin``."""
+    return Path(os.environ.get("DIFFIN_CACHE") or Path.home() / ".cache" / "diffin")
+
+
+def load_trajectory(location: str | os.PathLike, storage: StorageOptions | None = None) -> Trajectory:
+    """Load a trajectory from a local directory (or its ``trajectory.json``) or an fsspec URL.
+
+    A remote trajectory is copied once into the local cache (keyed by its URL and manifest
+    content), so checkpoints are memory-mapped from local disk on every worker node.
+    """
+    path = as_path(location, storage)
+    if not is_remote(path):
+        return Trajectory.load(path)
+    manifest = path if path.name == MANIFEST else path / MANIFEST
+    try:
+        text = manifest.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"trajectory manifest not found: {manifest}") from None
+    root = manifest.parent
+    digest = hashlib.sha256(f"{root}\n{text}".encode()).hexdigest()[:16]
+    local = cache_dir() / "trajectories" / digest
+    if not (local / MANIFEST).is_file():
+        with atomic_path(local) as tmp:
+            download_dir(root, tmp)
+    return dataclasses.replace(Trajectory.load(local), location=str(root))
