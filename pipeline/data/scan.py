@@ -146,10 +146,9 @@ class ShardReader:
         try:
             with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
-                    if not info.isfile():
-                        continue
-                    parts = split_member(info.name)
+                    parts = split_member(info.name) if info.isfile() else None
                     if parts is None:
+                        tar.members = []
                         continue
                     finished = grouper.start(parts[0])
                     if finished is not None:  # yielded before this member's data is read
@@ -158,6 +157,7 @@ class ShardReader:
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} cut short")
                     grouper.add(parts[1], data)
+                    tar.members = []  # streaming: do not keep every member header in memory
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             if self.report.read == 0 and grouper.current is None and "empty file" in str(exc):
                 self._check_counts()
