@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := openclipart-svg dataset-fashion-mnist libcairo2
+APT_PACKAGES := openclipart-svg dataset-fashion-mnist libcairo2 chromium
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE ?= 1
@@ -21,7 +21,8 @@ help:
 
 setup: apt $(VENV)/.installed
 
-# Debian packages: real corpora (openclipart, Fashion-MNIST) and cairo for SVG rasterising.
+# Debian packages: real corpora (openclipart, Fashion-MNIST), cairo for SVG rasterising,
+# chromium for the report's headless-browser test.
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -46,6 +47,7 @@ data/openmoji/sizes.json: | setup
 
 demo: setup data/openmoji/sizes.json
 	$(BIN)/diffin run --config configs/demo.yaml --run-dir runs/demo
+	$(BIN)/diffin report runs/demo
 
 clean-demo:
 	rm -rf runs/demo

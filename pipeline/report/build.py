@@ -1,0 +1,230 @@
+"""``diffin report RUN_DIR``: gather a run's outputs, plot them, write one HTML page."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+from pipeline.io.atomic import write_bytes_atomic
+from pipeline.io.scores import SCORE_COLUMNS
+from pipeline.report import DEFAULT_EXAMPLES, DEFAULT_MAX_POINTS, REPORT_FILE, plots, render
+from pipeline.report.examples import Example, attach_media, best_kept, worst_pruned
+from pipeline.report.gather import (SELECTION_DIR, ScoreScan, check_run_dir, load_kept_uids,
+                                    load_shard_stats, read_json, scan_scores, score_files)
+from pipeline.report.render import Section
+
+log = logging.getLogger(__name__)
+
+CLIP_COLUMN = "clip_score"
+
+
+@dataclass
+class ReportData:
+    """Everything the page shows."""
+
+    run_dir: Path
+    config: dict[str, Any] | None
+    run_summary: dict[str, Any] | None
+    selection: dict[str, Any] | None
+    scan: ScoreScan | None
+    kept: list[Example]
+    pruned: list[Example]
+    shard_stats: list[dict[str, Any]] | None
+
+    @property
+    def column(self) -> str | None:
+        """The selection column (None without a selection)."""
+        column = (self.selection or {}).get("column")
+        return column if column in SCORE_COLUMNS else None
+
+
+def gather(run_dir: str | os.PathLike, n_examples: int = DEFAULT_EXAMPLES,
+           max_points: int = DEFAULT_MAX_POINTS) -> ReportData:
+    """Read what the report needs from ``run_dir`` (score files streamed, see
+    :mod:`pipeline.report.gather`; thumbnails read only from the shards of the examples)."""
+    check_run_dir(run_dir)
+    root = Path(run_dir)
+    selection_dir = root / SELECTION_DIR
+    selection = read_json(selection_dir / "summary.json")
+    data = ReportData(root, read_json(root / "config.json"), read_json(root / "run_summary.json"),
+                      selection if isinstance(selection, dict) else None, None, [], [],
+                      load_shard_stats(root))
+    files = score_files(root)
+    kept_uids = load_kept_uids(selection_dir) if data.selection else None
+    if files:
+        data.scan = scan_scores(files, max_points=max_points, kept_uids=kept_uids,
+                                lowest_column=data.column,
+                                n_lowest=4 * n_examples + 64 if data.column and n_examples else 0)
+    if data.column and data.scan is not None:
+        data.kept = best_kept(selection_dir, n_examples)
+        data.pruned = worst_pruned(files, data.scan.lowest, kept_uids, n_examples)
+        both = attach_media(data.kept + data.pruned)
+        data.kept, data.pruned = both[:len(data.kept)], both[len(data.kept):]
+    return data
+
+
+# ---------------------------------------------------------------------------------- page
+
+
+def _headline(data: ReportData) -> str:
+    counts = (data.selection or {}).get("counts", {})
+    status = data.scan.status if data.scan else {}
+    items: list[tuple[str, Any]] = [
+        ("pairs in", counts.get("in", data.scan.rows if data.scan else None)),
+        ("scored ok", counts.get("scored_ok", status.get("ok"))),
+        ("failed", counts.get("failed", sum(v for k, v in status.items() if k != "ok") if status else None)),
+        ("kept", counts.get("kept")),
+        ("score files", len(data.scan.files) if data.scan else 0),
+    ]
+    if counts.get("missing"):
+        items.insert(3, ("missing (not in the shards)", counts["missing"]))
+    seconds = (data.run_summary or {}).get("seconds")
+    if seconds is not None:
+        items.append(("seconds (last run)", float(seconds)))
+    return render.cards(items)
+
+
+def _subtitle(data: ReportData) -> str:
+    if not data.selection:
+        return "no selection in this run"
+    sel = data.selection
+    config = sel.get("config") or {}
+    budget = next((f"{k} {config[k]}" for k in ("fraction", "k", "threshold") if config.get(k) is not None), "")
+    return f"selection: {sel.get('rule')} {budget} on {sel.get('column')}".strip()
+
+
+def _status_section(scan: ScoreScan, selection: dict[str, Any] | None) -> Section:
+    total = sum(scan.status.values())
+    rows = [(name, n, f"{100 * n / total:.2f} %") for name, n in
+            sorted(scan.status.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0]))]
+    chart = render.img(plots.status_counts(dict(scan.status)), "image/png", "rows by status")
+    body = (f'<div class="row"><div class="wide">{chart}</div>'
+            f'{render.table(["status", "rows", "share"], rows)}</div>')
+    if selection:
+        without = selection.get("ok_without_score") or {}
+        body += (f'<p class="note">Selection on {escape(str(selection.get("column")))}: ok rows without a '
+                 f'score: {render.fmt_number(without.get("null"))} null, '
+                 f'{render.fmt_number(without.get("non_finite"))} non-finite (never kept).</p>')
+    return Section("Rows by status", body)
+
+
+def _threshold(data: ReportData, column: str) -> float | None:
+    sel = data.selection or {}
+    config = sel.get("config") or {}
+    if column != data.column or sel.get("rule") == "random" or config.get("stratify_by"):
+        return None
+    value = sel.get("threshold_applied")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _histogram_section(data: ReportData) -> Section:
+    figures = []
+    for name in SCORE_COLUMNS:
+        stats = data.scan.columns[name]
+        if stats.edges is None:
+            figures.append(f'<figure><div class="empty">{escape(name)}: no scores in this column'
+                           f'<br>({stats.n_null:,} ok rows without a value)</div></figure>')
+            continue
+        png = plots.histogram(stats, _threshold(data, name))
+        figures.append(f"<figure>{render.img(png, 'image/png', f'histogram of {name}')}</figure>")
+    note = ('<p class="note">Rows with status ok and a finite score. Where a few extreme values would '
+            'squash the plot, the range shown is about the central 99 % of a sample of the rows; the rows '
+            'outside it are counted below the axis.'
+            + (f' On {escape(data.column)}, blue bars are kept, orange pruned.' if data.column else '')
+            + '</p>')
+    return Section("Score distributions", note + f'<div class="plots">{"".join(figures)}</div>')
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n:,}{suffix}"
+
+
+def _scatter_section(data: ReportData) -> Section | None:
+    scan = data.scan
+    clip = scan.columns[CLIP_COLUMN]
+    others = [scan.columns[c] for c in SCORE_COLUMNS if c != CLIP_COLUMN and scan.columns[c].edges is not None]
+    if clip.edges is None or not others or scan.sample is None or not len(scan.sample):
+        return None
+    # the selection column first
+    others.sort(key=lambda s: s.name != data.column)
+    png = plots.scatter(scan.sample.values, others, clip, scan.sample.kept)
+    colour = " Colour: kept (blue) or pruned (orange)." if scan.sample.kept is not None else ""
+    stride = scan.sample.stride
+    which = "Every row" if stride == 1 else f"Every {_ordinal(stride)} row"
+    note = (f'<p class="note">{which} of the score files ({len(scan.sample):,} rows, a deterministic '
+            f'sample; pairs scored in both columns are plotted, over the histograms\' ranges).{colour}</p>')
+    figure = render.img(png, "image/png", "scores vs clip_score")
+    return Section("Scores vs clip_score", note + f'<div class="wide">{figure}</div>')
+
+
+def _examples_sections(data: ReportData) -> list[Section]:
+    column = data.column
+    if column is None:
+        return [Section("Examples", '<p class="note">No selection in this run: nothing kept or pruned yet.</p>')]
+    return [
+        Section(f"Best kept pairs (highest {column})", render.example_grid(data.kept, column, "kept")),
+        Section(f"Worst pruned pairs (lowest {column})", render.example_grid(data.pruned, column, "pruned")),
+    ]
+
+
+def _run_section(data: ReportData) -> Section | None:
+    summary = data.run_summary
+    if not summary:
+        return None
+    stages = summary.get("stage_seconds") or {}
+    order = [s for s in summary.get("stages") or [] if s in stages]  # pipeline order
+    order += [s for s in stages if s not in order]
+    body = render.table(["stage", "seconds"], [(s, stages[s]) for s in order])
+    checkpoints = summary.get("checkpoints") or []
+    if checkpoints:
+        body = (f'<div class="row">{body}'
+                + render.table(["checkpoint", "step", "lr"],
+                               [(i, c.get("step"), c.get("lr")) for i, c in enumerate(checkpoints)])
+                + "</div>")
+    note = ('<p class="note">Wall time of the last <code>diffin run</code> in this directory, by stage; '
+            'a stage whose outputs were already complete was reused and takes about 0 s.</p>')
+    return Section("Last run", note + body)
+
+
+def render_page(data: ReportData) -> str:
+    """The report's HTML for gathered ``data``."""
+    sections: list[Section] = []
+    if data.scan is None:
+        sections.append(Section("Scores", '<p class="note">No score files in this run directory yet.</p>'))
+    else:
+        sections.append(_status_section(data.scan, data.selection))
+        sections.append(_histogram_section(data))
+        scatter = _scatter_section(data)
+        if scatter:
+            sections.append(scatter)
+        sections.extend(_examples_sections(data))
+    if data.shard_stats is not None:
+        sections.append(Section("Per-shard stats", render.shard_stats_table(data.shard_stats)))
+    run = _run_section(data)
+    if run:
+        sections.append(run)
+    sections.append(Section("Config", render.config_block(data.config)))
+    title = f"diffin report — {data.run_dir.name or data.run_dir}"
+    return render.page(title, _subtitle(data), _headline(data), sections)
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                 n_examples: int = DEFAULT_EXAMPLES, max_points: int = DEFAULT_MAX_POINTS) -> Path:
+    """Write the report of ``run_dir`` atomically to ``out`` (default ``RUN_DIR/report/index.html``)."""
+    if n_examples < 0:
+        raise UsageError(f"examples must be >= 0, got {n_examples}")
+    if max_points < 1:
+        raise UsageError(f"max points must be >= 1, got {max_points}")
+    data = gather(run_dir, n_examples, max_points)
+    path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file name")
+    write_bytes_atomic(path, render_page(data).encode("utf-8"))
+    log.info("report: wrote %s", path)
+    return path

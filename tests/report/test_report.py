@@ -1,0 +1,196 @@
+"""``diffin report``: what the page shows, how it is written, and its errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main as cli_main
+from pipeline.errors import UsageError
+from pipeline.report import REPORT_FILE
+from pipeline.report.build import gather, write_report
+from pipeline.report.gather import HIST_BINS
+from tests.report.conftest import FAILED, NASTY_CAPTION, caption, expected_order, make_run
+from tests.report.pagecheck import parse
+
+N = 6  # examples per grid in these tests
+
+
+def _kept_title(column: str = "tracin") -> str:
+    return f"Best kept pairs (highest {column})"
+
+
+def _pruned_title(column: str = "tracin") -> str:
+    return f"Worst pruned pairs (lowest {column})"
+
+
+def test_report_shows_plots_grids_counts_and_config(run_dir: Path) -> None:
+    path = write_report(run_dir, n_examples=N)
+    assert path == run_dir / REPORT_FILE
+    html = path.read_text()
+    page = parse(html)
+    assert page.sections[:5] == ["Rows by status", "Score distributions", "Scores vs clip_score",
+                                 _kept_title(), _pruned_title()]
+    assert {"Per-shard stats", "Last run", "Config"} <= set(page.sections)
+    # self-contained: every image is an embedded PNG / JPEG that decodes; nothing is fetched
+    assert page.external == []
+    assert len(page.images) == 1 + 4 + 1 + 2 * N  # status bars, 4 histograms, scatter, thumbnails
+    for image in page.images:
+        mime, payload = image["src"].removeprefix("data:").split(";base64,")
+        assert mime in ("image/png", "image/jpeg")
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as decoded:
+            assert decoded.width > 0 and decoded.height > 0
+    # examples: the best ok rows kept, the worst ok rows pruned, in order, with their captions
+    order = expected_order()
+    assert page.captions[_kept_title()] == [caption(i) for i in order[:N]]
+    assert page.captions[_pruned_title()] == [caption(i) for i in reversed(order[-N:])]
+    # counts by status and the config are on the page
+    for status in FAILED.values():
+        assert f"<td>{status}</td>" in html
+    assert "&lt;i&gt;x&lt;/i&gt;" in html  # config value escaped
+
+
+def test_captions_and_config_are_escaped(tmp_path: Path, report_corpus: Path) -> None:
+    # every ok pair is shown, the nasty caption's included
+    run = make_run(tmp_path / "run", report_corpus)
+    html = write_report(run, n_examples=48).read_text()
+    assert NASTY_CAPTION not in html and "<script>alert(1)" not in html
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot; &lt;script&gt;alert(1)&lt;/script&gt;" in html
+    page = parse(html)
+    assert len(page.scripts) == 1 and "imagesLoaded" in page.scripts[0]
+    shown = page.captions[_kept_title()] + page.captions[_pruned_title()]
+    assert NASTY_CAPTION in shown  # parsed back to the original text
+
+
+def test_thumbnails_are_the_pairs_images(run_dir: Path, report_corpus: Path) -> None:
+    from tests.conftest import COLOURS
+
+    html = write_report(run_dir, n_examples=N).read_text()
+    thumbs = [i for i in parse(html).images if i["src"].startswith("data:image/jpeg")]
+    best = expected_order()[:N]
+    assert len(thumbs) == 2 * N
+    for i, image in zip(best, thumbs):
+        with Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1]))) as thumb:
+            rgb = thumb.convert("RGB")
+            centre = np.asarray(rgb)[rgb.height // 2, rgb.width // 2].astype(int)
+            corner = np.asarray(rgb)[1, 1].astype(int)
+        assert np.abs(centre - COLOURS[list(COLOURS)[i % 4]]).max() < 30
+        assert (corner > 235).all()  # transparent PNG background flattened onto white
+
+
+def test_histograms_count_every_scored_row(run_dir: Path) -> None:
+    data = gather(run_dir, n_examples=N, max_points=10)
+    n_ok = 48 - len(FAILED)
+    assert data.scan.rows == 48 and data.scan.status["ok"] == n_ok
+    assert {s: data.scan.status[s] for s in FAILED.values()} == {s: 1 for s in FAILED.values()}
+    for stats in data.scan.columns.values():
+        assert stats.n == n_ok and stats.n_null == 0
+        assert len(stats.counts) == HIST_BINS
+        assert int(stats.counts.sum()) + stats.below + stats.above == n_ok
+    # every 5th row (ceil(48 / 10)), kept flags from kept_uids.npy
+    sample = data.scan.sample
+    assert sample.stride == 5 and len(sample) == 10
+    tracin = sample.values["tracin"]
+    order = expected_order()
+    for position, value in zip(range(0, 48, 5), tracin):
+        assert np.isnan(value) == (position in FAILED)
+    kept_positions = set(order[:(len(order) + 1) // 2])  # top 50 %, rounded half up
+    assert list(sample.kept) == [p in kept_positions for p in range(0, 48, 5)]
+
+
+def test_tracin_only_run_shows_empty_columns(tmp_path: Path, report_corpus: Path) -> None:
+    run = make_run(tmp_path / "run", report_corpus, tracin_only=True)
+    html = write_report(run, n_examples=N).read_text()
+    page = parse(html)
+    assert "diffin: no scores in this column" in html and "diffin_eq9: no scores in this column" in html
+    assert len(page.images) == 1 + 2 + 1 + 2 * N  # tracin and clip_score histograms only
+    assert "Per-shard stats" not in page.sections  # no stats/ directory: no table, no failure
+
+
+def test_shard_stats_table_lists_failures_first(run_dir: Path) -> None:
+    html = write_report(run_dir, n_examples=0).read_text()
+    table = html.split("<h2>Per-shard stats</h2>", 1)[1].split("</table>", 1)[0]
+    assert "3 shards, 3 with failed rows" in table
+    assert "decode_error: 1" in table and "<th>worker.peak_rss_mb</th>" in table and "x.parquet" not in table
+    assert "4242" not in table and "4,242" not in table  # worker.pid hidden
+
+
+def test_stage_timings_in_pipeline_order(run_dir: Path) -> None:
+    html = write_report(run_dir, n_examples=0).read_text()
+    timings = html.split("<h2>Last run</h2>", 1)[1]
+    assert timings.index("<td>trajectory</td>") < timings.index("<td>score</td>")
+
+
+def test_report_is_deterministic_and_atomic(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere" / "r.html"
+    first = write_report(run_dir, out, n_examples=N).read_bytes()
+    second = write_report(run_dir, out, n_examples=N).read_bytes()
+    assert first == second
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.html"]  # no temporary left
+
+
+def test_missing_shards_give_placeholders_not_failure(tmp_path: Path, report_corpus: Path) -> None:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(report_corpus, corpus)
+    run = make_run(tmp_path / "run", corpus)
+    shutil.rmtree(corpus)
+    html = write_report(run, n_examples=N).read_text()
+    assert html.count('<div class="noimg">no image</div>') == 2 * N
+    assert "(caption not available)" in html
+
+
+def test_run_without_selection_or_scores(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"shards": "x/*.tar"}}))
+    page = parse(write_report(run).read_text())
+    assert page.sections == ["Scores", "Config"] and page.images == []
+
+
+def test_cli_prints_the_path(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["report", str(run_dir), "--examples", "2"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "absent", "not found"),
+    (lambda tmp: tmp, "is not a run directory"),
+    (lambda tmp: "s3://bucket/runs/demo", "is a URL"),
+])
+def test_cli_bad_run_dir_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, make, message) -> None:
+    assert cli_main(["report", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffin: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_bad_arguments_are_usage_errors(run_dir: Path) -> None:
+    with pytest.raises(UsageError, match="max points"):
+        write_report(run_dir, max_points=0)
+    with pytest.raises(UsageError, match="is a directory"):
+        write_report(run_dir, run_dir)
+
+
+def test_unreadable_score_file_is_one_line_exit_2(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    (run_dir / "scores" / "00001.parquet").write_bytes(b"not parquet")
+    assert cli_main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "00001.parquet is not readable Parquet" in err and "\n" not in err
+    assert not (run_dir / REPORT_FILE).exists()
+
+
+def test_score_files_without_rows(tmp_path: Path) -> None:
+    from tests.stages.scorefiles import write_score_file
+
+    run = tmp_path / "run"
+    write_score_file(run / "scores" / "00000.parquet", "x/00000.tar", [])
+    page = parse(write_report(run).read_text())
+    assert page.sections[:2] == ["Rows by status", "Score distributions"]
+    assert "Scores vs clip_score" not in page.sections
