@@ -66,6 +66,22 @@ def _remote_atomic_path(path: Any) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def remove_stale_temporaries(directory: Any) -> int:
+    """Delete temporaries a killed writer left in a local ``directory`` (``.NAME.tmp-…``);
+    return how many. Call only where no writer is active (a stage's start). Remote targets
+    never leave any: their temporaries live in local scratch directories."""
+    if is_remote(directory):
+        return 0
+    removed = 0
+    for stale in Path(directory).glob(".*.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from pipeline.errors import DataError, UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -66,15 +68,37 @@ def _apply(fn: Callable[..., Any], item: Any) -> Any:
 
 
 class _StageActor:
-    """Ray actor body: holds one stage instance, set up once."""
+    """Ray actor body: holds one stage instance, set up once.
+
+    An exception in ``setup()`` is kept and raised by ``process()``: it is the stage's error
+    (bad input, a missing file), reported as such — not an actor death to retry.
+    """
 
     def __init__(self, stage: Stage) -> None:
         configure_worker_logging()
         self.stage = stage
-        self.stage.setup()
+        self.setup_error: Exception | None = None
+        try:
+            self.stage.setup()
+        except Exception as exc:
+            self.setup_error = exc
 
     def process(self, task: Any) -> Any:
+        if self.setup_error is not None:
+            raise self.setup_error
         return self.stage.process(task)
+
+
+def _get(ray: Any, refs: Any) -> Any:
+    """``ray.get``, but a :class:`UsageError` / :class:`DataError` raised on a worker reaches the
+    caller as itself (its one-line message), not wrapped in Ray's multi-line task error."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, (UsageError, DataError)):
+            raise cause from exc
+        raise
 
 
 class LocalExecutor:
@@ -133,13 +157,14 @@ class RayExecutor:
     def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
         remote = self._ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                                   max_retries=2)(_apply)
-        return self._ray.get([remote.remote(fn, item) for item in items])
+        return _get(self._ray, [remote.remote(fn, item) for item in items])
 
     def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
                   on_result: OnResult | None = None, max_task_retries: int = 3) -> list[Any]:
         """An actor pool: ``workers`` actors (the stage's resources each) take tasks until none
         are left. An actor that dies is replaced and its task retried (up to
-        ``max_task_retries`` times per task); results come back in task order.
+        ``max_task_retries`` times per task); results come back in task order. The pool's
+        actors end when it returns or fails.
         """
         ray = self._ray
         if not tasks:
@@ -150,31 +175,41 @@ class RayExecutor:
         results: list[Any] = [None] * len(tasks)
         attempts = [0] * len(tasks)
         pending: dict[Any, tuple[Any, int]] = {}
+        actors: list[Any] = []
+
+        def new_actor() -> Any:
+            actors.append(actor_cls.remote(stage))
+            return actors[-1]
 
         def submit(actor: Any) -> None:
             index = queue.pop()
             pending[actor.process.remote(tasks[index])] = (actor, index)
 
-        for _ in range(min(workers, len(tasks))):
-            submit(actor_cls.remote(stage))
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor, index = pending.pop(ref)
-            try:
-                results[index] = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-                attempts[index] += 1
-                if attempts[index] > max_task_retries:
-                    raise RuntimeError(f"task {tasks[index]!r} failed {attempts[index]} times: {exc}") from exc
-                log.warning("worker died on %r (%s); replacing it and retrying", tasks[index], type(exc).__name__)
-                queue.append(index)
+        try:
+            for _ in range(min(workers, len(tasks))):
+                submit(new_actor())
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                actor, index = pending.pop(ref)
+                try:
+                    results[index] = _get(ray, ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    attempts[index] += 1
+                    if attempts[index] > max_task_retries:
+                        raise RuntimeError(f"task {tasks[index]!r} failed {attempts[index]} times: {exc}") from exc
+                    log.warning("worker died on %r (%s); replacing it and retrying", tasks[index],
+                                type(exc).__name__)
+                    queue.append(index)
+                    ray.kill(actor, no_restart=True)
+                    actor = new_actor()
+                else:
+                    if on_result is not None:
+                        on_result(tasks[index], results[index])
+                if queue:
+                    submit(actor)
+        finally:  # end the pool, also when a task failed: a failed stage holds no resources
+            for actor in actors:
                 ray.kill(actor, no_restart=True)
-                actor = actor_cls.remote(stage)
-            else:
-                if on_result is not None:
-                    on_result(tasks[index], results[index])
-            if queue:
-                submit(actor)
         return results
 
     def shutdown(self) -> None:

@@ -30,7 +30,7 @@ from pipeline.data.scan import ShardReader, ShardReport
 from pipeline.data.shards import expected_count
 from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
-from pipeline.io.atomic import write_json_atomic
+from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
 from pipeline.io.storage import StoragePath, as_path
 from pipeline.io.scores import SCHEMA, read_fingerprint, read_shard_meta, score_path, shard_stem, write_scores
 from pipeline.runtime.executor import Executor, Resources
@@ -218,6 +218,9 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     run_dir = as_path(run_dir, config.storage)
     fingerprint = score_fingerprint(prepare_fp, config)
+    stale = sum(remove_stale_temporaries(run_dir / sub) for sub in ("scores", "stats"))
+    if stale:
+        log.info("score: removed %d temporary file(s) left by an interrupted run", stale)
     todo, done = [], 0
     for url in urls:
         path = score_path(run_dir, url)

@@ -152,3 +152,17 @@ def test_unreadable_shard_is_retried_on_the_next_run(tmp_path, clean_trajectory)
     assert (run_dir / "scores" / "caption.parquet").stat().st_mtime_ns == before
     again = json.loads((run_dir / "stats" / "gone.json").read_text())
     assert again["status"] == "long" and again["rows"] == 4  # sizes.json says 3 for gone.tar
+
+
+def test_temporaries_of_a_killed_writer_are_removed_on_restart(tmp_path, clean_trajectory) -> None:
+    clean, trajectory = clean_trajectory
+    urls, _, _ = build_dirty_corpus(tmp_path / "dirty")
+    urls = [u for u in urls if u.endswith("caption.tar")]
+    config = parse_config(dirty_config(urls, tmp_path / "dirty", clean, trajectory, max_failed_fraction=1.0))
+    run_dir = tmp_path / "run"
+    for sub in ("scores", "stats"):  # what a SIGKILL during a commit leaves behind
+        (run_dir / sub).mkdir(parents=True)
+        (run_dir / sub / ".caption.parquet.tmp-123-abcdef01").write_bytes(b"half a file")
+    run_pipeline(config, run_dir, LocalExecutor(), progress=False, stages=("prepare", "score"))
+    assert sorted(p.name for p in (run_dir / "scores").iterdir()) == ["caption.parquet"]
+    assert sorted(p.name for p in (run_dir / "stats").iterdir()) == ["caption.json"]

@@ -1,0 +1,50 @@
+"""Fault injection for reliability tests: a real ScoreStage that stalls on one chosen shard.
+
+This is a module of its own (not a test file) so that Ray workers can import the class when
+they unpickle the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.io.atomic import write_bytes_atomic
+from pipeline.io.scores import shard_stem
+from pipeline.stages.score import ScoreStage, ShardResult, ShardTask
+
+
+@dataclass
+class StallingScoreStage(ScoreStage):
+    """The real score stage, plus a trace of attempts and a stall on shard ``stall_stem``.
+
+    Every ``process`` call appends this process's pid to ``<marker_dir>/attempts-<stem>``.
+    On the first attempt of ``stall_stem`` it writes ``pid-<stem>`` (its pid), then
+    ``started-<stem>``, and sleeps so that the test can kill it mid-shard; if nobody does
+    within ``stall_timeout`` seconds it raises, so a broken test fails instead of hanging.
+    Later attempts (after ``started-<stem>`` exists) score normally.
+    """
+
+    marker_dir: str = ""
+    stall_stem: str = ""
+    stall_timeout: float = 120.0
+
+    def process(self, task: ShardTask) -> ShardResult:
+        stem = shard_stem(task.url)
+        markers = Path(self.marker_dir)
+        with open(markers / f"attempts-{stem}", "a") as log:
+            log.write(f"{os.getpid()}\n")
+        if stem == self.stall_stem and not (markers / f"started-{stem}").exists():
+            write_bytes_atomic(markers / f"pid-{stem}", str(os.getpid()).encode())
+            write_bytes_atomic(markers / f"started-{stem}", b"")
+            time.sleep(self.stall_timeout)
+            raise RuntimeError(f"shard {stem} stalled for {self.stall_timeout}s and was never killed")
+        return super().process(task)
+
+
+def attempts(marker_dir: Path, stem: str) -> list[int]:
+    """The pids that started ``stem``, in order."""
+    path = marker_dir / f"attempts-{stem}"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
