@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTML file to write (default: RUN_DIR/report/index.html)")
     parser.add_argument("--examples", type=_non_negative_int, default=DEFAULT_EXAMPLES,
                         help=f"pairs shown in each of the kept / pruned grids (default {DEFAULT_EXAMPLES})")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="the run's config: its storage section gives the options for a remote "
+                             "RUN_DIR (e.g. s3://bucket/runs/r1)")
     parser.add_argument("--max-points", type=_non_negative_int, default=DEFAULT_MAX_POINTS,
                         help=f"rows sampled for the scatter plot (default {DEFAULT_MAX_POINTS})")
 
@@ -40,9 +43,27 @@ def run(args: argparse.Namespace) -> int:
     """Write the report and print its path."""
     from pipeline.report.build import write_report
 
-    path = write_report(args.run_dir, args.out, n_examples=args.examples, max_points=args.max_points)
+    storage = _storage_options(args.config) if args.config else None
+    path = write_report(args.run_dir, args.out, n_examples=args.examples, max_points=args.max_points,
+                        storage=storage)
     print(path)
     return 0
+
+
+def _storage_options(config_path: str) -> dict:
+    """The ``storage`` section of a run config (fsspec options by protocol)."""
+    import yaml
+
+    from pipeline.errors import UsageError
+
+    try:
+        data = yaml.safe_load(open(config_path))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"--config {config_path}: {exc}".splitlines()[0]) from None
+    storage = (data or {}).get("storage", {}) if isinstance(data, dict) else None
+    if not isinstance(storage, dict) or not all(isinstance(v, dict) for v in storage.values()):
+        raise UsageError(f"--config {config_path}: storage must map protocols to option mappings")
+    return storage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@ from pipeline.errors import UsageError
 from pipeline.io.atomic import write_bytes_atomic
 from pipeline.io.scores import SCORE_COLUMNS
 from pipeline.report import DEFAULT_EXAMPLES, DEFAULT_MAX_POINTS, REPORT_FILE, plots, render
+from pipeline.io.storage import StorageOptions, StoragePath, as_path
 from pipeline.report.examples import Example, attach_media, best_kept, worst_pruned
 from pipeline.report.gather import (SELECTION_DIR, ScoreScan, check_run_dir, load_kept_uids,
                                     load_shard_stats, read_json, scan_scores, score_files)
@@ -44,11 +45,11 @@ class ReportData:
 
 
 def gather(run_dir: str | os.PathLike, n_examples: int = DEFAULT_EXAMPLES,
-           max_points: int = DEFAULT_MAX_POINTS) -> ReportData:
+           max_points: int = DEFAULT_MAX_POINTS, storage: StorageOptions | None = None) -> ReportData:
     """Read what the report needs from ``run_dir`` (score files streamed, see
     :mod:`pipeline.report.gather`; thumbnails read only from the shards of the examples)."""
-    check_run_dir(run_dir)
-    root = Path(run_dir)
+    root = as_path(run_dir, storage)
+    check_run_dir(root)
     selection_dir = root / SELECTION_DIR
     selection = read_json(selection_dir / "summary.json")
     data = ReportData(root, read_json(root / "config.json"), read_json(root / "run_summary.json"),
@@ -63,7 +64,7 @@ def gather(run_dir: str | os.PathLike, n_examples: int = DEFAULT_EXAMPLES,
     if data.column and data.scan is not None:
         data.kept = best_kept(selection_dir, n_examples)
         data.pruned = worst_pruned(files, data.scan.lowest, kept_uids, n_examples)
-        both = attach_media(data.kept + data.pruned)
+        both = attach_media(data.kept + data.pruned, storage=storage)
         data.kept, data.pruned = both[:len(data.kept)], both[len(data.kept):]
     return data
 
@@ -215,14 +216,15 @@ def render_page(data: ReportData) -> str:
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                 n_examples: int = DEFAULT_EXAMPLES, max_points: int = DEFAULT_MAX_POINTS) -> Path:
+                 n_examples: int = DEFAULT_EXAMPLES, max_points: int = DEFAULT_MAX_POINTS,
+                 storage: StorageOptions | None = None) -> StoragePath:
     """Write the report of ``run_dir`` atomically to ``out`` (default ``RUN_DIR/report/index.html``)."""
     if n_examples < 0:
         raise UsageError(f"examples must be >= 0, got {n_examples}")
     if max_points < 1:
         raise UsageError(f"max points must be >= 1, got {max_points}")
-    data = gather(run_dir, n_examples, max_points)
-    path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    data = gather(run_dir, n_examples, max_points, storage)
+    path = as_path(out, storage) if out is not None else as_path(run_dir, storage).joinpath(*REPORT_FILE.parts)
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; give a file name")
     write_bytes_atomic(path, render_page(data).encode("utf-8"))

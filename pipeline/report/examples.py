@@ -21,7 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.data.shards import IMAGE_EXTS, iter_raw_samples
+from pipeline.data.scan import ShardReader
+from pipeline.data.shards import IMAGE_EXTS
+from pipeline.io.storage import StorageOptions, arrow_source
 from pipeline.report.gather import Candidate, is_kept, read_rows
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ def best_kept(selection: Path, n: int) -> list[Example]:
     if n <= 0 or not path.is_file():
         return []
     parts = []
-    with pq.ParquetFile(path) as parquet:
+    where, filesystem = arrow_source(path)
+    with pq.ParquetFile(where, filesystem=filesystem) as parquet:
         for batch in parquet.iter_batches(batch_size=1 << 16, columns=[*_EXAMPLE_COLUMNS, "score", "rank"]):
             parts.append(batch.filter(pc.less_equal(batch.column("rank"), n)))
     rows = pa.Table.from_batches(parts).sort_by("rank").slice(0, n).to_pylist() if parts else []
@@ -93,17 +96,19 @@ def _image_member(sample: dict) -> bytes | None:
     return next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
 
 
-def _read_shard(url: str, keys: set[str], size: int) -> dict[str, tuple[str | None, bytes | None]]:
-    """Caption and thumbnail of each wanted key of one shard."""
+def _read_shard(url: str, keys: set[str], size: int,
+                storage: StorageOptions | None = None) -> dict[str, tuple[str | None, bytes | None]]:
+    """Caption and thumbnail of each wanted key of one shard (local or remote)."""
     found: dict[str, tuple[str | None, bytes | None]] = {}
-    if "://" not in url and not os.path.exists(url):
-        log.warning("report: shard %s not found; its examples have no image", url)
-        return found
+    reader = ShardReader(url, storage=storage)
     try:
-        with contextlib.closing(iter_raw_samples(url)) as samples:
+        samples = ({"__key__": raw.key, **raw.members} for raw in reader)
+        with contextlib.closing(samples):
             found = _find_keys(samples, url, keys, size)
     except Exception as exc:  # noqa: BLE001  (thumbnails are best effort: any storage error)
         log.warning("report: cannot read shard %s: %s", url, exc)
+    if reader.report.status == "unreadable":
+        log.warning("report: shard %s cannot be read (%s); its examples have no image", url, reader.report.error)
     return found
 
 
@@ -127,12 +132,13 @@ def _find_keys(samples, url: str, keys: set[str], size: int) -> dict[str, tuple[
     return found
 
 
-def attach_media(examples: list[Example], size: int = THUMBNAIL_PX) -> list[Example]:
+def attach_media(examples: list[Example], size: int = THUMBNAIL_PX,
+                 storage: StorageOptions | None = None) -> list[Example]:
     """The examples with captions and thumbnails read from their shards (None where unreadable)."""
     keys_by_shard: dict[str, set[str]] = collections.defaultdict(set)
     for example in examples:
         keys_by_shard[example.shard].add(example.key)
-    media = {shard: _read_shard(shard, keys, size) for shard, keys in sorted(keys_by_shard.items())}
+    media = {shard: _read_shard(shard, keys, size, storage) for shard, keys in sorted(keys_by_shard.items())}
     out = []
     for example in examples:
         caption, thumb = media[example.shard].get(example.key, (None, None))

@@ -11,6 +11,7 @@ sample and the batch size, not by the size of the run.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.scores import SCORE_COLUMNS
+from pipeline.io.storage import StoragePath, arrow_source, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,6 @@ SELECTION_DIR = "selection"
 STATS_DIR = "stats"
 HIST_BINS = 60
 _BATCH_ROWS = 1 << 16
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://…, gs://…, file:/… (not C:/)
 _RANGE_QUANTILES = (0.005, 0.995)  # histogram / scatter range unless the full extent is compact
 _COMPACT_FACTOR = 1.5  # show the full extent when it is at most this times the quantile range
 _MIN_SAMPLE_FOR_RANGE = 200
@@ -53,13 +54,14 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
-def check_run_dir(run_dir: str | os.PathLike) -> None:
-    """Raise :class:`UsageError` unless ``run_dir`` looks like a local run directory."""
-    if _URL.match(os.fspath(run_dir)):
-        raise UsageError(f"{run_dir} is a URL: the report reads a local run directory (copy the run "
-                         "locally first, without its shards/, prepared/ and trajectory/)")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+def check_run_dir(run_dir: StoragePath) -> None:
+    """Raise :class:`UsageError` unless ``run_dir`` (local or remote) looks like a run directory."""
+    try:
+        found = run_dir.is_dir()
+    except Exception as exc:  # noqa: BLE001  (a remote store: credentials, network, permissions)
+        raise UsageError(f"cannot read run directory {run_dir}: {type(exc).__name__}: {exc}"
+                         .splitlines()[0]) from None
+    if not found:
         raise UsageError(f"run directory {run_dir} not found")
     markers = ("run_summary.json", "config.json", SCORES_DIR)
     if not any((run_dir / m).exists() for m in markers):
@@ -127,7 +129,8 @@ def score_files(run_dir: Path) -> list[Path]:
 
 
 def _batches(path: Path, columns: list[str]):
-    with pq.ParquetFile(path) as parquet:
+    where, filesystem = arrow_source(path)
+    with pq.ParquetFile(where, filesystem=filesystem) as parquet:
         yield from parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
 
 
@@ -137,7 +140,8 @@ _REQUIRED = ("uid", "key", "shard", "index", "status")
 def _present(path: Path, wanted: tuple[str, ...]) -> list[str]:
     """The score columns of ``wanted`` that the file has; UsageError if it is no score file."""
     try:
-        names = set(pq.read_schema(path).names)
+        where, filesystem = arrow_source(path)
+        names = set(pq.read_schema(where, filesystem=filesystem).names)
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"score file {path} is not readable Parquet: {exc}") from None
     missing = [c for c in _REQUIRED if c not in names]
@@ -272,7 +276,7 @@ def scan_scores(files: list[Path], *, max_points: int, kept_uids: np.ndarray | N
     """Stream the score files twice (see the module docstring)."""
     scan = ScoreScan(files, columns={name: ColumnStats(name) for name in SCORE_COLUMNS})
     present = [_present(p, SCORE_COLUMNS) for p in files]
-    scan.rows = sum(pq.read_metadata(p).num_rows for p in files)
+    scan.rows = sum(pq.read_metadata(arrow_source(p)[0], filesystem=arrow_source(p)[1]).num_rows for p in files)
     stride = max(1, math.ceil(scan.rows / max(1, max_points)))
     first = _Pass1(scan, stride, kept_uids)
     for path, columns in zip(files, present):
@@ -295,7 +299,8 @@ def scan_scores(files: list[Path], *, max_points: int, kept_uids: np.ndarray | N
 
 def read_rows(path: Path, rows: list[int], columns: list[str]) -> pa.Table:
     """The rows at ``rows`` (positions in the file) of one Parquet file, in that order."""
-    table = pq.read_table(path, columns=columns)
+    where, filesystem = arrow_source(path)
+    table = pq.read_table(where, columns=columns, filesystem=filesystem)
     return table.take(pa.array(rows, pa.int64()))
 
 
@@ -305,7 +310,8 @@ def load_kept_uids(selection: Path) -> np.ndarray | None:
     if not path.is_file():
         return None
     try:
-        uids = np.load(path, mmap_mode="r", allow_pickle=False)
+        uids = (np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) if is_remote(path)
+                else np.load(path, mmap_mode="r", allow_pickle=False))
     except (OSError, ValueError) as exc:
         log.warning("report: cannot read %s: %s", path, exc)
         return None

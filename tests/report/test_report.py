@@ -162,7 +162,7 @@ def test_cli_prints_the_path(run_dir: Path, capsys: pytest.CaptureFixture) -> No
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: tmp / "absent", "not found"),
     (lambda tmp: tmp, "is not a run directory"),
-    (lambda tmp: "s3://bucket/runs/demo", "is a URL"),
+    (lambda tmp: "memory://bucket/runs/demo", "not found"),  # remote: read through fsspec
 ])
 def test_cli_bad_run_dir_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, make, message) -> None:
     assert cli_main(["report", str(make(tmp_path))]) == 2

@@ -119,3 +119,19 @@ def test_run_reads_and_writes_a_bucket_and_resumes_there(bucket, s3_server, tmp_
         if name != "scores/00002.parquet":
             assert info["LastModified"] == mtimes[name]
     assert json.loads(fs.cat_file(f"{root}/selection/summary.json"))["counts"] == summary["counts"]
+
+
+def test_report_of_a_run_in_a_bucket(bucket, s3_server, tmp_path, capsys) -> None:
+    """``diffin report s3://…`` reads the run (scores, selection, thumbnails from the bucket's
+    shards) with the config's storage options and writes the page into the bucket."""
+    from jobs import report
+
+    config = _config(tmp_path, s3_server)
+    run = f"s3://{BUCKET}/runs/r1"
+    if not bucket.exists(f"{BUCKET}/runs/r1/selection/summary.json"):  # this test alone: make the run
+        assert prune.main(["--config", str(config), "--run-dir", run, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert report.main([run, "--config", str(config), "--examples", "4"]) == 0
+    assert capsys.readouterr().out.strip() == f"{run}/report/index.html"
+    page = bucket.cat_file(f"{BUCKET}/runs/r1/report/index.html").decode()
+    assert page.count('src="data:image/jpeg;base64,') >= 8  # 4 kept + 4 pruned thumbnails from the bucket
