@@ -1,4 +1,4 @@
-"""``diffin bench {fidelity,speed}`` / ``python -m jobs.bench``: the method's benchmarks (DESIGN §6)."""
+"""``diffin bench {fidelity,speed,scale}`` / ``python -m jobs.bench``: the method's benchmarks (DESIGN §6)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from jobs._common import run_cli
 BENCHMARKS = {
     "fidelity": "estimated vs actual effect of removing samples (leave-one-out, LDS) on real data",
     "speed": "cost of scoring relative to a plain forward pass, and vs the reference algorithm",
+    "scale": "throughput and peak memory of prepare -> score -> select over a large synthetic corpus, "
+             "and the reducer over millions of score rows",
 }
 
 
@@ -29,7 +31,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed)",
+    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed, scale)",
                                    description=__doc__)
     add_subcommands(parser)
 

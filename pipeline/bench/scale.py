@@ -1,0 +1,705 @@
+"""Scale benchmark (issue #5 item 6): a large synthetic run's throughput and memory, and the
+reducer over millions of score rows.
+
+``diffin bench scale`` does two measurements and merges them into one results JSON
+(``benchmarks/results/scale.json``; entries are keyed by method and size, so several runs
+accumulate):
+
+Pipeline (``--parts pipeline``)
+    A synthetic corpus of ``--pairs`` pairs at 32 px (shards of ``--shard-size``, with
+    ``sizes.json``), a short proxy trajectory of the tiny model trained on a separate small
+    synthetic corpus (2 checkpoints), and a separate synthetic target set — all built once
+    into ``--work-dir`` and reused while their parameters match. Then the real pipeline
+    (prepare → score → select) runs on an embedded local Ray with ``--actors`` scoring
+    actors (one torch thread each). A sampler thread in the driver polls every
+    ``--interval`` s: the actors' pids (``ray.util.state.list_actors``), their and the
+    driver's ``VmRSS`` / ``VmHWM`` from ``/proc/<pid>/status``, the actors' CPU seconds
+    (``/proc/<pid>/stat``), and the number of pairs scored so far (completed score files ×
+    shard sizes). When scoring passes each of ``--checkpoint-pairs`` the running peaks are
+    recorded, and again at the end — so one long run gives the peak RSS per role at, e.g.,
+    10k and 100k pairs and at the final N. Pairs per actor CPU-second is reported beside
+    pairs/s: on a shared machine it depends much less on what else runs. The peaks so far
+    are also kept in ``<run>/scale_progress.json`` while the run goes.
+
+Reducer (``--parts reducer``)
+    ``--reducer-rows`` synthetic score rows in ``--reducer-files`` files written with the
+    real score writer (seeded random scores, 0.1 % failed rows), once; then
+    :func:`pipeline.stages.select.select` (top 30 % of ``tracin``) in a fresh Python
+    process, reporting its wall time and ``VmHWM`` (and the ``VmHWM`` right after imports).
+
+Every measurement records the machine (CPU model, cores, memory) and the load average, since
+the rates depend on what else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pipeline.errors import UsageError
+from pipeline.io.atomic import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "benchmarks/results/scale.json"
+QUICK_OUT = "benchmarks/results/scale_quick.json"
+DEFAULT_WORK = "runs/bench_scale"
+ACTOR_CLASS = "_StageActor"  # the Ray actor class of the executor's actor pool
+MB = 1024 * 1024
+TRAIN_SEED, TARGET_SEED, CORPUS_SEED = 1, 2, 0
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """Everything a scale measurement depends on."""
+
+    pairs: int = 1_000_000
+    checkpoint_pairs: tuple[int, ...] = (10_000, 100_000)
+    shard_size: int = 10_000
+    image_size: int = 32
+    method: str = "diffin"
+    batch_size: int = 256
+    bank_size: int = 63
+    target_pairs: int = 256
+    proxy_batch_size: int = 128
+    train_pairs: int = 2048
+    train_steps: int = 20
+    train_batch_size: int = 64
+    actors: int = 2
+    actor_cpus: float = 1.0
+    ray_cpus: float = 2.0
+    fraction: float = 0.3
+    reducer_rows: int = 10_000_000
+    reducer_files: int = 1000
+    interval: float = 0.5
+    seed: int = 0
+
+
+QUICK = ScalePlan(pairs=3000, checkpoint_pairs=(1000,), shard_size=500, batch_size=128, bank_size=15,
+                  target_pairs=64, proxy_batch_size=32, train_pairs=256, train_steps=4,
+                  train_batch_size=32, actor_cpus=0.5, ray_cpus=1.0, reducer_rows=200_000,
+                  reducer_files=20)
+
+
+# ------------------------------------------------------------------------ process memory
+
+
+def proc_memory(pid: int | str = "self") -> dict[str, int] | None:
+    """``VmRSS`` and ``VmHWM`` (bytes) of a process from ``/proc``; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0]) * 1024
+    return out if len(out) == 2 else None
+
+
+def reset_peak(pid: int | str = "self") -> bool:
+    """Reset a process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5); True if done."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_start_time(pid: int) -> float | None:
+    """When a process started (seconds since the epoch), from ``/proc/<pid>/stat``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime"))
+    except (OSError, StopIteration, IndexError):
+        return None
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+
+
+def process_cpu_seconds(pid: int | str = "self") -> float | None:
+    """User + system CPU seconds a process has used so far (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14, 15
+
+
+def ray_actor_pids(class_name: str = ACTOR_CLASS, address: str | None = None) -> list[int]:
+    """Pids of the live actors of ``class_name`` in the Ray cluster at ``address`` (its GCS
+    address; default: this process's cluster — named explicitly, because the state API's
+    auto-discovery refuses when several Ray instances run on the machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = address or ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, detail=True,  # still in __init__ (setup) counts too
+                         filters=[("class_name", "=", class_name), ("state", "!=", "DEAD")])
+    return sorted(int(a.pid) for a in actors if a.pid)
+
+
+@dataclass
+class _Peak:
+    """Running peaks of one process."""
+
+    hwm: int = 0
+    max_rss: int = 0
+    last_rss: int = 0
+    cpu_s: float = 0.0
+    alive: bool = True
+
+    def update(self, mem: dict[str, int]) -> None:
+        self.hwm = max(self.hwm, mem["VmHWM"])
+        self.max_rss = max(self.max_rss, mem["VmRSS"])
+        self.last_rss = mem["VmRSS"]
+
+    def as_mb(self) -> dict[str, float]:
+        return {"hwm_mb": round(self.hwm / MB, 1), "max_rss_mb": round(self.max_rss / MB, 1)}
+
+
+class RssSampler(threading.Thread):
+    """Polls the driver's and the scoring actors' memory and the pairs scored so far.
+
+    ``pairs_done()`` counts scored pairs; when it first reaches each of ``checkpoint_pairs``
+    the running peaks are recorded (``at_checkpoints[n]``). ``find_actors()`` returns actor pids;
+    it is called every few seconds (each pid, once seen, is polled until it is gone). The
+    timeline gets a point whenever the pair count changes and every ``timeline_every`` s;
+    with ``progress_path`` the peaks so far are then also written there (so a run stopped
+    early still leaves its measurements).
+    """
+
+    def __init__(self, pairs_done: Callable[[], int], checkpoint_pairs: Sequence[int], interval: float = 0.5,
+                 find_actors: Callable[[], list[int]] = ray_actor_pids, timeline_every: float = 30.0,
+                 progress_path: Path | None = None, expected_actors: int = 1) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.pairs_done, self.checkpoint_pairs = pairs_done, tuple(sorted(checkpoint_pairs))
+        self.interval, self.find_actors, self.timeline_every = interval, find_actors, timeline_every
+        self.progress_path, self.expected_actors = progress_path, expected_actors
+        self.driver = _Peak()
+        self.actors: dict[int, _Peak] = {}
+        self.actor_started: dict[int, float | None] = {}
+        self.first_actor_time: float | None = None
+        self.at_checkpoints: dict[int, dict[str, Any]] = {}
+        self.timeline: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._stop_event = threading.Event()
+        self._start = time.perf_counter()
+        self._pairs = 0
+        self._last_point = -math.inf
+
+    def run(self) -> None:
+        next_lookup = 0.0
+        while not self._stop_event.is_set():
+            now = time.perf_counter()
+            if now >= next_lookup:
+                self._lookup_actors()
+                known = sum(p.alive for p in self.actors.values())
+                next_lookup = now + (10 if known >= self.expected_actors else 2) * self.interval
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        """Take a last sample and end the thread."""
+        self._stop_event.set()
+        self.join()
+        self.sample()
+
+    def _lookup_actors(self) -> None:
+        try:
+            pids = self.find_actors()
+        except Exception as exc:  # the state API can be briefly unavailable; keep sampling
+            if len(self.errors) < 5:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        for pid in pids:
+            if pid not in self.actors:
+                self.actors[pid] = _Peak()
+                self.actor_started[pid] = process_start_time(pid)
+                if self.first_actor_time is None:
+                    self.first_actor_time = time.perf_counter()
+
+    def sample(self) -> None:
+        """Poll every process once; record the checkpoint and the timeline when pairs change."""
+        mem = proc_memory()
+        if mem:
+            self.driver.update(mem)
+        for pid, peak in self.actors.items():
+            mem, cpu = proc_memory(pid), process_cpu_seconds(pid)
+            if mem and cpu is not None:
+                peak.update(mem)
+                peak.cpu_s = cpu
+            else:
+                peak.alive = False
+        pairs, now = self.pairs_done(), time.perf_counter()
+        changed = pairs != self._pairs
+        self._pairs = pairs
+        for n in self.checkpoint_pairs:
+            if n not in self.at_checkpoints and pairs >= n:
+                self.at_checkpoints[n] = self.snapshot()
+        if changed or now - self._last_point >= self.timeline_every:
+            self._last_point = now
+            self.timeline.append({"t_s": round(now - self._start, 1), "pairs": pairs,
+                                  "driver_rss_mb": round(self.driver.last_rss / MB, 1),
+                                  "actor_rss_mb": {str(pid): round(p.last_rss / MB, 1)
+                                                   for pid, p in self.actors.items() if p.alive}})
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        if self.progress_path is not None:
+            write_json_atomic(self.progress_path, {
+                "at_checkpoints": {str(n): v for n, v in self.at_checkpoints.items()},
+                "now": self.snapshot(), "timeline": self.timeline, "errors": self.errors})
+
+    def snapshot(self) -> dict[str, Any]:
+        """The running peaks now, per role and per actor process, and the actors' CPU seconds.
+
+        ``pairs_per_actor_cpu_s`` counts only finished shards against all CPU spent (set-up
+        and shards in flight included): exact at the end, an undercount at checkpoints.
+        """
+        actors = {str(pid): p.as_mb() for pid, p in self.actors.items()}
+        score_s = time.perf_counter() - self.first_actor_time if self.first_actor_time else None
+        cpu = sum(p.cpu_s for p in self.actors.values())
+        return {"pairs": self._pairs, "seconds_since_actors_started": round(score_s, 1) if score_s else None,
+                "actor_cpu_s": round(cpu, 1),
+                "pairs_per_actor_cpu_s": round(self._pairs / cpu, 2) if cpu else None,
+                "driver": self.driver.as_mb(), "actors": actors,
+                "actor_hwm_max_mb": max((a["hwm_mb"] for a in actors.values()), default=None),
+                "actor_max_rss_max_mb": max((a["max_rss_mb"] for a in actors.values()), default=None)}
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _corpus_details(pairs: int, image_size: int, shard_size: int, seed: int) -> dict[str, Any]:
+    return {"num_pairs": pairs, "image_size": image_size, "noise": 0.0, "seed": seed,
+            "num_noisy": 0, "shard_size": shard_size}
+
+
+def ensure_corpus(directory: Path, pairs: int, image_size: int, shard_size: int,
+                  seed: int) -> dict[str, Any]:
+    """A synthetic corpus in ``directory``, built unless one with these parameters is there.
+
+    Returns ``{"dir", "shards", "sizes", "pairs", "build_s"}`` (``build_s`` is None when reused).
+    """
+    from pipeline.data.corpora.common import CORPUS_FILE
+    from pipeline.data.corpora.synthetic import build_synthetic
+
+    wanted = _corpus_details(pairs, image_size, shard_size, seed)
+    marker = directory / CORPUS_FILE
+    build_s = None
+    if not _corpus_matches(marker, wanted):
+        start = time.perf_counter()
+        info = build_synthetic(directory, num_pairs=pairs, image_size=image_size, seed=seed,
+                               shard_size=shard_size, overwrite=True)
+        build_s = round(time.perf_counter() - start, 1)
+        write_json_atomic(directory / "scale_corpus.json", wanted)
+        log.info("built %d synthetic pairs in %s (%.1f s)", info.num_pairs, directory, build_s)
+    meta = json.loads(marker.read_text())
+    return {"dir": str(directory), "shards": str(directory / meta["shards"].removeprefix("./")),
+            "sizes": str(directory / "sizes.json"), "pairs": meta["num_pairs"], "build_s": build_s}
+
+
+def _corpus_matches(marker: Path, wanted: dict[str, Any]) -> bool:
+    stamp = marker.parent / "scale_corpus.json"
+    return marker.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted
+
+
+def _train_settings(plan: ScalePlan) -> dict[str, Any]:
+    return {"model": "tiny-clip-32", "steps": plan.train_steps, "batch_size": plan.train_batch_size,
+            "warmup": max(1, plan.train_steps // 10), "checkpoints": 2, "seed": plan.seed}
+
+
+def ensure_trajectory(plan: ScalePlan, work: Path, executor) -> tuple[Path, float | None]:
+    """The proxy trajectory (tiny model, 2 checkpoints, trained on a small separate corpus)."""
+    from pipeline.config import parse_config
+    from pipeline.model.trajectory import MANIFEST
+    from pipeline.stages.trajectory import ensure_trajectory as ensure
+
+    train = ensure_corpus(work / f"train-{plan.train_pairs}-{plan.image_size}px", plan.train_pairs,
+                          plan.image_size, plan.train_pairs, TRAIN_SEED)
+    config = parse_config({"data": {"shards": train["shards"], "sizes": train["sizes"]},
+                           "trajectory": {"train": _train_settings(plan)},
+                           "resources": {"num_cpus": plan.actor_cpus, "threads": 1}}, "scale proxy")
+    run_dir = work / f"proxy-{plan.train_pairs}-{plan.train_steps}"
+    existed = (run_dir / "trajectory" / MANIFEST).is_file()
+    start = time.perf_counter()
+    trajectory = ensure(config, run_dir, executor)
+    return Path(trajectory.root), None if existed else round(time.perf_counter() - start, 1)
+
+
+def scale_config(plan: ScalePlan, corpus: dict[str, Any], target: dict[str, Any], trajectory: Path):
+    """The run configuration of the measured pipeline (prepare → score → select)."""
+    from pipeline.config import parse_config
+
+    return parse_config({
+        "data": {"shards": corpus["shards"], "sizes": corpus["sizes"]},
+        "trajectory": {"path": str(trajectory)},
+        "target": {"shards": target["shards"], "sizes": target["sizes"], "max_pairs": plan.target_pairs,
+                   "bank_size": plan.bank_size, "seed": plan.seed},
+        "score": {"method": plan.method, "c_mode": "fd", "batch_size": plan.batch_size,
+                  "proxy_batch_size": plan.proxy_batch_size},
+        "select": {"rule": "top_fraction", "fraction": plan.fraction},
+        "resources": {"actors": plan.actors, "num_cpus": plan.actor_cpus, "threads": 1},
+    }, "scale run")
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def _scored_pairs_counter(scores_dir: Path, sizes: dict[str, int]) -> Callable[[], int]:
+    by_stem = {name.removesuffix(".tar"): count for name, count in sizes.items()}
+
+    def count() -> int:
+        if not scores_dir.is_dir():
+            return 0
+        return sum(by_stem.get(p.stem, 0) for p in scores_dir.glob("*.parquet"))
+    return count
+
+
+def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict[str, Any]:
+    """Run prepare → score → select over ``plan.pairs`` synthetic pairs; time and memory."""
+    from pipeline.data.shards import load_sizes
+    from pipeline.runtime.executor import RayExecutor
+    from pipeline.stages.pipeline import run_pipeline
+
+    corpus = ensure_corpus(work / f"corpus-{plan.pairs}-{plan.image_size}px-{plan.shard_size}",
+                           plan.pairs, plan.image_size, plan.shard_size, CORPUS_SEED)
+    target = ensure_corpus(work / f"target-{plan.target_pairs}-{plan.image_size}px",
+                           2 * plan.target_pairs, plan.image_size, 2 * plan.target_pairs, TARGET_SEED)
+    run_dir = work / f"run-{plan.method}-{plan.pairs}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: scores of an earlier one would be reused
+    executor = RayExecutor(num_cpus=plan.ray_cpus, num_gpus=0)
+    try:
+        trajectory, train_s = ensure_trajectory(plan, work, executor)
+        config = scale_config(plan, corpus, target, trajectory)
+        sampler = RssSampler(_scored_pairs_counter(run_dir / "scores", load_sizes(corpus["sizes"])),
+                             plan.checkpoint_pairs, plan.interval, progress_path=run_dir / "scale_progress.json",
+                             expected_actors=plan.actors)
+        driver_reset = reset_peak()
+        load_start = os.getloadavg()
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            summary = run_pipeline(config, run_dir, executor, progress=progress,
+                                   stages=("prepare", "score", "select"))
+        finally:
+            sampler.stop()
+        wall = time.perf_counter() - start
+    finally:
+        executor.shutdown()
+    return _pipeline_result(plan, corpus, train_s, summary, sampler, wall, driver_reset,
+                            load_start, run_dir)
+
+
+def _prepare_finished(run_dir: Path) -> float | None:
+    times = [p.stat().st_mtime for p in (run_dir / "prepared").glob("ckpt_*.pt")]
+    return max(times) if times else None
+
+
+def _pipeline_result(plan: ScalePlan, corpus: dict[str, Any], train_s: float | None, summary: dict[str, Any],
+                     sampler: RssSampler, wall: float, driver_reset: bool, load_start: tuple[float, ...],
+                     run_dir: Path) -> dict[str, Any]:
+    from pipeline.stages.select import round_half_up
+
+    stages = summary["stage_seconds"]
+    selection = summary["selection"]
+    prepared_at = _prepare_finished(run_dir)
+    fresh = {str(pid): (t is not None and prepared_at is not None and t >= prepared_at - 1.0)
+             for pid, t in sampler.actor_started.items()}
+    at_end = sampler.snapshot()
+    ratios = {str(n): round(at_end["actor_hwm_max_mb"] / snap["actor_hwm_max_mb"], 4)
+              for n, snap in sampler.at_checkpoints.items()
+              if snap["actor_hwm_max_mb"] and at_end["actor_hwm_max_mb"]}
+    return {
+        "plan": asdict(plan), "corpus": corpus, "trajectory_train_s": train_s,
+        "stage_seconds": stages, "wall_s": round(wall, 1),
+        "pairs_scored": summary["pairs_scored_now"], "failed": summary["failed_now"],
+        "score_pairs_per_s": round(summary["pairs_scored_now"] / stages["score"], 2),
+        "selection": {k: selection[k] for k in ("in", "scored_ok", "failed", "kept")},
+        "expected_kept": round_half_up(plan.fraction, selection["scored_ok"]),
+        "rss_at_checkpoints": {str(n): snap for n, snap in sampler.at_checkpoints.items()},
+        "rss_at_end": at_end, "actor_hwm_end_over_checkpoint": ratios,
+        "actors_started_after_prepare": fresh, "driver_peak_reset": driver_reset,
+        "timeline": sampler.timeline, "sampler_errors": sampler.errors,
+        "load_avg_start": [round(x, 2) for x in load_start],
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def extrapolate(result: dict[str, Any], pairs: int = 1_000_000,
+                reducer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Estimated time for ``pairs`` from a measured run: prepare as measured (it does not
+    depend on the corpus), score at the measured pairs/s, select scaled linearly from the
+    reducer measurement when given (else from the run's own select)."""
+    measured = result["pairs_scored"]
+    stages = result["stage_seconds"]
+    score_s = pairs / result["score_pairs_per_s"]
+    if reducer:
+        select_s, select_from = reducer["select_s"] * pairs / reducer["rows"], f"reducer {reducer['rows']} rows"
+    else:
+        select_s, select_from = stages["select"] * pairs / measured, f"this run ({measured} rows)"
+    return {"pairs": pairs, "from_pairs": measured, "extrapolated": True,
+            "prepare_s": stages["prepare"], "score_s": round(score_s), "select_s": round(select_s, 1),
+            "select_scaled_from": select_from, "total_s": round(stages["prepare"] + score_s + select_s)}
+
+
+# ----------------------------------------------------------------------------- reducer
+
+
+def write_reducer_rows(directory: Path, rows: int, files: int, seed: int) -> float | None:
+    """``rows`` synthetic score rows in ``files`` score files (real writer), unless present.
+
+    Scores are seeded normal values; one row in 1000 is a ``decode_error`` with null scores.
+    Returns the seconds spent writing, or None when the files were already there.
+    """
+    from pipeline.io.scores import write_scores
+
+    wanted = {"rows": rows, "files": files, "seed": seed}
+    marker = directory / "reducer_rows.json"
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return None
+    shutil.rmtree(directory, ignore_errors=True)
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    bounds = np.linspace(0, rows, files + 1).astype(np.int64)
+    for f in range(files):
+        n = int(bounds[f + 1] - bounds[f])
+        write_scores(directory / "scores" / f"{f:05d}.parquet", _synthetic_rows(rng, f, n),
+                     "scale-bench", "scale-bench", "scale-bench")
+    write_json_atomic(marker, wanted)
+    return round(time.perf_counter() - start, 1)
+
+
+def _synthetic_rows(rng: np.random.Generator, file_no: int, n: int) -> dict[str, Any]:
+    """One score file's columns: random 128-bit uids, seeded scores, 0.1 % failed rows."""
+    halves = rng.integers(0, np.iinfo(np.uint64).max, size=(n, 2), dtype=np.uint64, endpoint=True)
+    uids = [f"{hi:016x}{lo:016x}" for hi, lo in halves.tolist()]
+    failed = rng.random(n) < 0.001
+    scores = {name: rng.standard_normal(n) for name in ("diffin", "diffin_eq9", "tracin", "clip_score")}
+    comps = {name: rng.standard_normal((n, 2)).tolist() for name in ("a", "b", "c")}
+    cols: dict[str, Any] = {
+        "uid": uids, "key": [f"s{file_no:05d}_{i:06d}" for i in range(n)],
+        "shard": [f"synthetic/{file_no:05d}.tar"] * n, "index": np.arange(n, dtype=np.int32),
+        "status": np.where(failed, "decode_error", "ok").tolist(),
+        "error": [("synthetic failure" if bad else None) for bad in failed.tolist()]}
+    for name, values in scores.items():
+        cols[name] = [None if bad else v for bad, v in zip(failed.tolist(), values.tolist())]
+    for name, values in comps.items():
+        cols[name] = [None if bad else v for bad, v in zip(failed.tolist(), values)]
+    return cols
+
+
+def reducer_child(argv: list[str]) -> None:
+    """Body of the fresh reducer process: ``SCORES_DIR OUT_DIR FRACTION`` → one JSON line."""
+    from pipeline.config import SelectConfig
+    from pipeline.stages.select import select
+
+    baseline = proc_memory()
+    scores_dir, out_dir, fraction = Path(argv[0]), Path(argv[1]), float(argv[2])
+    files = sorted(scores_dir.glob("*.parquet"))
+    start = time.perf_counter()
+    summary = select(files, SelectConfig(rule="top_fraction", fraction=fraction), out_dir)
+    seconds = time.perf_counter() - start
+    peak = proc_memory()
+    print(json.dumps({"select_s": round(seconds, 2), "files": len(files), "counts": summary["counts"],
+                      "baseline_hwm_mb": round(baseline["VmHWM"] / MB, 1),
+                      "peak_hwm_mb": round(peak["VmHWM"] / MB, 1),
+                      "above_baseline_mb": round((peak["VmHWM"] - baseline["VmHWM"]) / MB, 1)}))
+
+
+def measure_reducer(plan: ScalePlan, work: Path) -> dict[str, Any]:
+    """Write (or reuse) the synthetic score rows, then time ``select`` in a fresh process."""
+    from pipeline.stages.select import round_half_up
+
+    directory = work / f"reducer-{plan.reducer_rows}-{plan.reducer_files}"
+    write_s = write_reducer_rows(directory, plan.reducer_rows, plan.reducer_files, plan.seed)
+    out_dir = directory / "selection"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    code = "import sys; from pipeline.bench.scale import reducer_child; reducer_child(sys.argv[1:])"
+    load_start = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(directory / "scores"), str(out_dir),
+                           repr(plan.fraction)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"reducer process failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"rows": plan.reducer_rows, "files": plan.reducer_files, "fraction": plan.fraction,
+            "write_s": write_s, **child, "process_wall_s": round(wall, 1),
+            "expected_kept": round_half_up(plan.fraction, child["counts"]["scored_ok"]),
+            "load_avg_start": [round(x, 2) for x in load_start],
+            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _add_extrapolations(results: dict[str, Any], pairs: int = 1_000_000) -> None:
+    """Every pipeline entry smaller than ``pairs`` gets its (labelled) extrapolation."""
+    reducers = list(results.get("reducer", {}).values())
+    reducer = max(reducers, key=lambda r: r["rows"]) if reducers else None
+    for entry in results.get("pipeline", {}).values():
+        if entry["pairs_scored"] < pairs:
+            entry["extrapolated_1m"] = extrapolate(entry, pairs, reducer)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, memory and software versions of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0) if Path("/proc/meminfo").is_file() else 0
+    return {"cpu_model": cpu, "cores": os.cpu_count(), "mem_total_gb": round(mem / 1024 ** 3, 1),
+            "torch": torch.__version__, "torch_threads_driver": torch.get_num_threads(),
+            "torch_threads_actor": 1, "python": platform.python_version()}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The measured entries as a plain-text table."""
+    lines = []
+    for key, r in sorted(results.get("pipeline", {}).items()):
+        st = r["stage_seconds"]
+        lines.append(
+            f"pipeline {key}: {r['pairs_scored']} pairs, prepare {st['prepare']} s, score {st['score']} s "
+            f"({r['score_pairs_per_s']} pairs/s, {r['rss_at_end'].get('pairs_per_actor_cpu_s', '-')} per actor "
+            f"CPU-second), select {st['select']} s; kept {r['selection']['kept']}")
+        snaps = [(f"@{n}", snap) for n, snap in r["rss_at_checkpoints"].items()] + [("@end", r["rss_at_end"])]
+        lines.append("  peak RSS (VmHWM, MB): " + ", ".join(
+            f"{label} ({snap['pairs']} pairs) driver {snap['driver']['hwm_mb']}, actors {snap['actor_hwm_max_mb']}"
+            for label, snap in snaps) + f"; actors end/checkpoint {r['actor_hwm_end_over_checkpoint']}")
+    for key, r in sorted(results.get("reducer", {}).items()):
+        lines.append(f"reducer {key}: {r['rows']} rows in {r['files']} files: select {r['select_s']} s, "
+                     f"peak {r['peak_hwm_mb']} MB (import baseline {r['baseline_hwm_mb']} MB, "
+                     f"+{r['above_baseline_mb']} MB); kept {r['counts']['kept']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``diffin bench scale``."""
+    d = ScalePlan()
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run ({QUICK.pairs} pairs, {QUICK.reducer_rows} reducer rows) in a temporary dir")
+    parser.add_argument("--pairs", type=int, help=f"synthetic pairs to score (default {d.pairs})")
+    parser.add_argument("--checkpoint-pairs", type=_int_list, metavar="N[,N...]",
+                        help="also record peak RSS when scoring passes these pair counts (default "
+                             + ",".join(map(str, d.checkpoint_pairs)) + ")")
+    parser.add_argument("--shard-size", type=int, help=f"pairs per shard (default {d.shard_size})")
+    parser.add_argument("--method", choices=("diffin", "tracin"), help=f"score.method (default {d.method})")
+    parser.add_argument("--batch-size", type=int, help=f"scoring batch (default {d.batch_size})")
+    parser.add_argument("--bank-size", type=int, help=f"negative bank (default {d.bank_size})")
+    parser.add_argument("--actors", type=int, help=f"scoring actors, one thread each (default {d.actors})")
+    parser.add_argument("--reducer-rows", type=int, help=f"synthetic score rows (default {d.reducer_rows})")
+    parser.add_argument("--reducer-files", type=int,
+                        help=f"score files they are spread over (default {d.reducer_files})")
+    parser.add_argument("--parts", default="pipeline,reducer",
+                        help="comma-separated: pipeline, reducer (default both)")
+    parser.add_argument("--work-dir", help=f"corpora, trajectory, runs (default {DEFAULT_WORK}; reused)")
+    parser.add_argument("--out", help=f"results JSON, merged into (default {DEFAULT_OUT}; {QUICK_OUT} with --quick)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar while scoring")
+
+
+_OVERRIDES = {"pairs": "pairs", "checkpoint_pairs": "checkpoint_pairs", "shard_size": "shard_size",
+              "method": "method", "batch_size": "batch_size", "bank_size": "bank_size", "actors": "actors",
+              "reducer_rows": "reducer_rows", "reducer_files": "reducer_files"}
+
+
+def plan_from_args(args: argparse.Namespace) -> ScalePlan:
+    """The plan: quick or full defaults, with the options given on the command line."""
+    base = QUICK if args.quick else ScalePlan()
+    plan = replace(base, **{field: getattr(args, opt) for opt, field in _OVERRIDES.items()
+                            if getattr(args, opt) is not None})
+    if not plan.checkpoint_pairs or min(plan.checkpoint_pairs) < 1:
+        raise UsageError(f"--checkpoint-pairs must be positive counts, got {plan.checkpoint_pairs}")
+    for name in ("pairs", "shard_size", "batch_size", "bank_size", "actors", "reducer_rows", "reducer_files"):
+        if getattr(plan, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(plan, name)}")
+    if plan.reducer_files > plan.reducer_rows:
+        raise UsageError(f"--reducer-files ({plan.reducer_files}) exceeds --reducer-rows ({plan.reducer_rows})")
+    return plan
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in ("pipeline", "reducer")]
+    if bad or not parts:
+        raise UsageError(f"--parts: expected pipeline and/or reducer, got {text!r}")
+    return parts
+
+
+def _command(args: argparse.Namespace) -> str:
+    words = ["diffin bench scale"] + (["--quick"] if args.quick else [])
+    for opt in _OVERRIDES:
+        value = getattr(args, opt)
+        if value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            words.append(f"--{opt.replace('_', '-')} {text}")
+    if args.parts != "pipeline,reducer":
+        words.append(f"--parts {args.parts}")
+    return " ".join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``diffin bench scale``."""
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    plan, parts = plan_from_args(args), _parts(args.parts)
+    temp = tempfile.mkdtemp(prefix="diffin-scale-") if args.quick and not args.work_dir else None
+    work = Path(args.work_dir or temp or DEFAULT_WORK).resolve()
+    out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
+    new: dict[str, dict[str, Any]] = {"pipeline": {}, "reducer": {}}
+    try:
+        meta = {"command": _command(args), "machine": machine_info(), "work_dir": str(work)}
+        if "pipeline" in parts:
+            entry = measure_pipeline(plan, work, progress=not args.no_progress)
+            entry["command"] = meta["command"]
+            new["pipeline"][f"{plan.method}_{plan.pairs}"] = entry
+        if "reducer" in parts:
+            entry = measure_reducer(plan, work)
+            entry["command"] = meta["command"]
+            new["reducer"][f"{plan.reducer_rows}_rows"] = entry
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}  # read now: merge with runs since
+    for part, entries in new.items():
+        results.setdefault(part, {}).update(entries)
+    _add_extrapolations(results)
+    results["_meta"] = meta
+    write_json_atomic(out, results)
+    print(format_table(results))
+    print(f"wrote {out}")
+    return 0
