@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from pipeline.env import apply_defaults
@@ -41,3 +42,38 @@ def standalone(add_arguments: Callable[[argparse.ArgumentParser], None],
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_cli(run, args)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum`` (argparse turns the error into exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class SimpleJob:
+    """A job with one set of arguments: ``diffin <name>`` and ``python -m jobs.<module>``."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+    def register(self, subparsers: argparse._SubParsersAction) -> None:
+        """Add the job to the ``diffin`` command."""
+        parser = subparsers.add_parser(self.name, help=self.help, description=self.description)
+        self.add_arguments(parser)
+        parser.set_defaults(func=self.run)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """Entry point of ``python -m jobs.<module>``."""
+        return standalone(self.add_arguments, self.run, self.description, argv)

@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
 
-from jobs._common import standalone  # first: applies environment defaults
+from jobs._common import SimpleJob, int_at_least  # first: applies environment defaults
 
 DESCRIPTION = ("Write a self-contained HTML report of a run directory (plots and thumbnails embedded) "
                "to RUN_DIR/report/index.html, and print its path.")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,12 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (diffin run --run-dir)")
     parser.add_argument("--out", metavar="FILE", default=None,
                         help="HTML file to write (default: RUN_DIR/report/index.html)")
-    parser.add_argument("--examples", type=_non_negative_int, default=DEFAULT_EXAMPLES,
+    parser.add_argument("--examples", type=int_at_least(0), default=DEFAULT_EXAMPLES,
                         help=f"pairs shown in each of the kept / pruned grids (default {DEFAULT_EXAMPLES})")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="the run's config: its storage section gives the options for a remote "
                              "RUN_DIR (e.g. s3://bucket/runs/r1)")
-    parser.add_argument("--max-points", type=_non_negative_int, default=DEFAULT_MAX_POINTS,
+    parser.add_argument("--max-points", type=int_at_least(0), default=DEFAULT_MAX_POINTS,
                         help=f"rows sampled for the scatter plot (default {DEFAULT_MAX_POINTS})")
 
 
@@ -66,17 +55,9 @@ def _storage_options(config_path: str) -> dict:
     return storage
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``report`` to the ``diffin`` command."""
-    parser = subparsers.add_parser("report", help="write an HTML report of a run directory",
-                                   description=DESCRIPTION)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m jobs.report``."""
-    return standalone(add_arguments, run, DESCRIPTION, argv)
+JOB = SimpleJob('report', 'write an HTML report of a run directory', DESCRIPTION, add_arguments, run)
+register = JOB.register
+main = JOB.main
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
 
-from jobs._common import standalone
+from jobs._common import SimpleJob
 from pipeline.config import load_config
 from pipeline.errors import UsageError
 
@@ -60,14 +59,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a proxy CLIP trajectory", description=DESCRIPTION)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return standalone(add_arguments, run, DESCRIPTION, argv)
+JOB = SimpleJob('train', 'train a proxy CLIP trajectory', DESCRIPTION, add_arguments, run)
+register = JOB.register
+main = JOB.main
 
 
 if __name__ == "__main__":

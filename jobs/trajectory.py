@@ -9,21 +9,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from jobs._common import standalone  # first: applies environment defaults
+from jobs._common import int_at_least, standalone  # first: applies environment defaults
 
 from pipeline.model.trajectory import Trajectory
 
 DESCRIPTION = "Manage training trajectories (the checkpoints that scores are computed against)."
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +22,11 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
                         help="open_clip run directory (<logs>/<name>: params.txt, checkpoints/)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="directory of the trajectory.json to write (default: RUN_DIR)")
-    parser.add_argument("--world-size", type=_positive_int, default=None,
+    parser.add_argument("--world-size", type=int_at_least(1), default=None,
                         help="override params.txt's world_size (processes of the run)")
-    parser.add_argument("--train-num-samples", type=_positive_int, default=None,
+    parser.add_argument("--train-num-samples", type=int_at_least(1), default=None,
                         help="override the training set size (rows, for a csv run)")
-    parser.add_argument("--workers", type=_positive_int, default=None,
+    parser.add_argument("--workers", type=int_at_least(1), default=None,
                         help="override params.txt's dataloader workers per process (webdataset rounding)")
     parser.add_argument("--no-verify-lr", dest="verify_lr", action="store_false",
                         help="do not check the recomputed lr against each checkpoint's optimizer")

@@ -7,11 +7,9 @@ problem was found, 2 on usage errors.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Sequence
 
-from jobs._common import standalone  # first: applies environment defaults
+from jobs._common import SimpleJob, int_at_least  # first: applies environment defaults
 
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.data.validate import ShardCheck, find_sizes, validate_shards
@@ -30,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip decoding images (structure, fields and counts only)")
     parser.add_argument("--allow-missing-uid", dest="require_uid", action="store_false",
                         help="do not require a 32-hex json uid (as data.require_uid: false)")
-    parser.add_argument("--threads", type=int, default=2, help="shards checked at a time (default 2)")
+    parser.add_argument("--threads", type=int_at_least(1), default=2, help="shards checked at a time (default 2)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the full report as JSON")
 
 
@@ -55,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         sizes, source = find_sizes(urls)
     print(f"validating {len(urls)} shard(s); counts from {source or 'nowhere (no sizes.json: counts not checked)'}")
     checks = validate_shards(urls, sizes, decode=args.decode, require_uid=args.require_uid,
-                             threads=max(1, args.threads))
+                             threads=args.threads)
     for check in checks:
         print(_line(check))
     bad = [c for c in checks if not c.clean]
@@ -71,16 +69,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``validate`` to the ``diffin`` command."""
-    parser = subparsers.add_parser("validate", help="check shards (structure, fields, decoding, counts)",
-                                   description=DESCRIPTION)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return standalone(add_arguments, run, DESCRIPTION, argv)
+JOB = SimpleJob('validate', 'check shards (structure, fields, decoding, counts)', DESCRIPTION, add_arguments, run)
+register = JOB.register
+main = JOB.main
 
 
 if __name__ == "__main__":

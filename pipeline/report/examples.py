@@ -10,7 +10,6 @@ import collections
 import contextlib
 import io
 import logging
-import os
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path

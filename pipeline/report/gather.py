@@ -15,8 +15,6 @@ import io
 import json
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

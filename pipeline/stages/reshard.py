@@ -25,7 +25,6 @@ import logging
 import os
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
