@@ -45,7 +45,8 @@ number, index, stratum; preallocated from the files' row counts), sort temporari
 about 24 bytes per row while deciding, then only the kept rows and their keys; keys of
 rows that are not kept are never held. Score files are read twice, only the needed
 columns, in record batches. Measured on 2 CPU cores: 1M rows in 100 files, top 30 %:
-~1.2 s, ~160 MB above the import baseline; 10M rows in 1000 files: ~14–21 s, ~680 MB.
+~1.2 s, ~160 MB above the import baseline; 10M rows in 1000 files: 14.6 s, 690 MB above
+the baseline (``diffin bench scale --parts reducer``, docs/SCALE.md).
 """
 
 from __future__ import annotations
