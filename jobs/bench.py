@@ -1,4 +1,4 @@
-"""``diffin bench {fidelity,speed,scale}`` / ``python -m jobs.bench``: the method's benchmarks (DESIGN §6)."""
+"""``diffin bench {fidelity,speed,scale,quality}`` / ``python -m jobs.bench``: the method's benchmarks (DESIGN §6)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ BENCHMARKS = {
     "speed": "cost of scoring relative to a plain forward pass, and vs the reference algorithm",
     "scale": "throughput and peak memory of prepare -> score -> select over a large synthetic corpus, "
              "and the reducer over millions of score rows",
+    "quality": "zero-shot accuracy / retrieval of models retrained on the pairs each method keeps, "
+               "at equal budget, and noisy-pair detection AUC",
 }
 
 
@@ -31,7 +33,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed, scale)",
+    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed, scale, quality)",
                                    description=__doc__)
     add_subcommands(parser)
 

@@ -1,0 +1,201 @@
+"""Quality benchmark: selection through the real reducer, the noise-AUC sign convention,
+retrieval recall by hand, the corpora's ground truth, and ``--quick`` end to end (schema,
+subset sizes, seeded random rule). The quick run checks the machinery, not the outcome."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from jobs import bench as bench_job
+from pipeline.bench import quality
+from pipeline.data.pairs import PairTable
+from pipeline.data.uids import make_uid
+from pipeline.errors import UsageError
+
+
+def _half_up(fraction: float, n: int) -> int:
+    return math.floor(fraction * n + 0.5)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _table(n: int) -> PairTable:
+    uids = [make_uid("quality-test", str(i)) for i in range(n)]
+    shards = [f"mem/{i % 2:05d}.tar" for i in range(n)]  # two input shards, interleaved
+    return PairTable(uids, [f"k{i}" for i in range(n)], shards, torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
+                     [f"caption {i}" for i in range(n)], {})
+
+
+def _scores(values: np.ndarray, m: int = 2) -> dict[str, torch.Tensor]:
+    n = len(values)
+    col = torch.tensor(values, dtype=torch.float64)
+    return {"diffin": col, "diffin_eq9": -col, "tracin": col * 2, "clip_score": col.flip(0),
+            **{c: torch.zeros(m, n, dtype=torch.float64) for c in ("a", "b", "c")}}
+
+
+def test_selection_goes_through_the_reducer(tmp_path: Path) -> None:
+    n = 21
+    table = _table(n)
+    values = np.arange(n, dtype=np.float64) % 7  # ties: each value 3 times
+    files = quality.write_score_files(table, _scores(values), tmp_path / "scores", "fp")
+    assert len(files) == 2  # one score file per input shard
+    kept = quality.select_uids(files, quality.selection_config("diffin", 0.3, 0), tmp_path / "s1")
+    k = _half_up(0.3, n)
+    # top by score, ties broken by uid ascending (the reducer's rule), computed independently
+    expected = sorted(range(n), key=lambda i: (-values[i], table.uids[i]))[:k]
+    assert sorted(kept) == sorted(table.uids[i] for i in expected) and len(kept) == k
+    low = quality.select_uids(files, quality.selection_config("diffin_eq9", 0.3, 0), tmp_path / "s2")
+    assert not set(low) & set(kept)  # the reversed column keeps the other end
+
+
+def test_random_rule_is_seeded_and_matches_its_score(tmp_path: Path) -> None:
+    n = 40
+    table = _table(n)
+    files = quality.write_score_files(table, _scores(np.zeros(n)), tmp_path / "scores", "fp")
+
+    def pick(seed: int, name: str) -> list[str]:
+        return quality.select_uids(files, quality.selection_config("random", 0.5, seed), tmp_path / name)
+
+    first, again, other = pick(0, "a"), pick(0, "b"), pick(1, "c")
+    assert first == again and first != other and len(first) == len(other) == 20
+    # the score used for the random baseline's AUC orders pairs exactly as the rule keeps them
+    score = quality.random_rule_scores(table.uids, 0)
+    top = np.argsort(-score, kind="stable")[:20]
+    assert sorted(table.uids[i] for i in top) == first
+
+
+def test_noise_auc_sign_convention() -> None:
+    noisy = np.array([True, True, False, False, False])
+    helps = np.array([-2.0, -1.0, 0.5, 1.0, 3.0])  # mismatched pairs score lowest
+    assert quality.noise_auc(noisy, helps) == pytest.approx(1.0)
+    assert quality.noise_auc(noisy, -helps) == pytest.approx(0.0)
+    rng = np.random.default_rng(0)
+    scores, labels = rng.standard_normal(50), rng.random(50) < 0.3
+    assert quality.noise_auc(labels, scores) == pytest.approx(roc_auc_score(labels, -scores))
+    with pytest.raises(ValueError):
+        quality.noise_auc(np.zeros(3, bool), np.arange(3.0))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_recall_by_hand() -> None:
+    sim = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.4, 0.3], [0.1, 0.2, 0.3]])
+    groups = torch.tensor([0, 1, 2])
+    # row 0: correct first; row 1: one wrong item above; row 2: correct first
+    assert quality.recall_at(sim, groups, (1, 2)) == {1: pytest.approx(2 / 3), 2: 1.0}
+    assert quality.recall_at(torch.zeros(3, 3), groups, (1, 2)) == {1: 0.0, 2: 0.0}  # ties count against
+    # the same caption twice: item 0 is a right answer for query 1 too
+    assert quality.recall_at(sim, quality.caption_groups(["A star ", "a star", "moon"]), (1,)) == {1: 1.0}
+
+
+def test_class_prompts_cover_every_template() -> None:
+    prompts = quality.class_prompts()
+    assert len(prompts) == 10 and {len(p) for p in prompts} == {len(quality.TEMPLATES)}
+    assert prompts[9][0] == quality.TEMPLATES[0].format("an ankle boot")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_fashion_ground_truth_and_corpus_reuse(tmp_path: Path) -> None:
+    settings = quality.quick_settings()
+    spec = quality.dataclasses.replace(settings.fashion_mnist, num_train=40, num_target=12, num_eval=20)
+    data = quality.load_fashion_mnist(spec, tmp_path, 0.3)
+    assert (len(data.train), len(data.target), len(data.eval)) == (40, 12, 20)
+    assert int(data.noisy.sum()) == 12  # exactly round(0.3 * 40)
+    meta = quality.read_json_meta(Path(data.corpus) / "train")
+    for uid, flag in zip(data.train.uids, data.noisy):
+        assert flag == meta[uid]["noisy"] == (meta[uid]["label"] != meta[uid]["caption_label"])
+    assert not set(data.target.uids) & set(data.eval.uids)
+    stamp = (Path(data.corpus) / "train" / "sizes.json").stat().st_mtime_ns
+    assert quality.ensure_fashion_mnist(tmp_path, 0.3, 40) == Path(data.corpus)  # reused, not rebuilt
+    assert (Path(data.corpus) / "train" / "sizes.json").stat().st_mtime_ns == stamp
+    (Path(data.corpus) / "test" / "sizes.json").unlink()
+    with pytest.raises(UsageError, match="not a complete"):
+        quality.ensure_fashion_mnist(tmp_path, 0.3, 40)  # never overwrites what it cannot reuse
+
+
+def test_presets_and_command() -> None:
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    full = quality.settings_from_args(parser.parse_args([]))
+    quick = quality.settings_from_args(parser.parse_args(["--quick"]))
+    assert full.seeds == (0, 1, 2) and quick.seeds == (0,)
+    assert quality.settings_from_args(parser.parse_args(["--seeds", "2"])).seeds == (0, 1)
+    assert quick.fashion_mnist.num_train < full.fashion_mnist.num_train
+    for spec in (full.fashion_mnist, full.openclipart):
+        assert spec.train.checkpoint_steps()[-1] == spec.train.steps
+    assert quality.command_line(parser.parse_args(["--quick"]), quality.DEFAULT_QUICK_OUT) == (
+        "diffin bench quality --quick --out benchmarks/results/quality_quick.json --data-dir data --threads 1")
+    with pytest.raises(UsageError, match="seeds"):
+        quality.settings_from_args(parser.parse_args(["--seeds", "0"]))
+    with pytest.raises(UsageError, match="datasets"):
+        quality.run_benchmark(quality.dataclasses.replace(quick, datasets=("mnist",)), "unused.json")
+
+
+# --------------------------------------------------------------------------- --quick end to end
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root = tmp_path_factory.mktemp("quality")
+    out = root / "results" / "quality.json"
+    code = bench_job.main(["quality", "--quick", "--out", str(out), "--data-dir", str(root / "data")])
+    assert code == 0
+    return json.loads(out.read_text()), out
+
+
+def _fraction(value: float) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def test_quick_run_schema(quick_report: tuple[dict, Path]) -> None:
+    report, _ = quick_report
+    assert set(report) == {"fashion_mnist", "openclipart", "_meta"}
+    fm, oc = report["fashion_mnist"], report["openclipart"]
+    assert set(fm) == {"keep_50", "keep_30", "full", "noise_auc"}
+    assert set(oc) == {"keep_50", "keep_30", "full"}
+    methods = {"diffin", "diffin_eq9", "tracin", "clip_score", "random"}
+    for budget in ("keep_50", "keep_30"):
+        assert set(fm[budget]) == methods and set(oc[budget]) == methods
+        for method in methods:
+            assert set(fm[budget][method]) == {"acc_mean", "acc_std"}
+            assert _fraction(fm[budget][method]["acc_mean"]) and fm[budget][method]["acc_std"] is None  # one seed
+            entry = oc[budget][method]
+            assert set(entry) == {"r1_mean", "r1_std", "r5_mean", "r5_std"}
+            assert _fraction(entry["r1_mean"]) and _fraction(entry["r5_mean"]) and entry["r5_mean"] >= entry["r1_mean"]
+    assert set(fm["full"]) == {"acc_mean", "acc_std"} and _fraction(fm["full"]["acc_mean"])
+    assert set(oc["full"]) == {"r1_mean", "r1_std", "r5_mean", "r5_std"} and _fraction(oc["full"]["r5_mean"])
+    assert set(fm["noise_auc"]) == methods and all(_fraction(v) for v in fm["noise_auc"].values())
+
+
+def test_quick_run_subsets_and_ground_truth(quick_report: tuple[dict, Path]) -> None:
+    report, _ = quick_report
+    meta = report["_meta"]
+    settings = quality.quick_settings()
+    cells = {c["dataset"]: c for c in meta["cells"]}
+    assert set(cells) == {"fashion_mnist", "openclipart"} and all(c["seed"] == 0 for c in cells.values())
+    for name in ("fashion_mnist", "openclipart"):
+        n = settings.dataset(name).num_train
+        assert meta["data"][name]["train"] == n
+        for budget, fraction in (("keep_50", 0.5), ("keep_30", 0.3)):
+            assert cells[name]["subset_sizes"][budget] == dict.fromkeys(quality.METHODS, _half_up(fraction, n))
+            digests = cells[name]["kept_digest"][budget]
+            assert len(set(digests.values())) > 1  # methods keep different pairs
+    fm = cells["fashion_mnist"]
+    assert fm["noisy_in_train"] == round(0.3 * settings.fashion_mnist.num_train)  # ground truth, exact
+    assert report["fashion_mnist"]["noise_auc"] == pytest.approx(fm["noise_auc"])  # one seed: mean = the cell
+    for by_method in fm["kept_noisy_fraction"].values():
+        assert all(_fraction(v) for v in by_method.values())
+    assert meta["command"].startswith("diffin bench quality --quick --out ")
+    assert meta["seconds"]["total"] > 0
