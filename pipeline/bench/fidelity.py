@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import platform
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from pipeline.bench.digits import DigitsSettings, MLPConfig, run_digits
 from pipeline.bench.metrics import method_metrics
 from pipeline.bench.openmoji_clip import OpenMojiSettings, run_openmoji
-from pipeline.bench.protocol import DatasetResult
+from pipeline.bench.protocol import DatasetResult, bench_command
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
 from pipeline.model.scorer import InfluenceSettings
@@ -195,12 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
 def command_line(args: argparse.Namespace, out: str) -> str:
     """The canonical ``diffin bench fidelity …`` command that reproduces ``args``."""
-    parts = ["diffin", "bench", "fidelity"] + (["--quick"] if args.quick else [])
-    parts += ["--out", out, "--data-dir", args.data_dir, "--threads", str(args.threads)]
-    for flag, value in (("--datasets", args.datasets), ("--seed", args.seed), ("--digits-steps", args.digits_steps)):
-        if value is not None:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
+    return bench_command("fidelity", args, out, (("--datasets", args.datasets), ("--seed", args.seed),
+                                                  ("--digits-steps", args.digits_steps)))
 
 
 def format_table(report: dict) -> str:

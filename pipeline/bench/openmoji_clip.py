@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.bench.protocol import DatasetResult, measure_ground_truth, split_by_rank, with_renamed
+from pipeline.bench.protocol import DatasetResult, load_shard_dir, measure_ground_truth, split_by_rank, with_renamed
 from pipeline.config import TrainConfig
 from pipeline.data.corpora.common import CORPUS_FILE
 from pipeline.data.corpora.openmoji import build_openmoji
-from pipeline.data.pairs import PairTable, load_pairs
-from pipeline.data.shards import SIZES_FILE, expand_shards, load_sizes
+from pipeline.data.pairs import PairTable
+from pipeline.data.shards import SIZES_FILE, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.objective import CLIPBankObjective, per_sample_loss
 from pipeline.influence.params import ParamDict
@@ -93,8 +93,7 @@ def ensure_openmoji(data_dir: str | Path, limit: int | None = None) -> Path:
 
 def load_openmoji(directory: Path, size: int) -> PairTable:
     """Every pair of the corpus at ``size`` px (one reading thread: deterministic and safe)."""
-    sizes = load_sizes(directory / SIZES_FILE)
-    return load_pairs(expand_shards(str(directory / "*.tar")), size, sizes=sizes, threads=1)
+    return load_shard_dir(directory, size)
 
 
 # --------------------------------------------------------------------------- target loss

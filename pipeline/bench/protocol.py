@@ -8,16 +8,22 @@ retraining with the same settings (the caller supplies ``retrained_loss``).
 
 from __future__ import annotations
 
+import argparse
 import logging
+import shlex
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from pipeline.data.pairs import rank_order
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
+
+if TYPE_CHECKING:
+    from pipeline.data.pairs import PairTable
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +142,24 @@ class DatasetResult:
     scores: dict[str, dict[str, float] | None]
     truth: GroundTruth
     meta: dict
+
+
+def load_shard_dir(directory: Path, size: int) -> PairTable:
+    """Every pair of a shard directory (``*.tar`` + ``sizes.json``) at ``size`` px, read by one
+    thread (deterministic)."""
+    from pipeline.data.pairs import load_pairs
+    from pipeline.data.shards import SIZES_FILE, expand_shards, load_sizes
+
+    sizes = load_sizes(directory / SIZES_FILE)
+    return load_pairs(expand_shards(str(directory / "*.tar")), size, sizes=sizes, threads=1)
+
+
+def bench_command(name: str, args: argparse.Namespace, out: str, optional: Sequence[tuple[str, Any]]) -> str:
+    """The canonical ``diffin bench NAME …`` command that reproduces ``args`` (``optional``:
+    (flag, value) pairs added when the value is set)."""
+    parts = ["diffin", "bench", name] + (["--quick"] if args.quick else [])
+    parts += ["--out", out, "--data-dir", args.data_dir, "--threads", str(args.threads)]
+    for flag, value in optional:
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)

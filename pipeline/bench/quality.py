@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import platform
-import shlex
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -58,12 +57,12 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from pipeline import __version__
-from pipeline.bench.protocol import ranked
+from pipeline.bench.protocol import bench_command, load_shard_dir, ranked
 from pipeline.config import SelectConfig, TrainConfig
 from pipeline.data.corpora.common import CORPUS_FILE
 from pipeline.data.corpora.fashion_mnist import CAPTION_NOUNS, TEMPLATES, build_fashion_mnist
 from pipeline.data.corpora.openclipart import build_openclipart
-from pipeline.data.pairs import PairTable, load_pairs
+from pipeline.data.pairs import PairTable
 from pipeline.data.shards import SIZES_FILE, expand_shards, iter_raw_samples, load_sizes
 from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
@@ -231,11 +230,6 @@ def read_json_meta(directory: Path) -> dict[str, dict[str, Any]]:
     return meta
 
 
-def _load_table(directory: Path, size: int) -> PairTable:
-    sizes = load_sizes(directory / SIZES_FILE)
-    return load_pairs(expand_shards(str(directory / "*.tar")), size, sizes=sizes, threads=1)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -260,7 +254,7 @@ def load_fashion_mnist(spec: DatasetSettings, data_dir: str | Path, noise: float
     """Training pairs with noisy captions; target and eval pairs from the clean test split."""
     directory = ensure_fashion_mnist(data_dir, noise, spec.num_train)
     size = _model_size(spec)
-    train, test = _load_table(directory / "train", size), _load_table(directory / "test", size)
+    train, test = load_shard_dir(directory / "train", size), load_shard_dir(directory / "test", size)
     train_meta, test_meta = read_json_meta(directory / "train"), read_json_meta(directory / "test")
     order = ranked(test.uids, SPLIT_SEED, "split")
     target = test.subset(order[:spec.num_target])
@@ -273,7 +267,7 @@ def load_fashion_mnist(spec: DatasetSettings, data_dir: str | Path, noise: float
 def load_openclipart(spec: DatasetSettings, data_dir: str | Path) -> DatasetData:
     """Disjoint train, target and eval slices of the corpus by seeded uid rank."""
     directory = ensure_openclipart(data_dir, spec.corpus_limit)
-    table = _load_table(directory, _model_size(spec))
+    table = load_shard_dir(directory, _model_size(spec))
     order = ranked(table.uids, SPLIT_SEED, "split")
     a, b = spec.num_train, spec.num_train + spec.num_target
     evaluation = unique_caption_order(table.captions, order[b:])[:spec.num_eval]
@@ -702,12 +696,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command_line(args: argparse.Namespace, out: str) -> str:
     """The canonical ``diffin bench quality …`` command that reproduces ``args``."""
-    parts = ["diffin", "bench", "quality"] + (["--quick"] if args.quick else [])
-    parts += ["--out", out, "--data-dir", args.data_dir, "--threads", str(args.threads)]
-    for flag, value in (("--seeds", args.seeds), ("--workers", args.workers), ("--datasets", args.datasets)):
-        if value is not None:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
+    return bench_command("quality", args, out, (("--seeds", args.seeds), ("--workers", args.workers),
+                                                 ("--datasets", args.datasets)))
 
 
 def run(args: argparse.Namespace) -> int:
