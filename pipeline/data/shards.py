@@ -22,7 +22,7 @@ import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.errors import DataError, UsageError
+from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -215,14 +215,3 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
         yield from group_by_keys(files, handler=_raise)
     finally:
         stream.close()
-
-
-def read_shard_checked(url: str, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """Read all raw samples of a shard and check the count against ``sizes`` when known."""
-    samples = list(iter_raw_samples(url))
-    expected = expected_count(url, sizes)
-    if expected is not None and expected != len(samples):
-        raise DataError(
-            f"shard {url} holds {len(samples)} samples but sizes.json says {expected} (truncated?)"
-        )
-    return samples

@@ -32,7 +32,8 @@ from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
 from pipeline.io.storage import StoragePath, as_path
-from pipeline.io.scores import SCHEMA, read_fingerprint, read_shard_meta, score_path, shard_stem, write_scores
+from pipeline.io.scores import (META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, score_path,
+                                shard_stem, write_scores)
 from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,12 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     for url in urls:
         path = score_path(run_dir, url)
         if path.is_file():
-            found = read_fingerprint(path)
+            meta = read_file_metadata(path) or {}  # one read: fingerprint and shard record
+            found = (meta.get(META_CONFIG) or b"").decode() or None
             if found != fingerprint:
                 raise UsageError(f"{path} was scored under another configuration ({found} != {fingerprint}); "
                                  "use a new --run-dir or delete the scores")
-            if (read_shard_meta(path) or {}).get("status") != "unreadable":
+            if json.loads(meta.get(META_SHARD, b"{}")).get("status") != "unreadable":
                 done += 1
                 continue
         todo.append(ShardTask(url, expected_count(url, sizes)))

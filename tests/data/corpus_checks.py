@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.shards import IMAGE_EXTS, SIZES_FILE, load_sizes, read_shard_checked
+from pipeline.data.scan import ShardReader
+from pipeline.data.shards import IMAGE_EXTS, SIZES_FILE, load_sizes
 from pipeline.data.uids import is_uid
 
 
@@ -20,7 +21,9 @@ def read_corpus(out_dir: Path) -> list[dict[str, Any]]:
     assert sorted(sizes) == sorted(p.name for p in out_dir.glob("*.tar"))
     samples: list[dict[str, Any]] = []
     for name in sorted(sizes):
-        raw = read_shard_checked(str(out_dir / name), sizes)
+        reader = ShardReader(str(out_dir / name), sizes[name])
+        raw = [{"__key__": r.key, **r.members} for r in reader if r.problem is None]
+        assert reader.report.status == "ok", reader.report.as_dict()
         assert len(raw) == sizes[name]
         for sample in raw:
             key = sample["__key__"]

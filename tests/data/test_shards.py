@@ -11,10 +11,10 @@ import pytest
 
 from pipeline.data.shards import (
     Pair, ShardWriter, check_key, expand_shards, iter_raw_samples, load_sizes,
-    read_shard_checked,
 )
 from pipeline.data.uids import make_uid
-from pipeline.errors import DataError, UsageError
+from pipeline.data.scan import ShardReader
+from pipeline.errors import UsageError
 
 
 def pairs(n: int, prefix: str = "s") -> list[Pair]:
@@ -125,10 +125,12 @@ def test_truncated_tar_detected_against_sizes(tmp_path: Path) -> None:
     shard = tmp_path / "00001.tar"
     _truncate_before_last_sample(shard)
     assert len(list(iter_raw_samples(str(shard)))) == 2  # webdataset alone: silently short
-    with pytest.raises(DataError, match="truncated"):
-        read_shard_checked(str(shard), sizes)
-    assert len(read_shard_checked(str(tmp_path / "00000.tar"), sizes)) == 3
-    assert len(read_shard_checked(str(shard), None)) == 2  # no sizes: cannot tell
+    reader = ShardReader(str(shard), sizes["00001.tar"])
+    assert len(list(reader)) == 2 and reader.report.status == "short" and reader.report.missing == 1
+    intact = ShardReader(str(tmp_path / "00000.tar"), sizes["00000.tar"])
+    assert len(list(intact)) == 3 and intact.report.status == "ok"
+    unknown = ShardReader(str(shard))  # no sizes: cannot tell
+    assert len(list(unknown)) == 2 and unknown.report.status == "ok"
 
 
 def test_load_sizes_errors(tmp_path: Path) -> None:
