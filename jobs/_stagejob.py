@@ -25,6 +25,13 @@ def print_summary(summary: dict, run_dir: str) -> None:
     print(f"  pairs in: {summary['pairs_in']} in {summary['shards']} shards; "
           f"proxy training pairs: {summary['train_pairs']}")
     print(f"  trajectory: {summary['trajectory']}  (checkpoints at steps {[c['step'] for c in summary['checkpoints']]})")
+    losses = [c.get("target_loss") for c in summary["checkpoints"]]
+    known = sum(x is not None for x in losses)
+    if known:
+        shown = ", ".join("–" if x is None else f"{x:.4f}" for x in losses)
+        verdict = ("  (does NOT fall: the scores measure influence on a loss training does not reduce)"
+                   if summary.get("target_loss_warning") else "  (falls)" if known > 1 else "")
+        print(f"  target loss L_V per checkpoint: {shown}{verdict}")
     if "scores" in summary:
         print(f"  scores: {summary['scores']}/  (scored now: {summary['shards_scored_now']} shards, "
               f"{summary['pairs_scored_now']} pairs; failed now: {summary['failed_now'] or 'none'})")

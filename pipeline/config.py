@@ -17,6 +17,9 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 
 from pipeline.data.shards import SIZES_FILE
 from pipeline.errors import UsageError
+from pipeline.influence.scores import (DEFAULT_COLUMN, DEFAULT_METHOD, METHOD_COMPONENTS, SCORE_COLUMNS,
+                                       columns_computed)
+from pipeline.influence.unrolled import STEP_FACTORS
 
 
 class Section(BaseModel):
@@ -112,6 +115,16 @@ class TargetConfig(Section):
         return self
 
 
+class UnrolledConfig(Section):
+    """The unrolled Diff-In score (``score.method: unrolled`` or ``all``)."""
+
+    lanczos_steps: PositiveInt = Field(20, description="Hessian–vector products K per checkpoint (prepare cost m·K)")
+    f: Literal[STEP_FACTORS] = Field("clamp", description="stabilised per-step factor: clamp = clip(1 − η·max(λ,0), "
+                                                          "−1, 1), exp = exp(−η·max(λ,0))")
+    proxy_batches: PositiveInt = Field(1, description="training batches (of score.proxy_batch_size) the Hessian "
+                                                      "H_k is taken over at each checkpoint")
+
+
 class ScoreConfig(Section):
     """How pairs are scored (DESIGN §2.3)."""
 
@@ -122,7 +135,10 @@ class ScoreConfig(Section):
     eps: PositiveFloat = Field(1e-3, allow_inf_nan=False)
     proxy_batches: PositiveInt = 1
     proxy_batch_size: PositiveInt = 128
-    method: Literal["diffin", "tracin"] = "diffin"
+    method: Literal[tuple(METHOD_COMPONENTS)] = Field(  # type: ignore[valid-type]
+        DEFAULT_METHOD, description="which scores to compute: unrolled (diffin_unrolled, one JVP per checkpoint), "
+                                    "tracin (one JVP), diffin (diffin, diffin_eq9, tracin: three JVPs), all")
+    unrolled: UnrolledConfig = UnrolledConfig()
     adam: bool = False
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -144,9 +160,9 @@ RESHARD_PLAN_FILE = "reshard_plan.json"
 class SelectConfig(Section):
     """The ``select:`` section: which score, which rule, what to do with failed rows."""
 
-    # Default from the fidelity benchmark (docs/FIDELITY.md): tracin tracked true leave-one-out
-    # effects best; diffin and diffin_eq9 did worse in every setting measured.
-    column: Literal["diffin", "diffin_eq9", "tracin", "clip_score"] = "tracin"
+    # Default from the fidelity benchmark (docs/FIDELITY.md): diffin_unrolled tracked true
+    # leave-one-out effects and LDS best.
+    column: Literal[SCORE_COLUMNS] = DEFAULT_COLUMN  # type: ignore[valid-type]
     rule: Literal["top_fraction", "top_k", "threshold", "random"] = "top_fraction"
     fraction: float | None = Field(
         0.3, gt=0, le=1, description="kept share (top_fraction; random unless k is given)")
@@ -342,9 +358,10 @@ def check_consistency(config: RunConfig, source: str) -> None:
     select = config.select
     if select is None:
         return
-    if config.score.method == "tracin" and select.column in ("diffin", "diffin_eq9"):
+    computed = columns_computed(METHOD_COMPONENTS[config.score.method])
+    if select.column not in computed:
         raise UsageError(f"{source}: select.column: '{select.column}' is not computed when score.method "
-                         "is 'tracin' (use tracin or clip_score)")
+                         f"is '{config.score.method}' (use one of {', '.join(computed)})")
     if select.stratify_by and select.stratify_by not in config.score.keep_json_fields:
         raise UsageError(f"{source}: select.stratify_by: json field '{select.stratify_by}' is not kept in "
                          "the score files; add it to score.keep_json_fields")

@@ -21,12 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.bench.protocol import DatasetResult, measure_ground_truth, split_by_rank, with_renamed
+from pipeline.data.pairs import rank_order
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import ClassifierObjective, per_sample_loss
-from pipeline.influence.params import ParamDict, axpy, params_of
-from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint
+from pipeline.influence.params import ParamDict, axpy, from_vector, params_of
+from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint, prepare_unrolled
+from pipeline.influence.unrolled import UnrolledSettings, segment_updates, unrolled_scores
 from pipeline.influence.scores import CheckpointWeights, combine
 from pipeline.model.schedule import LRSchedule
 from pipeline.model.train import batch_indices
@@ -193,6 +195,43 @@ class DigitsSettings:
     noise: int = 20
     c_mode: Literal["exact", "fd"] = "exact"
     seed: int = 0
+    unrolled: UnrolledSettings = UnrolledSettings()
+    proxy_batch_size: int | None = 128  # the pipeline's default proxy batch for H_k (None: whole train set)
+    sweep: bool = True  # also score the unrolled variants (f, K, Hessian, m) for the report's metadata
+
+
+def proxy_batches(train: Digits, step: int, batch_size: int | None, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """The training samples H_k is taken over at checkpoint ``step``: ``count`` batches drawn by
+    (uid, seed, step) as the pipeline draws its proxy batches; ``batch_size=None``: all of them."""
+    if batch_size is None:
+        return [train.batch]
+    order = rank_order(train.uids, seed, f"proxy{step}")[:batch_size * count]
+    return [train.subset(order[i:i + batch_size]).batch for i in range(0, len(order), batch_size)]
+
+
+def unrolled_scores_of(run: MLPRun, model: nn.Module, train: Digits, target: Digits, cfg: MLPConfig,
+                       settings: UnrolledSettings = UnrolledSettings(), snapshots: Sequence[Snapshot] | None = None,
+                       proxy_batch_size: int | None = None) -> Tensor:
+    """``diffin_unrolled`` for every training sample from ``snapshots`` (default: the run's).
+
+    u is the target gradient at the last snapshot, H_k the proxy-batch Hessian at snapshot k
+    (the pipeline's choice: ``proxy_batch_size`` samples × ``settings.proxy_batches``; None =
+    the whole training set), η_s the schedule's rate of every update.
+    """
+    snaps = list(snapshots if snapshots is not None else run.checkpoints)
+    objective = ClassifierObjective(model)
+    schedule = cfg.lr_schedule()
+    segments = segment_updates([s.step for s in snaps], cfg.steps)
+    lrs = [[schedule.lr_at(i) for i in seg] for seg in segments]
+    directions = prepare_unrolled(
+        objective, [s.params for s in snaps], [target.batch],
+        lambda k: proxy_batches(train, snaps[k].step, proxy_batch_size, settings.proxy_batches, cfg.seed),
+        lrs, settings)
+    d = torch.stack([
+        CheckpointScorer(objective, s.params, None, None, None, components=("d",),
+                         unrolled=from_vector(direction.direction, s.params))(train.batch).d
+        for s, direction in zip(snaps, directions)])
+    return unrolled_scores(d, len(train))
 
 
 def run_digits(settings: DigitsSettings) -> DatasetResult:
@@ -206,7 +245,12 @@ def run_digits(settings: DigitsSettings) -> DatasetResult:
     run = train_mlp(train, cfg, keep_checkpoints=True)
     t_train = time.perf_counter() - start
     scores = score_run(run, model, train, target, cfg, settings.c_mode)
+    t0 = time.perf_counter()
+    scores["diffin_unrolled"] = unrolled_scores_of(run, model, train, target, cfg, settings.unrolled,
+                                                   proxy_batch_size=settings.proxy_batch_size)
+    t_unrolled = time.perf_counter() - t0
     t_score = time.perf_counter() - start - t_train
+    variants = unrolled_variants(run, model, train, target, settings)
     base = mean_loss(model, run.params, target)
 
     def without(removed: set[str]) -> float:
@@ -228,10 +272,37 @@ def run_digits(settings: DigitsSettings) -> DatasetResult:
                      "target_accuracy": _accuracy(model, run.params, target),
                      "checkpoints": [{"step": s.step, "lr": s.lr} for s in run.checkpoints]},
         "truth": truth.summary(),
-        "seconds": {"train": round(t_train, 1), "score": round(t_score, 1),
+        "seconds": {"train": round(t_train, 1), "score": round(t_score, 1), "unrolled": round(t_unrolled, 2),
                     "retrain": round(truth.seconds, 1), "total": round(time.perf_counter() - start, 1)},
     }
-    return DatasetResult({**by_uid, "tracin_adam": None, "clip_score": None}, truth, meta)
+    return DatasetResult({**by_uid, "tracin_adam": None, "diffin_unrolled_adam": None, "clip_score": None}, truth, meta,
+                         {name: dict(zip(train.uids, values.tolist())) for name, values in variants.items()})
+
+
+SWEEP_CHECKPOINTS = (1, 2, 5, 10, 20)
+
+
+def unrolled_variants(run: MLPRun, model: nn.Module, train: Digits, target: Digits,
+                      settings: DigitsSettings) -> dict[str, Tensor]:
+    """``diffin_unrolled`` under other choices, one changed at a time from the default:
+    f = exp, K ∈ {5, 10, 40}, H over the whole training set, and m ∈ SWEEP_CHECKPOINTS
+    (m = 1: a horizon-damped influence function at the final weights)."""
+    if not settings.sweep:
+        return {}
+    cfg, base, size = settings.mlp, settings.unrolled, settings.proxy_batch_size
+    out = {"unrolled_f_exp": unrolled_scores_of(run, model, train, target, cfg, replace(base, factor="exp"),
+                                                proxy_batch_size=size),
+           "unrolled_full_hessian": unrolled_scores_of(run, model, train, target, cfg, base, proxy_batch_size=None)}
+    for k in (5, 10, 40):
+        out[f"unrolled_K{k}"] = unrolled_scores_of(run, model, train, target, cfg, replace(base, lanczos_steps=k),
+                                                   proxy_batch_size=size)
+    most = max(m for m in SWEEP_CHECKPOINTS if m <= cfg.steps)
+    dense = train_mlp(train, replace(cfg, checkpoints=most), keep_checkpoints=True).checkpoints
+    for m in SWEEP_CHECKPOINTS:
+        if m <= most and most % m == 0:
+            chosen = dense[len(dense) // m - 1::len(dense) // m]
+            out[f"unrolled_m{m}"] = unrolled_scores_of(run, model, train, target, cfg, base, chosen, size)
+    return out
 
 
 def _accuracy(model: nn.Module, params: ParamDict, data: Digits) -> float:

@@ -34,12 +34,14 @@ from pipeline.bench.openmoji_clip import OpenMojiSettings, run_openmoji
 from pipeline.bench.protocol import DatasetResult, bench_command
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
+from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings
 
 log = logging.getLogger(__name__)
 
-METHODS = ("diffin", "diffin_eq9", "tracin", "tracin_adam", "clip_score", "random")
-ESTIMATES = ("diffin", "diffin_eq9", "tracin", "tracin_adam")  # values in units of L_V
+METHODS = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam",
+           "clip_score", "random")
+ESTIMATES = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam")  # units of L_V
 DATASETS = ("openmoji", "digits")
 DEFAULT_OUT = "benchmarks/results/fidelity.json"
 DEFAULT_QUICK_OUT = "benchmarks/results/fidelity_quick.json"
@@ -66,7 +68,8 @@ def quick_settings() -> FidelitySettings:
     openmoji = OpenMojiSettings(
         num_train=128, num_target=95,
         train=OpenMojiSettings().train.model_copy(update={"steps": 30, "warmup": 5, "checkpoints": 3}),
-        influence=InfluenceSettings(bank_size=63, adam=True), loo=6, lds_subsets=6, noise=2)
+        influence=InfluenceSettings(bank_size=63, adam=True, unrolled=UnrolledSettings(lanczos_steps=8)),
+        loo=6, lds_subsets=6, noise=2)
     digits = DigitsSettings(mlp=MLPConfig(steps=300), loo=40, lds_subsets=16, noise=5)
     return FidelitySettings(openmoji=openmoji, digits=digits)
 
@@ -95,6 +98,13 @@ def evaluate(result: DatasetResult, seed: int) -> dict[str, dict[str, float | No
     scores["random"] = random_scores(sorted(some), seed)
     return {m: method_metrics(scores.get(m), truth.loo_uids, truth.loo_actual, truth.removed_sets,
                               truth.lds_actual, is_estimate=m in ESTIMATES) for m in METHODS}
+
+
+def evaluate_variants(result: DatasetResult) -> dict[str, dict[str, float | None]]:
+    """The metrics of the extra estimators (e.g. the unrolled score's f, K, Hessian and m sweep)."""
+    truth = result.truth
+    return {name: method_metrics(scores, truth.loo_uids, truth.loo_actual, truth.removed_sets, truth.lds_actual,
+                                 is_estimate=True) for name, scores in result.variants.items()}
 
 
 def score_stats(result: DatasetResult) -> dict[str, dict[str, float]]:
@@ -128,7 +138,8 @@ def run_benchmark(settings: FidelitySettings, out: str | Path, data_dir: str | P
             log.info("fidelity: %s", name)
             result = runners[name]()
             report[name] = evaluate(result, settings.seed)
-            meta["datasets"][name] = {**result.meta, "score_stats": score_stats(result)}
+            meta["datasets"][name] = {**result.meta, "score_stats": score_stats(result),
+                                      "variants": evaluate_variants(result)}
             log.info("fidelity %s: %s", name, _one_line(report[name]))
     finally:
         torch.set_num_threads(previous_threads)
@@ -208,4 +219,8 @@ def format_table(report: dict) -> str:
         for method, m in methods.items():
             cells = ["n/a" if m[k] is None else f"{m[k]:.3f}" for k in ("spearman_loo", "pearson_loo", "relerr_loo", "lds")]
             lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + " |")
+    for dataset, meta in report.get("_meta", {}).get("datasets", {}).items():
+        for variant, m in (meta.get("variants") or {}).items():
+            cells = ["n/a" if m[k] is None else f"{m[k]:.3f}" for k in ("spearman_loo", "pearson_loo", "relerr_loo", "lds")]
+            lines.append(f"| {dataset} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -54,10 +54,11 @@ class OpenMojiSettings:
                                      warmup=10, checkpoints=5, seed=0)
     influence: InfluenceSettings = InfluenceSettings(bank_size=127, adam=True)
     loo: int = 40
-    lds_subsets: int = 48
+    lds_subsets: int = 64
     noise: int = 8
     corpus_limit: int | None = None
     seed: int = 0
+    sweep: bool = True  # also score the unrolled variants (f = exp, Adam with floored ε)
 
 
 # --------------------------------------------------------------------------- corpus
@@ -184,6 +185,7 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
         t_train = time.perf_counter() - start - t_data
         scorer, prepared, scores = _score(trajectory, settings, train, target)
         t_score = time.perf_counter() - start - t_data - t_train
+        variant_scores = unrolled_variants(trajectory, settings, train, target) if settings.sweep else {}
         target_loss = TargetLoss.of(scorer, prepared, target)
         base = target_loss(checkpoint_model_params(trajectory, len(trajectory.checkpoints) - 1, scorer.model))
         learning = _learning(trajectory, prepared, target_loss, settings)
@@ -197,8 +199,10 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
 
     truth = measure_ground_truth(train.uids, base, without, settings.loo, settings.lds_subsets, settings.seed,
                                  "openmoji", renamed_loss=renamed, noise_count=settings.noise)
-    methods = ("diffin", "diffin_eq9", "tracin", "tracin_adam", "clip_score")
+    methods = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam",
+               "clip_score")
     by_uid = {m: dict(zip(train.uids, scores[m].tolist())) if m in scores else None for m in methods}
+    variants = {name: dict(zip(train.uids, values.tolist())) for name, values in variant_scores.items()}
     meta = {
         "settings": _settings_dict(settings),
         "data": {"corpus": str(corpus), "corpus_pairs": len(table), "train": len(train),
@@ -209,7 +213,26 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "score": round(t_score, 1),
                     "retrain": round(truth.seconds, 1), "total": round(time.perf_counter() - start, 1)},
     }
-    return DatasetResult(by_uid, truth, meta)
+    return DatasetResult(by_uid, truth, meta, variants)
+
+
+ADAM_EPS_FLOORS = (1e-4, 1e-3)
+
+
+def unrolled_variants(trajectory: Trajectory, settings: OpenMojiSettings, train: PairTable,
+                      target: PairTable) -> dict[str, Tensor]:
+    """The unrolled scores under other choices: f = exp, and the Adam variant with ε floored
+    (P = 1/(√v̂ + max(ε, floor)) for each of ADAM_EPS_FLOORS)."""
+    base = replace(settings.influence, components=("d",))
+    out: dict[str, Tensor] = {}
+    runs = [("unrolled_f_exp", replace(base, unrolled=replace(base.unrolled, factor="exp"), adam=False))]
+    runs += [(f"unrolled_adam_floor{floor:g}", replace(base, adam=True, adam_eps_floor=floor)) for floor in ADAM_EPS_FLOORS]
+    for name, influence in runs:
+        scorer = TrajectoryInfluence(trajectory, influence)
+        scorer.load_prepared(scorer.prepare(target, train))
+        scores = scorer.score_table(train)
+        out[name] = scores["diffin_unrolled_adam" if influence.adam else "diffin_unrolled"]
+    return out
 
 
 def _settings_dict(settings: OpenMojiSettings) -> dict:

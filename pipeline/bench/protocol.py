@@ -12,7 +12,7 @@ import argparse
 import logging
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -72,6 +72,20 @@ def with_renamed(uids: Sequence[str], uid: str) -> list[str]:
     return [renamed_uid(u) if u == uid else u for u in uids]
 
 
+def lds_ceiling(lds_actual: np.ndarray, noise_actual: np.ndarray) -> float | None:
+    """The LDS a perfect estimator could reach under order noise: √(1 − σ²_noise / σ²_effects).
+
+    Each subset's measured effect is its true effect plus order noise of variance about
+    mean(noise²) (retrains that only reorder the data); the correlation of the true effects
+    with the measured ones is bounded by the square root of the reliability.
+    """
+    if lds_actual.size < 2 or noise_actual.size == 0:
+        return None
+    total = float(lds_actual.var())
+    noise = float((noise_actual ** 2).mean())
+    return float(np.sqrt(max(0.0, 1.0 - noise / total))) if total > 0 else None
+
+
 @dataclass
 class GroundTruth:
     """Actual effects of removal, measured by retraining, and the retraining noise floor.
@@ -98,6 +112,7 @@ class GroundTruth:
                     "max": float(x.max()), "rms": float(np.sqrt((x ** 2).mean()))}
 
         return {"base_target_loss": self.base_loss, "loo_count": len(self.loo_uids),
+                "lds_ceiling": lds_ceiling(self.lds_actual, self.noise_actual),
                 "lds_subsets": len(self.removed_sets),
                 "removed_per_subset": len(self.removed_sets[0]) if self.removed_sets else 0,
                 "noise_count": int(self.noise_actual.size),
@@ -142,6 +157,7 @@ class DatasetResult:
     scores: dict[str, dict[str, float] | None]
     truth: GroundTruth
     meta: dict
+    variants: dict[str, dict[str, float]] = field(default_factory=dict)  # extra estimators, reported apart
 
 
 def load_shard_dir(directory: Path, size: int) -> PairTable:

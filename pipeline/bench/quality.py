@@ -67,8 +67,9 @@ from pipeline.data.shards import SIZES_FILE, expand_shards, iter_raw_samples, lo
 from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
-from pipeline.io.scores import SCORE_COLUMNS, shard_stem, write_scores
+from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS, shard_stem, write_scores
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, model_spec, normalize_images
+from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence
 from pipeline.model.train import train_final, train_proxy
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
@@ -76,8 +77,8 @@ from pipeline.stages.select import KEPT_FILE, round_half_up, seeded_uid_hash, se
 
 log = logging.getLogger(__name__)
 
-METHODS = ("diffin", "diffin_eq9", "tracin", "clip_score", "random")
-SCORED = ("diffin", "diffin_eq9", "tracin", "clip_score")
+METHODS = ("diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score", "random")
+SCORED = ("diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score")
 BUDGETS = (("keep_50", 0.5), ("keep_30", 0.3))
 DATASETS = ("fashion_mnist", "openclipart")
 METRICS = {"fashion_mnist": ("acc",), "openclipart": ("r1", "r5")}
@@ -144,7 +145,8 @@ def quick_settings() -> QualitySettings:
     """The same machinery on tiny data, one seed: checks the machinery, not the outcome."""
     train = TrainConfig(model="tiny-clip-32", steps=12, batch_size=32, lr=2e-3, warmup=2,
                         checkpoints=2, seed=0)
-    influence = InfluenceSettings(bank_size=31, batch_size=128, proxy_batch_size=32)
+    influence = InfluenceSettings(bank_size=31, batch_size=128, proxy_batch_size=32,
+                                  unrolled=UnrolledSettings(lanczos_steps=8))
     return QualitySettings(
         fashion_mnist=DatasetSettings(num_train=240, num_target=80, num_eval=100, train=train,
                                       influence=influence),
@@ -307,7 +309,7 @@ def write_score_files(table: PairTable, scores: dict[str, Tensor], out_dir: Path
             "shard": [url] * len(rows), "index": list(range(len(rows))), "status": ["ok"] * len(rows),
             "error": [None] * len(rows),
             **{c: scores[c][rows].tolist() for c in SCORE_COLUMNS},
-            **{c: scores[c][:, rows].T.tolist() for c in ("a", "b", "c")},
+            **{c: scores[c][:, rows].T.tolist() for c in COMPONENTS},
         }
         path = out_dir / f"{shard_stem(url)}.parquet"
         write_scores(path, columns, fingerprint, fingerprint, __version__)
@@ -324,7 +326,7 @@ def select_uids(score_files: Sequence[Path], cfg: SelectConfig, out_dir: Path) -
 def selection_config(method: str, fraction: float, seed: int) -> SelectConfig:
     """The select rule of ``method`` at ``fraction``: top fraction of its column, or random."""
     if method == "random":
-        return SelectConfig(column="tracin", rule="random", fraction=fraction, seed=seed)
+        return SelectConfig(rule="random", fraction=fraction, seed=seed)
     return SelectConfig(column=method, rule="top_fraction", fraction=fraction)
 
 

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.influence.scores import METHOD_COMPONENTS
 from pipeline.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -490,11 +491,13 @@ def write_reducer_rows(directory: Path, rows: int, files: int, seed: int) -> flo
 
 def _synthetic_rows(rng: np.random.Generator, file_no: int, n: int) -> dict[str, Any]:
     """One score file's columns: random 128-bit uids, seeded scores, 0.1 % failed rows."""
+    from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS
+
     halves = rng.integers(0, np.iinfo(np.uint64).max, size=(n, 2), dtype=np.uint64, endpoint=True)
     uids = [f"{hi:016x}{lo:016x}" for hi, lo in halves.tolist()]
     failed = rng.random(n) < 0.001
-    scores = {name: rng.standard_normal(n) for name in ("diffin", "diffin_eq9", "tracin", "clip_score")}
-    comps = {name: rng.standard_normal((n, 2)).tolist() for name in ("a", "b", "c")}
+    scores = {name: rng.standard_normal(n) for name in SCORE_COLUMNS}
+    comps = {name: rng.standard_normal((n, 2)).tolist() for name in COMPONENTS}
     cols: dict[str, Any] = {
         "uid": uids, "key": [f"s{file_no:05d}_{i:06d}" for i in range(n)],
         "shard": [f"synthetic/{file_no:05d}.tar"] * n, "index": np.arange(n, dtype=np.int32),
@@ -612,7 +615,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also record peak RSS when scoring passes these pair counts (default "
                              + ",".join(map(str, d.checkpoint_pairs)) + ")")
     parser.add_argument("--shard-size", type=int, help=f"pairs per shard (default {d.shard_size})")
-    parser.add_argument("--method", choices=("diffin", "tracin"), help=f"score.method (default {d.method})")
+    parser.add_argument("--method", choices=tuple(METHOD_COMPONENTS), help=f"score.method (default {d.method})")
     parser.add_argument("--batch-size", type=int, help=f"scoring batch (default {d.batch_size})")
     parser.add_argument("--bank-size", type=int, help=f"negative bank (default {d.bank_size})")
     parser.add_argument("--actors", type=int, help=f"scoring actors, one thread each (default {d.actors})")

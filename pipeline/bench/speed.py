@@ -4,6 +4,7 @@ Same model, same real data (OpenMoji pairs), same process, interleaved repeats (
 of each is kept, so background load hurts every method alike):
 
 - ``forward``        plain forward pass (eval, inference mode, default attention kernels)
+- ``unrolled``       d only: one JVP along the unrolled direction (``diffin_unrolled``)
 - ``tracin``         a only (one JVP)
 - ``diffin_fd``      a, b, c with the paper's finite-difference c (the default)
 - ``diffin_exact``   a, b, c with the exact c (nested forward mode)
@@ -12,12 +13,14 @@ of each is kept, so background load hurts every method alike):
                      gradient and two finite-difference HVPs — all by backward passes
 
 Reported: seconds per sample per checkpoint, ratios to ``forward``, pairs/s, and the
-one-off prepare cost per checkpoint (u, g, w), which does not grow with the corpus.
+one-off prepare costs per checkpoint, which do not grow with the corpus: u, g, w, and the
+unrolled direction (K Lanczos Hessian–vector products on the proxy batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import time
@@ -30,8 +33,9 @@ from pipeline.data.corpora.openmoji import iter_openmoji_pairs
 from pipeline.data.pairs import PairTable, table_from_pairs
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
-from pipeline.influence.params import axpy, dot, norm, params_of, scale, sub
-from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint
+from pipeline.influence.params import axpy, dot, from_vector, norm, params_of, scale, sub
+from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint, prepare_unrolled
+from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.io.atomic import write_json_atomic
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, model_spec, normalize_images
 
@@ -88,7 +92,7 @@ def _table(image_size: int, count: int) -> PairTable:
 
 def measure_model(name: str, device: torch.device, batch_size: int, repeats: int,
                   bank_size: int, target_size: int, reference_samples: int, seed: int,
-                  proxy_batch: int = 128) -> dict:
+                  proxy_batch: int = 128, lanczos_steps: int = 20) -> dict:
     """All methods for one model; returns seconds per sample per checkpoint and ratios."""
     torch.manual_seed(seed)
     model = build_clip(model_spec(name)).to(device).eval()
@@ -110,7 +114,13 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         prep_time = time.perf_counter()
         prep = prepare_checkpoint(objective, params, target, [proxy], hvp="exact")
         prep_time = time.perf_counter() - prep_time
+        unrolled_time = time.perf_counter()
+        unrolled = prepare_unrolled(objective, [params], target, lambda k: [proxy], [[1e-3] * 100],
+                                    UnrolledSettings(lanczos_steps=lanczos_steps))[0]
+        unrolled_time = time.perf_counter() - unrolled_time
         scorers = {
+            "unrolled": CheckpointScorer(objective, params, None, None, None, components=("d",),
+                                         unrolled=from_vector(unrolled.direction, params)),
             "tracin": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, components=("a",)),
             "diffin_fd": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="fd"),
             "diffin_exact": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact"),
@@ -141,7 +151,8 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         "pairs_per_s_per_ckpt": {k: 1.0 / v for k, v in per_sample.items()},
         "speedup_diffin_fd_vs_reference": per_sample.get("reference", float("nan")) / per_sample["diffin_fd"],
         "prepare_s_per_ckpt": prep_time,
-        "settings": {"batch_size": batch_size, "repeats": repeats, "bank_size": bank_size,
+        "prepare_unrolled_s_per_ckpt": unrolled_time,
+        "settings": {"lanczos_steps": lanczos_steps, "batch_size": batch_size, "repeats": repeats, "bank_size": bank_size,
                      "target_size": target_size, "proxy_batch": proxy_batch, "reference_samples": reference_samples,
                      "image_size": size, "dtype": "float32", "device": str(device),
                      "parameters": sum(p.numel() for p in params.values())},
@@ -151,11 +162,17 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
 # Per model (full, quick): scoring batch, interleaved repeats, target |V|, proxy batch |B|,
 # reference samples. ViT-B-32 uses |B| = 32: the exact HVP's double backward over 128 images at
 # 224 px needs more than this 24 GiB machine has (it was OOM-killed at 21 GB).
+# The unrolled prepare runs K = lanczos_steps HVPs (the default 20 on the tiny model; 4 on
+# ViT-B-32 on CPU, where one HVP takes tens of seconds — its cost is linear in K).
 MODEL_PLANS = {
-    "tiny-clip-32": ({"batch_size": 128, "repeats": 5, "target_size": 256, "proxy_batch": 128, "reference_samples": 3},
-                     {"batch_size": 64, "repeats": 2, "target_size": 128, "proxy_batch": 128, "reference_samples": 1}),
-    "ViT-B-32": ({"batch_size": 16, "repeats": 2, "target_size": 32, "proxy_batch": 32, "reference_samples": 1},
-                 {"batch_size": 4, "repeats": 1, "target_size": 8, "proxy_batch": 8, "reference_samples": 0}),
+    "tiny-clip-32": ({"batch_size": 128, "repeats": 5, "target_size": 256, "proxy_batch": 128, "reference_samples": 3,
+                      "lanczos_steps": 20},
+                     {"batch_size": 64, "repeats": 2, "target_size": 128, "proxy_batch": 128, "reference_samples": 1,
+                      "lanczos_steps": 4}),
+    "ViT-B-32": ({"batch_size": 16, "repeats": 2, "target_size": 32, "proxy_batch": 32, "reference_samples": 1,
+                  "lanczos_steps": 4},
+                 {"batch_size": 4, "repeats": 1, "target_size": 8, "proxy_batch": 8, "reference_samples": 0,
+                  "lanczos_steps": 2}),
 }
 
 
@@ -178,11 +195,15 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results[name] = measure_model(name, device, plan["batch_size"], plan["repeats"], bank,
                                       plan["target_size"], plan["reference_samples"], args.seed,
-                                      plan["proxy_batch"])
+                                      plan["proxy_batch"], plan["lanczos_steps"])
         results[name]["wall_s"] = round(time.perf_counter() - start, 1)
+        results[name]["command"] = command
         ratios = results[name]["ratio_to_forward"]
         print(f"{name}: " + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
+    if args.models and out.is_file():  # a run of some models updates their entries, keeps the others
+        previous = json.loads(out.read_text())
+        results = {**previous.get("_details", {}), **results}
     summary = {name: r["s_per_sample_per_ckpt"] for name, r in results.items()}
     write_json_atomic(out, {**summary, "_details": results, "_meta": meta})
     print(f"wrote {out}")

@@ -104,7 +104,7 @@ def loss_mixed(objective: PerSampleObjective, params: ParamDict, batch: Batch, u
 
 @dataclass
 class Components:
-    """Per-sample components at one checkpoint (vectors over the batch)."""
+    """Per-sample components at one checkpoint (vectors over the batch; NaN where not computed)."""
 
     loss: Tensor
     a: Tensor
@@ -112,61 +112,75 @@ class Components:
     c: Tensor
     features: Features = ()
     a_pre: Tensor | None = None
+    d: Tensor | None = None
+
+
+COMPONENT_NAMES = ("a", "b", "c", "d")
 
 
 class CheckpointScorer:
-    """Computes a, b, c for batches at one checkpoint; the context jets are cached.
+    """Computes the requested components for batches at one checkpoint; context jets cached.
 
-    ``c_mode="fd"`` uses the paper's forward difference with step ``eps`` along ĝ;
-    ``"exact"`` uses nested forward mode (about twice the cost of the difference).
-    ``components=("a",)`` computes only the first-order term (TracIn), leaving b, c NaN.
-    ``preconditioned_u`` (P_t u_t, e.g. Adam's 1/(√v̂+ε) ⊙ u_t) adds ``a_pre`` = ⟨P_t u_t, G_z⟩
-    for the optimizer-aware first-order variant, at the cost of one more JVP.
+    ``components`` ⊆ {"a", "b", "c", "d"}: a = ⟨u, G_z⟩, b = ⟨w, G_z⟩, c = ⟨u, H_z g⟩ (needs
+    "a"), d = ⟨acc, G_z⟩ along the unrolled direction ``unrolled`` (DESIGN §2.3). The JVPs at
+    θ share one primal pass; "d" alone costs one JVP. ``c_mode="fd"`` uses the paper's forward
+    difference with step ``eps`` along ĝ; ``"exact"`` uses nested forward mode (about twice
+    the cost of the difference). ``preconditioned_u`` (P_t u_t, e.g. Adam's 1/(√v̂+ε) ⊙ u_t)
+    adds ``a_pre`` = ⟨P_t u_t, G_z⟩ for the optimizer-aware first-order variant.
     """
 
-    def __init__(self, objective: PerSampleObjective, params: ParamDict, u: ParamDict,
-                 g: ParamDict, w: ParamDict, c_mode: CMode = "fd", eps: float = 1e-3,
+    def __init__(self, objective: PerSampleObjective, params: ParamDict, u: ParamDict | None,
+                 g: ParamDict | None, w: ParamDict | None, c_mode: CMode = "fd", eps: float = 1e-3,
                  components: tuple[str, ...] = ("a", "b", "c"),
-                 preconditioned_u: ParamDict | None = None) -> None:
+                 preconditioned_u: ParamDict | None = None, unrolled: ParamDict | None = None) -> None:
         if c_mode not in ("exact", "fd"):
             raise ValueError(f"unknown c mode {c_mode!r}")
+        unknown = [c for c in components if c not in COMPONENT_NAMES]
+        if unknown or not components:
+            raise ValueError(f"components must be a non-empty subset of {COMPONENT_NAMES}, got {components}")
+        if "c" in components and "a" not in components:
+            raise ValueError("component c needs component a")
+        vectors = {"u": u if "a" in components else None, "w": w if "b" in components else None,
+                   "pu": preconditioned_u, "d": unrolled if "d" in components else None}
+        needed = {"u": "a" in components, "w": "b" in components, "d": "d" in components}
+        missing = [n for n, need in needed.items() if need and vectors[n] is None]
+        if missing or ("c" in components and g is None):
+            raise ValueError(f"components {components} need the vectors {missing + (['g'] if 'c' in components and g is None else [])}")
         self.objective, self.params, self.u, self.g, self.w = objective, params, u, g, w
         self.c_mode, self.eps, self.components = c_mode, eps, components
-        self.pu = preconditioned_u
+        self._direction_names = [n for n in ("u", "w", "pu", "d") if vectors[n] is not None]
         with torch.no_grad():
-            self.ctx_u = context_jet(objective, params, u)
-            self.ctx_pu = context_jet(objective, params, preconditioned_u) if preconditioned_u is not None else None
-            self.ctx_w = context_jet(objective, params, w) if "b" in components else None
-            self.g_norm = norm(g)
+            self._jets = {n: context_jet(objective, params, vectors[n]) for n in self._direction_names}
+            if "c" in components:
+                self.g_norm = norm(g)
             if "c" in components and c_mode == "fd":
                 self.shifted = axpy(eps / self.g_norm, g, params)
                 self.ctx_u_shifted = context_jet(objective, self.shifted, u)
             elif "c" in components:
                 self.ctx2 = context_jet2(objective, params, u, g)
-
-        names = ["u"] + (["w"] if "b" in components else []) + (["pu"] if preconditioned_u is not None else [])
-        self._direction_names = names
-        if len(names) > 1:
-            vectors = {"u": u, "w": w, "pu": preconditioned_u}
-            jets = {"u": self.ctx_u, "w": self.ctx_w, "pu": self.ctx_pu}
-            self._directions = stack_directions([vectors[n] for n in names])
-            self._ctx_tangents = stack_context([jets[n][1] for n in names]) if self.ctx_u[0] else ()
+        self._single = vectors[self._direction_names[0]] if len(self._direction_names) == 1 else None
+        if len(self._direction_names) > 1:
+            self._directions = stack_directions([vectors[n] for n in self._direction_names])
+            first = self._jets[self._direction_names[0]]
+            self._ctx = first[0]
+            self._ctx_tangents = stack_context([self._jets[n][1] for n in self._direction_names]) if first[0] else ()
 
     def _first_order(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Features]:
-        """The loss and the JVPs along u (and w, P u) at θ, sharing the primal pass."""
-        if len(self._direction_names) == 1:
-            loss, a, features = loss_jvp(self.objective, self.params, batch, self.u, *self.ctx_u)
-            return loss, {"u": a}, features
+        """The loss and the JVPs along every direction at θ, sharing the primal pass."""
+        if self._single is not None:
+            name = self._direction_names[0]
+            loss, jvp_value, features = loss_jvp(self.objective, self.params, batch, self._single, *self._jets[name])
+            return loss, {name: jvp_value}, features
         loss, jvps, features = loss_jvp_multi(self.objective, self.params, batch, self._directions,
-                                              self.ctx_u[0], self._ctx_tangents)
+                                              self._ctx, self._ctx_tangents)
         return loss, dict(zip(self._direction_names, jvps)), features
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Components:
         obj = self.objective
         loss, first, features = self._first_order(batch)
-        a = first["u"]
-        nan = torch.full_like(a, float("nan"))
+        nan = torch.full_like(loss, float("nan"))
+        a = first.get("u", nan)
         b = first.get("w", nan)
         if "c" not in self.components:
             c = nan
@@ -175,4 +189,4 @@ class CheckpointScorer:
             c = (a_shifted - a) * (self.g_norm / self.eps)
         else:
             c = loss_mixed(obj, self.params, batch, self.u, self.g, self.ctx2)
-        return Components(loss, a, b, c, features, first.get("pu"))
+        return Components(loss, a, b, c, features, first.get("pu"), first.get("d"))

@@ -92,24 +92,33 @@ def decomposed_layer_norm() -> Iterator[None]:
 
 
 def bank_infonce(img: Tensor, txt: Tensor, logit_scale: Tensor, bank_img: Tensor,
-                 bank_txt: Tensor) -> Tensor:
+                 bank_txt: Tensor, self_index: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE of each pair against a fixed bank of negatives (DESIGN §2.4).
 
     ``img``/``txt``: L2-normalised embeddings [B, D]; ``bank_*``: [K, D]; the softmax of
-    pair z ranges over {z} ∪ bank, with temperature ``exp(logit_scale)``.
+    pair z ranges over {z} ∪ bank, with temperature ``exp(logit_scale)``. ``self_index``
+    ([B], −1 for none) names the bank entry that IS the pair: it is left out of that pair's
+    softmax, so a bank pair is never its own negative.
     """
     s = logit_scale.exp()
     pos = s * (img * txt).sum(-1)
-    logits_i = torch.cat([pos[:, None], s * img @ bank_txt.T], dim=1)
-    logits_t = torch.cat([pos[:, None], s * txt @ bank_img.T], dim=1)
+    neg_i, neg_t = s * img @ bank_txt.T, s * txt @ bank_img.T
+    if self_index is not None:
+        own = torch.arange(bank_img.shape[0], device=img.device)[None, :] == self_index[:, None]
+        neg_i = neg_i.masked_fill(own, float("-inf"))
+        neg_t = neg_t.masked_fill(own, float("-inf"))
+    logits_i = torch.cat([pos[:, None], neg_i], dim=1)
+    logits_t = torch.cat([pos[:, None], neg_t], dim=1)
     return 0.5 * ((torch.logsumexp(logits_i, 1) - pos) + (torch.logsumexp(logits_t, 1) - pos))
 
 
 class CLIPBankObjective:
     """Per-pair CLIP loss against a negative bank, for any open_clip CLIP model.
 
-    ``batch`` is ``(images, tokens)`` (images already normalised, model dtype). The bank's
-    images and tokens are fixed at construction (drawn once, by seed, from the target set).
+    ``batch`` is ``(images, tokens)`` (images already normalised, model dtype), optionally
+    with a third entry: each pair's position in the bank (−1 for none), for pairs of the
+    corpus that are themselves bank pairs. The bank's images and tokens are fixed at
+    construction (drawn once, by seed, from the target set).
     """
 
     def __init__(self, model: nn.Module, bank_images: Tensor, bank_tokens: Tensor) -> None:
@@ -117,8 +126,7 @@ class CLIPBankObjective:
         self.bank = (bank_images, bank_tokens)
 
     def features(self, params: ParamDict, batch: Batch) -> Features:
-        images, tokens = batch
-        return self._embed(params, images, tokens)
+        return self._embed(params, batch[0], batch[1])
 
     def _embed(self, params: ParamDict, images: Tensor, tokens: Tensor) -> Features:
         """L2-normalised image and text embeddings (open_clip's forward normalises both)."""
@@ -132,7 +140,7 @@ class CLIPBankObjective:
     def loss(self, features: Features, context: Context, batch: Batch) -> Tensor:
         img, txt = features
         logit_scale, bank_img, bank_txt = context
-        return bank_infonce(img, txt, logit_scale, bank_img, bank_txt)
+        return bank_infonce(img, txt, logit_scale, bank_img, bank_txt, batch[2] if len(batch) > 2 else None)
 
 
 class ClassifierObjective:

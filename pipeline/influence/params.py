@@ -50,3 +50,14 @@ def to_vector(a: ParamDict) -> Tensor:
 def cast(a: ParamDict, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ParamDict:
     """``a`` with every tensor moved to ``dtype``/``device``."""
     return {k: v.to(dtype=dtype or v.dtype, device=device or v.device) for k, v in a.items()}
+
+
+def from_vector(flat: Tensor, like: ParamDict) -> ParamDict:
+    """The inverse of :func:`to_vector`: ``flat`` cut into tensors shaped like ``like``."""
+    out, offset = {}, 0
+    for k, v in like.items():
+        out[k] = flat[offset:offset + v.numel()].view_as(v)
+        offset += v.numel()
+    if offset != flat.numel():
+        raise ValueError(f"vector has {flat.numel()} entries, the parameters {offset}")
+    return out

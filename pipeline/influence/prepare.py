@@ -1,14 +1,16 @@
-"""Per-checkpoint shared vectors (DESIGN §2.3, "prepare"): u_t, g_t and w_t = H_B u_t."""
+"""Per-checkpoint shared vectors (DESIGN §2.3, "prepare"): u_t, g_t, w_t = H_B u_t, and the
+unrolled directions acc_k (sequential over checkpoints)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from pipeline.influence.objective import Batch, PerSampleObjective, per_sample_loss
-from pipeline.influence.params import ParamDict, axpy, norm, scale, sub
+from pipeline.influence.params import ParamDict, axpy, from_vector, norm, scale, sub, to_vector
+from pipeline.influence.unrolled import AdamGeometry, UnrolledCheckpoint, UnrolledSettings, unrolled_directions
 
 HVPMode = Literal["exact", "fd"]
 
@@ -63,6 +65,37 @@ def hvp_fd(objective: PerSampleObjective, params: ParamDict, batches: Sequence[B
     return scale(v_norm / eps, sub(g1, g0))
 
 
+class BatchHessian:
+    """v ↦ H_B v on flat vectors, H_B the Hessian of the mean loss over ``batches`` at ``params``.
+
+    The first-order graph is built once and reused by every product (one extra backward
+    pass per product), as a Lanczos run needs K products at the same point.
+    """
+
+    def __init__(self, objective: PerSampleObjective, params: ParamDict, batches: Sequence[Batch]) -> None:
+        self._params = _with_grad(params)
+        total, count = None, 0
+        for batch in batches:
+            losses = per_sample_loss(objective, self._params, batch)
+            count += losses.shape[0]
+            total = losses.sum() if total is None else total + losses.sum()
+        if total is None or count == 0:
+            raise ValueError("BatchHessian needs at least one non-empty batch")
+        leaves = list(self._params.values())
+        grads = torch.autograd.grad(total / count, leaves, create_graph=True, allow_unused=True)
+        self._grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)]
+        self.dim = sum(p.numel() for p in leaves)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        parts = from_vector(v.to(self._grads[0].dtype), self._params)
+        inner = sum((g * parts[k]).sum() for k, g in zip(self._params, self._grads) if g.requires_grad)
+        if not isinstance(inner, torch.Tensor):  # the loss does not depend on the parameters
+            return torch.zeros_like(v)
+        hv = torch.autograd.grad(inner, list(self._params.values()), retain_graph=True, allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                          for h, p in zip(hv, self._params.values())]).detach()
+
+
 @dataclass
 class PreparedCheckpoint:
     """Shared vectors of one checkpoint: target gradient u, proxy gradient g, w = H_B u."""
@@ -90,3 +123,22 @@ def prepare_checkpoint(objective: PerSampleObjective, params: ParamDict,
         n = sum(per_sample_loss(objective, params, b).sum() for b in target_batches)
         count = sum(per_sample_loss(objective, params, b).shape[0] for b in target_batches)
     return PreparedCheckpoint(u, g, w, hvp, float(n / count))
+
+
+def prepare_unrolled(objective: PerSampleObjective, checkpoint_params: Sequence[ParamDict],
+                     target_batches: Sequence[Batch], proxy_batches_at: Callable[[int], Sequence[Batch]],
+                     segment_lrs: Sequence[Sequence[float]], settings: UnrolledSettings,
+                     geometry: Sequence[AdamGeometry] | None = None) -> list[UnrolledCheckpoint]:
+    """The unrolled score directions of every checkpoint (DESIGN §2.3), sequentially.
+
+    u = ∇L_V at the last checkpoint starts the backward recursion; H_k is the Hessian of
+    the mean loss over ``proxy_batches_at(k)`` at ``checkpoint_params[k]``, applied through
+    K = ``settings.lanczos_steps`` products. Cost: m·K Hessian–vector products, independent
+    of the corpus size. Directions are flat (:func:`pipeline.influence.params.from_vector`).
+    """
+    if len(checkpoint_params) != len(segment_lrs):
+        raise ValueError(f"{len(checkpoint_params)} checkpoints but {len(segment_lrs)} segments")
+    u = to_vector(mean_loss_grad(objective, checkpoint_params[-1], target_batches))
+    return unrolled_directions(
+        u, lambda k: BatchHessian(objective, checkpoint_params[k], proxy_batches_at(k)), segment_lrs,
+        settings.lanczos_steps, settings.factor, geometry)

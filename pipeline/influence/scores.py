@@ -1,7 +1,12 @@
-"""Scores from per-checkpoint components (DESIGN §2.3).
+"""Scores from per-checkpoint components (DESIGN §2.3), and the score vocabulary.
+
+This module owns the names: the score columns, the per-checkpoint components, which
+components each column needs, and which components each ``score.method`` computes. The
+Parquet schema, the config, select and the report derive from these tables.
 
 With m checkpoints (step t, learning rate η_t), N training samples and T total steps:
 
+- ``diffin_unrolled`` = (1/N) Σ_k d_k, d_k = ⟨acc_k, G_z(θ_k)⟩  (:mod:`.unrolled`)
 - ``tracin``     = Σ_t (T/(N·m)) · η_t · a_t
 - ``diffin_eq9`` = Σ_t −(t·η_t²/(N·m)) · (b_t + c_t)        (the reference's Eq. 9)
 - ``diffin``     = Σ_t (T/(N·m)) · [η_t · a_t − t·η_t² · (b_t + c_t)]
@@ -18,7 +23,29 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-SCORE_COLUMNS = ("diffin", "diffin_eq9", "tracin")
+COMPONENTS = ("a", "b", "c", "d")  # per-checkpoint lists in the score files
+COLUMN_COMPONENTS: dict[str, tuple[str, ...]] = {  # score column → the components it is computed from
+    "diffin_unrolled": ("d",),
+    "diffin": ("a", "b", "c"),
+    "diffin_eq9": ("b", "c"),
+    "tracin": ("a",),
+    "clip_score": (),  # cosine of the pair's embeddings at the last checkpoint: always computed
+}
+SCORE_COLUMNS = tuple(COLUMN_COMPONENTS)  # the score files' float columns, in file order
+METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {  # score.method → the components it computes
+    "unrolled": ("d",),  # one JVP per checkpoint
+    "tracin": ("a",),  # one JVP per checkpoint
+    "diffin": ("a", "b", "c"),  # about three JVPs per checkpoint
+    "all": ("a", "b", "c", "d"),
+}
+DEFAULT_METHOD = "unrolled"
+DEFAULT_COLUMN = "diffin_unrolled"  # docs/FIDELITY.md: the best measured score
+
+
+def columns_computed(components: Sequence[str]) -> tuple[str, ...]:
+    """The score columns that the given components determine (in file order)."""
+    have = set(components)
+    return tuple(name for name, needs in COLUMN_COMPONENTS.items() if set(needs) <= have)
 
 
 @dataclass(frozen=True)

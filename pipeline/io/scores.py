@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS
 from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StoragePath, arrow_source, as_path
 
-SCORE_COLUMNS = ("diffin", "diffin_eq9", "tracin", "clip_score")
 META_CONFIG = b"diffin.config_fingerprint"
 META_TRAJECTORY = b"diffin.trajectory_fingerprint"
 META_VERSION = b"diffin.version"
@@ -30,13 +30,8 @@ SCHEMA = pa.schema([
     pa.field("index", pa.int32(), nullable=False),
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
-    pa.field("diffin", pa.float64()),
-    pa.field("diffin_eq9", pa.float64()),
-    pa.field("tracin", pa.float64()),
-    pa.field("clip_score", pa.float64()),
-    pa.field("a", pa.list_(pa.float64())),
-    pa.field("b", pa.list_(pa.float64())),
-    pa.field("c", pa.list_(pa.float64())),
+    *(pa.field(name, pa.float64()) for name in SCORE_COLUMNS),
+    *(pa.field(name, pa.list_(pa.float64())) for name in COMPONENTS),
 ])
 
 

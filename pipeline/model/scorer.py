@@ -8,6 +8,7 @@ decoded pairs at every checkpoint, returning per-checkpoint components and the s
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -18,10 +19,12 @@ from pipeline.data.pairs import PairTable, rank_order
 from pipeline.errors import UsageError
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
-from pipeline.influence.params import ParamDict, cast
-from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint
-from pipeline.influence.scores import CheckpointWeights, combine
+from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
+from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, prepare_unrolled
+from pipeline.influence.scores import METHOD_COMPONENTS, CheckpointWeights, combine
+from pipeline.influence.unrolled import AdamGeometry, UnrolledSettings, segment_updates, unrolled_scores
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, normalize_images
+from pipeline.model.schedule import LRSchedule
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,10 @@ class InfluenceSettings:
     proxy_batch_size: int = 128
     batch_size: int = 128
     seed: int = 0
-    components: tuple[str, ...] = ("a", "b", "c")
+    components: tuple[str, ...] = METHOD_COMPONENTS["all"]
+    unrolled: UnrolledSettings = UnrolledSettings()
     adam: bool = False
+    adam_eps_floor: float = 0.0  # P = 1/(√v̂ + max(ε, floor)): bounds Adam's preconditioner on rarely seen coordinates
     dtype: str = "float32"
     checkpoints: tuple[int, ...] | None = None  # indices into the trajectory; None = all
 
@@ -55,19 +60,25 @@ def checkpoint_params(state_dict: dict[str, Tensor], model: torch.nn.Module,
     return {n: state_dict[n].to(device=device, dtype=dtype) for n in names}
 
 
+def _no_decay(name: str, p: Tensor) -> bool:
+    """open_clip's rule for parameters without weight decay (gains, biases, temperature)."""
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def _no_decay_count(model: torch.nn.Module) -> int:
+    return sum(1 for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p))
+
+
 def _open_clip_param_order(model: torch.nn.Module) -> list[str]:
     """Parameter order of open_clip's AdamW groups (gains/biases first, then the rest)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def no_decay(n: str, p: Tensor) -> bool:
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-
-    return [n for n, p in named if no_decay(n, p)] + [n for n, p in named if not no_decay(n, p)]
+    return [n for n, p in named if _no_decay(n, p)] + [n for n, p in named if not _no_decay(n, p)]
 
 
 def adam_preconditioner(optimizer_state: dict, model: torch.nn.Module, betas: Sequence[float],
                         eps: float, dtype: torch.dtype, device: str | torch.device) -> ParamDict | None:
-    """Adam's diagonal preconditioner P = 1/(√v̂ + ε) from a saved optimizer state, by name.
+    """Adam's diagonal preconditioner P = 1/(√v̂ + ε) from a saved optimizer state, by name
+    (pass a larger ``eps`` to floor it).
 
     Returns None when the state has no second moments (e.g. before the first step).
     """
@@ -104,6 +115,15 @@ def split_bank(target: PairTable, bank_size: int, seed: int) -> tuple[list[int],
 
 
 @dataclass
+class UnrolledPrepared:
+    """The unrolled score's direction per checkpoint (and in Adam's metric, when asked)."""
+
+    directions: list[ParamDict]
+    adam_directions: list[ParamDict] | None = None
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass
 class PreparedTrajectory:
     """Everything scoring needs besides the model: the bank and per-checkpoint vectors."""
 
@@ -112,6 +132,29 @@ class PreparedTrajectory:
     bank_captions: list[str]
     prepared: list[PreparedCheckpoint]
     preconditioners: list[ParamDict | None] = field(default_factory=list)
+    unrolled: UnrolledPrepared | None = None
+
+
+def segment_lrs(trajectory: Trajectory, steps: Sequence[int]) -> list[list[float]]:
+    """η_s of every update each checkpoint stands for (:func:`segment_updates`), from the
+    trajectory's schedule; a trajectory without one cannot give the unrolled score."""
+    if not trajectory.schedule:
+        raise UsageError("the trajectory records no learning-rate schedule (trajectory.json 'schedule'); "
+                         "the unrolled score needs the rate of every step")
+    try:
+        schedule = LRSchedule(**trajectory.schedule)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"trajectory.json 'schedule' is malformed: {exc}") from None
+    return [[schedule.lr_at(s) for s in seg] for seg in segment_updates(steps, trajectory.total_steps)]
+
+
+def adam_geometry(precond: ParamDict, params: ParamDict, model: torch.nn.Module, weight_decay: float) -> AdamGeometry:
+    """Adam's metric √P and the decoupled decay (open_clip's decay group only), flat in the
+    order of ``params``."""
+    decayed = set(_open_clip_param_order(model)[_no_decay_count(model):])
+    sqrt_p = to_vector({k: precond[k].sqrt() for k in params})
+    decay = to_vector({k: torch.full_like(v, weight_decay if k in decayed else 0.0) for k, v in params.items()})
+    return AdamGeometry(sqrt_p, decay)
 
 
 class TrajectoryInfluence:
@@ -173,22 +216,69 @@ class TrajectoryInfluence:
         return prepared, (self._preconditioner(k) if s.adam else None)
 
     def prepare(self, target: PairTable, train: PairTable) -> PreparedTrajectory:
-        """Prepare every checkpoint in this process (the pipeline runs one task per checkpoint)."""
+        """Prepare every checkpoint in this process (the pipeline runs one task per checkpoint),
+        then the unrolled directions when component d is asked for."""
         bank_idx, _ = split_bank(target, self.settings.bank_size, self.settings.seed)
         results = [self.prepare_checkpoint(k, target, train) for k in range(len(self.params))]
+        unrolled = self.prepare_unrolled(target, train) if "d" in self.settings.components else None
         return PreparedTrajectory([target.uids[i] for i in bank_idx], target.images[bank_idx],
                                   [target.captions[i] for i in bank_idx],
-                                  [r[0] for r in results], [r[1] for r in results])
+                                  [r[0] for r in results], [r[1] for r in results], unrolled)
+
+    def prepare_unrolled(self, target: PairTable, train: PairTable) -> UnrolledPrepared:
+        """The unrolled directions acc_k of every checkpoint, backward from the last (sequential).
+
+        H_k is the Hessian over ``unrolled.proxy_batches`` proxy batches drawn from ``train``
+        by (uid, seed, checkpoint step); η_s comes from the trajectory's schedule. With
+        ``adam`` the recursion is also run in Adam's metric (``adam_directions``).
+        """
+        s = self.settings
+        bank_idx, target_idx = split_bank(target, s.bank_size, s.seed)
+        objective = self._objective(target.images[bank_idx], [target.captions[i] for i in bank_idx])
+        steps = [c.step for c in self.checkpoints]
+        lrs = segment_lrs(self.trajectory, steps)
+        count = s.unrolled.proxy_batches * s.proxy_batch_size
+
+        def proxy(k: int) -> list[tuple[Tensor, Tensor]]:
+            return self._batches(train, rank_select(train, count, s.seed, f"proxy{steps[k]}"), s.proxy_batch_size)
+
+        start = time.perf_counter()
+        with forward_mode_safe():
+            target_batches = self._batches(target, target_idx)
+            plain = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled)
+            adam = None
+            if s.adam:
+                geometry = [self._geometry(k) for k in range(len(self.params))]
+                if all(g is not None for g in geometry):
+                    adam = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled, geometry)
+        diagnostics = {"seconds": round(time.perf_counter() - start, 3), "lanczos_steps": [c.lanczos_steps for c in plain],
+                       "hvps": sum(c.lanczos_steps for c in plain) * (2 if adam else 1),
+                       "carried_norm": [c.carried_norm for c in plain],
+                       "ritz_max": [float(c.ritz_values.max()) for c in plain],
+                       "ritz_min": [float(c.ritz_values.min()) for c in plain],
+                       "segment_updates": [len(x) for x in lrs]}
+        log.info("unrolled directions: %d checkpoints, %d HVPs, %.1f s", len(plain), diagnostics["hvps"],
+                 diagnostics["seconds"])
+        return UnrolledPrepared(
+            [from_vector(c.direction, p) for c, p in zip(plain, self.params)],
+            [from_vector(c.direction, p) for c, p in zip(adam, self.params)] if adam else None, diagnostics)
+
+    def _geometry(self, k: int) -> AdamGeometry | None:
+        precond = self._preconditioner(k)
+        if precond is None:
+            return None
+        return adam_geometry(precond, self.params[k], self.model, float(self.trajectory.optimizer.get("weight_decay", 0.0)))
 
     def _preconditioner(self, k: int) -> ParamDict | None:
         opt = self.trajectory.optimizer
         return adam_preconditioner(self.optimizer_states[k], self.model, opt.get("betas", (0.9, 0.999)),
-                                   opt.get("eps", 1e-8), self.dtype, self.device)
+                                   max(opt.get("eps", 1e-8), self.settings.adam_eps_floor), self.dtype, self.device)
 
     def load_prepared(self, prepared: PreparedTrajectory) -> None:
         """Build the per-checkpoint scorers (context jets cached) from prepared vectors."""
         s = self.settings
         objective = self._objective(prepared.bank_images, prepared.bank_captions)
+        self._bank_position = {uid: i for i, uid in enumerate(prepared.bank_uids)}
         preconds = prepared.preconditioners or [None] * len(self.params)
         if len(prepared.prepared) != len(self.params):
             raise ValueError(f"{len(prepared.prepared)} prepared checkpoints for {len(self.params)} selected")
@@ -196,28 +286,56 @@ class TrajectoryInfluence:
         def here(x: ParamDict) -> ParamDict:
             return cast(x, self.dtype, self.device)
 
+        unrolled = prepared.unrolled
+        if "d" in s.components and unrolled is None:
+            raise ValueError("component d (diffin_unrolled) needs the prepared unrolled directions")
+        m = len(self.params)
+        directions = [here(x) for x in unrolled.directions] if "d" in s.components else [None] * m
+        adam_dirs = ([here(x) for x in unrolled.adam_directions]
+                     if "d" in s.components and unrolled.adam_directions else [None] * m)
         with forward_mode_safe():
             self._scorers = [
                 CheckpointScorer(objective, params, here(p.u), here(p.g), here(p.w), s.c_mode, s.eps,
                                  s.components,
-                                 preconditioned_u=here({k: pc[k] * p.u[k] for k in p.u}) if pc is not None else None)
-                for params, p, pc in zip(self.params, prepared.prepared, preconds)
+                                 preconditioned_u=here({k: pc[k] * p.u[k] for k in p.u}) if pc is not None and "a" in s.components else None,
+                                 unrolled=direction)
+                for params, p, pc, direction in zip(self.params, prepared.prepared, preconds, directions)
             ]
+            self._adam_scorers = [
+                CheckpointScorer(objective, params, None, None, None, components=("d",), unrolled=direction)
+                for params, direction in zip(self.params, adam_dirs)] if adam_dirs[0] is not None else []
 
-    def score_inputs(self, images: Tensor, tokens: Tensor) -> dict[str, Tensor]:
-        """Components [m, B] and scores [B] (float64) for one batch of model inputs."""
+    def score_inputs(self, images: Tensor, tokens: Tensor, uids: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Components [m, B] and scores [B] (float64) for one batch of model inputs.
+
+        ``uids`` (the pairs' uids) lets a pair that is itself in the negative bank be scored
+        against the bank without itself (never its own negative).
+        """
         if self._scorers is None:
             raise RuntimeError("call load_prepared() (or prepare()) before scoring")
+        batch: tuple[Tensor, ...] = (images, tokens)
+        positions = [self._bank_position.get(u, -1) for u in uids] if uids is not None else []
+        if any(p >= 0 for p in positions):
+            batch = (images, tokens, torch.tensor(positions, device=images.device))
         with forward_mode_safe():
-            comps = [scorer((images, tokens)) for scorer in self._scorers]
+            comps = [scorer(batch) for scorer in self._scorers]
+            adam = [scorer(batch).d for scorer in self._adam_scorers]
         a, b, c = (torch.stack([getattr(x, n) for x in comps]).double().cpu() for n in ("a", "b", "c"))
+        d = (torch.stack([x.d for x in comps]).double().cpu() if comps[0].d is not None
+             else torch.full_like(a, float("nan")))
         a_pre = torch.stack([x.a_pre for x in comps]).double().cpu() if comps[0].a_pre is not None else None
-        scores = combine(a, b, c, self.weights, self.trajectory.num_samples, self.trajectory.total_steps, a_pre)
+        n = self.trajectory.num_samples
+        scores = combine(a, b, c, self.weights, n, self.trajectory.total_steps, a_pre)
+        scores["diffin_unrolled"] = unrolled_scores(d, n)
+        if adam:
+            scores["diffin_unrolled_adam"] = unrolled_scores(torch.stack(adam).double().cpu(), n)
         img, txt = comps[-1].features
         scores["clip_score"] = (img * txt).sum(-1).double().cpu()
-        return {"a": a, "b": b, "c": c, "loss": comps[-1].loss.double().cpu(), **scores}
+        return {"a": a, "b": b, "c": c, "d": d, "loss": comps[-1].loss.double().cpu(), **scores}
 
     def score_table(self, table: PairTable) -> dict[str, Tensor]:
         """Score every pair of an in-memory table (components [m, n], scores [n])."""
-        parts = [self.score_inputs(*batch) for batch in self._batches(table, list(range(len(table))))]
+        size = self.settings.batch_size
+        parts = [self.score_inputs(*batch, uids=table.uids[i * size:(i + 1) * size])
+                 for i, batch in enumerate(self._batches(table, list(range(len(table)))))]
         return {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}

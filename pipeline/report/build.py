@@ -184,13 +184,28 @@ def _run_section(data: ReportData) -> Section | None:
     body = render.table(["stage", "seconds"], [(s, stages[s]) for s in order])
     checkpoints = summary.get("checkpoints") or []
     if checkpoints:
-        body = (f'<div class="row">{body}'
-                + render.table(["checkpoint", "step", "lr"],
-                               [(i, c.get("step"), c.get("lr")) for i, c in enumerate(checkpoints)])
-                + "</div>")
+        with_loss = any(c.get("target_loss") is not None for c in checkpoints)
+        headers = ["checkpoint", "step", "lr"] + (["target loss"] if with_loss else [])
+        rows = [(i, c.get("step"), c.get("lr")) + ((c.get("target_loss"),) if with_loss else ())
+                for i, c in enumerate(checkpoints)]
+        body = f'<div class="row">{body}{render.table(headers, rows)}</div>'
+        body += _target_loss_note(summary) if with_loss else ""
     note = ('<p class="note">Wall time of the last <code>diffin run</code> in this directory, by stage; '
             'a stage whose outputs were already complete was reused and takes about 0 s.</p>')
     return Section("Last run", note + body)
+
+
+def _target_loss_note(summary: dict[str, Any]) -> str:
+    """What the target loss per checkpoint says (the run's verdict, see ``target_loss_warning``)."""
+    losses = [c["target_loss"] for c in summary.get("checkpoints") or [] if c.get("target_loss") is not None]
+    text = ("Target loss per checkpoint (L_V: mean loss of the target pairs against the negative bank, "
+            "from the prepare stage): " + " → ".join(render.fmt_number(x) for x in losses) + ".")
+    warning = summary.get("target_loss_warning")
+    if warning:
+        return f'<p class="note">{escape(text)}</p><p class="warn">Warning: {escape(str(warning))}</p>'
+    if len(losses) > 1:
+        text += " It falls: the scores measure influence on a loss that training reduces."
+    return f'<p class="note">{escape(text)}</p>'
 
 
 def render_page(data: ReportData) -> str:

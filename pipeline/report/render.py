@@ -47,6 +47,8 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#fff;border:1px solid #dde3e9;border-radius:6px;padding:10px;font-size:12px;
  overflow:auto;max-height:520px}
 .note{color:#5b6b7a;font-size:12.5px;margin:6px 0}
+.warn{color:#8a3b00;background:#fff4e5;border:1px solid #f0c48a;border-radius:6px;padding:6px 10px;
+ font-size:12.5px;margin:6px 0}
 """
 
 _SCRIPT = """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +23,54 @@ from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
 STAGES = ("trajectory", "prepare", "score", "select", "reshard")
+TARGET_LOSS_MIN_DROP = 0.05  # L_V must fall by at least this fraction, first to last checkpoint
+
+
+def target_loss_warning(losses: Sequence[float], min_drop: float = TARGET_LOSS_MIN_DROP) -> str | None:
+    """Why the scores may be meaningless, or None: the rule on the target loss per checkpoint.
+
+    ``losses`` are L_V at the scored checkpoints in step order. Every score estimates the
+    change of L_V at the last checkpoint, so it only means something when the trajectory
+    reduces L_V. The rule: the last checkpoint's L_V must be below ``(1 - min_drop)`` times
+    the first's (default: at least 5 % lower). A flat, rising or non-finite L_V gives the
+    warning text; fewer than two checkpoints compare nothing (None). Dips between the first
+    and the last checkpoint are not judged.
+    """
+    if len(losses) < 2:
+        return None
+    first, last = float(losses[0]), float(losses[-1])
+    shown = ", ".join(f"{x:.4g}" for x in losses)
+    if math.isfinite(first) and math.isfinite(last) and last < (1.0 - min_drop) * first:
+        return None
+    return (f"the target loss L_V does not fall over the trajectory (per checkpoint: {shown}; the last "
+            f"is not {min_drop:.0%} below the first): the scores measure influence on a loss that "
+            f"training does not reduce (the proxy model overfits or has not started learning). "
+            f"Train longer or with a lower learning rate, or choose checkpoints where L_V still falls "
+            f"(trajectory.train.save_steps, score.checkpoints).")
+
+
+def prepared_target_losses(config: RunConfig, run_dir: StoragePath, trajectory) -> dict[int, float]:
+    """L_V per trajectory checkpoint index, from ``<run>/prepared/ckpt_XXX.pt`` (written by the
+    prepare stage); checkpoints not prepared (yet, or under another configuration) are absent."""
+    import torch
+
+    from pipeline.io.storage import is_remote, read_torch
+    from pipeline.stages.prepare import influence_settings, prepare_fingerprint
+
+    settings = influence_settings(config)
+    indices = settings.checkpoints or tuple(range(len(trajectory.checkpoints)))
+    fingerprint = prepare_fingerprint(config, trajectory)
+    losses: dict[int, float] = {}
+    for k, index in enumerate(indices):
+        path = run_dir / "prepared" / f"ckpt_{k:03d}.pt"
+        if not path.is_file():
+            continue
+        # memory-mapped when local: only the scalar is read, not u, g, w
+        obj = read_torch(path) if is_remote(path) else torch.load(path, map_location="cpu",
+                                                                   weights_only=True, mmap=True)
+        if obj.get("fingerprint") == fingerprint and obj.get("target_loss") is not None:
+            losses[index] = float(obj["target_loss"])
+    return losses
 
 
 def _selection_fingerprint(config: RunConfig, score_files: Sequence[Path]) -> str:
@@ -83,6 +132,19 @@ def _existing_trajectory(config: RunConfig, run_dir: StoragePath):
     return load_trajectory(path, config.storage)
 
 
+def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn: bool) -> None:
+    """Put L_V into the summary's checkpoint entries (None where not prepared) and the rule's
+    verdict into ``target_loss_warning``; log the warning when ``warn``."""
+    if not losses:
+        return
+    for index, entry in enumerate(summary["checkpoints"]):
+        entry["target_loss"] = losses.get(index)
+    warning = target_loss_warning([losses[i] for i in sorted(losses)])
+    summary["target_loss_warning"] = warning
+    if warning and warn:
+        log.warning("%s", warning)
+
+
 def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
                  progress: bool = True, stages: Sequence[str] = STAGES) -> dict[str, Any]:
     """Run ``stages`` (in pipeline order) into ``run_dir``; returns (and writes) the summary.
@@ -124,6 +186,8 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     scoring = config.target is not None or not everything
     if "prepare" in stages and scoring:
         timed("prepare", run_prepare, config, run_dir, trajectory, executor)
+    if scoring and config.target is not None:
+        _record_target_loss(summary, prepared_target_losses(config, run_dir, trajectory), warn="prepare" in stages)
     if "score" in stages and scoring:
         prepared = run_dir / "prepared"
         if not (prepared / "bank.pt").is_file():

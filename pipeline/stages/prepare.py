@@ -1,8 +1,10 @@
 """The prepare stage (DESIGN §2.3–2.4): one Ray task per checkpoint computes u_t, g_t, w_t.
 
 Outputs in ``<run>/prepared/``: ``bank.pt`` (the negative bank's uids, uint8 images and
-captions) and ``ckpt_XXX.pt`` per checkpoint (u, g, w, Adam preconditioner), each stamped with
-the prepare fingerprint (trajectory + data + target + settings). A file with the current
+captions), ``ckpt_XXX.pt`` per checkpoint (u, g, w, Adam preconditioner) and, when the
+unrolled score is computed, ``unrolled.pt`` (the direction acc_k of every checkpoint — one
+task after the others, since the recursion runs backward over the checkpoints), each stamped
+with the prepare fingerprint (trajectory + data + target + settings). A file with the current
 fingerprint is reused; one with another fingerprint is refused.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -22,16 +24,19 @@ from pipeline.data.pairs import PairTable, in_holdout, load_pairs, sample_pairs
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.prepare import PreparedCheckpoint
+from pipeline.influence.scores import METHOD_COMPONENTS
+from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, read_torch
 from pipeline.model.clip import resolve_model_config
-from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, split_bank
+from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, UnrolledPrepared, segment_lrs, split_bank
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.trajectory import load_trajectory, trajectory_location
 
 log = logging.getLogger(__name__)
 BANK_FILE = "bank.pt"
+UNROLLED_FILE = "unrolled.pt"
 
 
 def influence_settings(config: RunConfig) -> InfluenceSettings:
@@ -40,8 +45,8 @@ def influence_settings(config: RunConfig) -> InfluenceSettings:
     return InfluenceSettings(
         c_mode=score.c_mode, hvp=score.hvp, eps=score.eps, bank_size=target.bank_size,
         proxy_batches=score.proxy_batches, proxy_batch_size=score.proxy_batch_size,
-        batch_size=score.batch_size, seed=target.seed,
-        components=("a",) if score.method == "tracin" else ("a", "b", "c"),
+        batch_size=score.batch_size, seed=target.seed, components=METHOD_COMPONENTS[score.method],
+        unrolled=UnrolledSettings(score.unrolled.lanczos_steps, score.unrolled.f, score.unrolled.proxy_batches),
         adam=score.adam, dtype=score.dtype,
         checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None)
 
@@ -94,7 +99,7 @@ def load_proxy_pool(config: RunConfig, image_size: int) -> PairTable:
     sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
         if target.holdout_fraction is not None else None
-    count = 4 * settings.proxy_batches * settings.proxy_batch_size
+    count = 4 * max(settings.proxy_batches, settings.unrolled.proxy_batches) * settings.proxy_batch_size
     return sample_pairs(urls, image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
 
 
@@ -106,7 +111,7 @@ def prepare_fingerprint(config: RunConfig, trajectory: Trajectory) -> str:
     """Hash of everything the prepared vectors depend on."""
     payload = {"trajectory": trajectory.fingerprint(), "data": config.data.model_dump(mode="json"),
                "target": require_target(config).model_dump(mode="json"),
-               "settings": {k: v for k, v in influence_settings(config).__dict__.items() if k != "batch_size"}}
+               "settings": {k: v for k, v in asdict(influence_settings(config)).items() if k != "batch_size"}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -145,6 +150,27 @@ class PrepareStage:
                         "target_loss": prepared.target_loss, "hvp": prepared.hvp}, tmp)
         return str(path)
 
+    def process_unrolled(self, task: "UnrolledTask") -> str:
+        """The unrolled directions of every checkpoint (one sequential task) → ``unrolled.pt``."""
+        from pipeline.model.scorer import TrajectoryInfluence
+
+        torch.set_num_threads(worker_threads(self.config))
+        trajectory = load_trajectory(self.trajectory_dir, self.config.storage)
+        influence = TrajectoryInfluence(trajectory, influence_settings(self.config), self.device)
+        size = influence.image_size
+        unrolled = influence.prepare_unrolled(load_target(self.config, size), load_proxy_pool(self.config, size))
+        path = as_path(self.out_dir, self.config.storage) / UNROLLED_FILE
+        with atomic_path(path) as tmp:
+            torch.save({"fingerprint": self.fingerprint, "directions": [_cpu(d) for d in unrolled.directions],
+                        "adam_directions": [_cpu(d) for d in unrolled.adam_directions] if unrolled.adam_directions
+                        else None, "diagnostics": unrolled.diagnostics}, tmp)
+        return str(path)
+
+
+@dataclass(frozen=True)
+class UnrolledTask:
+    """Compute the unrolled directions of all (selected) checkpoints."""
+
 
 def _cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in params.items()}
@@ -179,12 +205,20 @@ def run_prepare(config: RunConfig, run_dir: str | Path, trajectory: Trajectory,
                         "images": target.images[bank_idx].clone(),
                         "captions": [target.captions[i] for i in bank_idx],
                         "target_pairs": len(target) - len(bank_idx)}, tmp)
+    if "d" in settings.components:
+        segment_lrs(trajectory, [trajectory.checkpoints[k].step for k in (settings.checkpoints or range(count))])
+        unrolled_stamp = _stamp(out / UNROLLED_FILE)
+        if unrolled_stamp not in (None, fingerprint):
+            raise UsageError(f"{out / UNROLLED_FILE} was prepared under another configuration; "
+                             "use a new --run-dir or delete it")
     todo = [PrepareTask(k) for k in range(count) if stamps[k + 1] is None]
+    resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
+    stage = PrepareStage(config, trajectory_location(trajectory), str(out), fingerprint, score_device(config),
+                         resources)
     if todo:
-        resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
-        stage = PrepareStage(config, trajectory_location(trajectory), str(out), fingerprint, score_device(config),
-                             resources)
         executor.map(stage.process, todo, resources)
+    if "d" in settings.components and not (out / UNROLLED_FILE).is_file():
+        executor.map(stage.process_unrolled, [UnrolledTask()], resources)
     log.info("prepared %d checkpoints in %s (%d computed now)", count, out, len(todo))
     return out
 
@@ -201,4 +235,11 @@ def load_prepared_dir(directory: str | StoragePath, count: int,
             raise UsageError(f"{d}: checkpoint {k} was prepared under another configuration")
         prepared.append(PreparedCheckpoint(obj["u"], obj["g"], obj["w"], obj["hvp"], obj["target_loss"]))
         preconds.append(obj["precond"])
-    return PreparedTrajectory(bank["uids"], bank["images"], bank["captions"], prepared, preconds), bank["fingerprint"]
+    unrolled = None
+    if (d / UNROLLED_FILE).is_file():
+        obj = read_torch(d / UNROLLED_FILE)
+        if obj["fingerprint"] != bank["fingerprint"] or len(obj["directions"]) != count:
+            raise UsageError(f"{d}: {UNROLLED_FILE} was prepared under another configuration")
+        unrolled = UnrolledPrepared(obj["directions"], obj["adam_directions"], obj["diagnostics"])
+    return (PreparedTrajectory(bank["uids"], bank["images"], bank["captions"], prepared, preconds, unrolled),
+            bank["fingerprint"])

@@ -30,6 +30,7 @@ from pipeline.data.scan import ShardReader, ShardReport
 from pipeline.data.shards import expected_count
 from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
+from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS, columns_computed
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
 from pipeline.io.storage import StoragePath, as_path
 from pipeline.io.scores import (META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, score_path,
@@ -37,7 +38,6 @@ from pipeline.io.scores import (META_CONFIG, META_SHARD, SCHEMA, read_file_metad
 from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
-COMPONENTS = ("a", "b", "c")
 
 
 def score_fingerprint(prepare_fp: str, config: RunConfig) -> str:
@@ -163,11 +163,11 @@ class ScoreStage:
 
     def _score_batch(self, batch: list[tuple[dict, np.ndarray, str]]) -> None:
         """Score one batch of decoded pairs; a row with any non-finite value becomes ``non_finite``."""
-        full = "b" in self.settings.components  # diffin; otherwise tracin only (b, c, diffin* null)
-        score_names = ("diffin", "diffin_eq9", "tracin", "clip_score") if full else ("tracin", "clip_score")
-        comp_names = COMPONENTS if full else ("a",)
+        comp_names = tuple(c for c in COMPONENTS if c in self.settings.components)  # the rest stay null
+        score_names = columns_computed(comp_names)
         images = torch.from_numpy(np.stack([image for _, image, _ in batch])).permute(0, 3, 1, 2)
-        out = self.influence.score_inputs(*self.influence.inputs(images, [caption for _, _, caption in batch]))
+        out = self.influence.score_inputs(*self.influence.inputs(images, [caption for _, _, caption in batch]),
+                                          uids=[row["uid"] for row, _, _ in batch])
         for j, (row, _, _) in enumerate(batch):
             row["scores"] = {k: float(out[k][j]) for k in score_names}
             row["components"] = {k: out[k][:, j].tolist() for k in comp_names}
@@ -185,7 +185,7 @@ class ScoreStage:
             cols["index"].append(index)
             cols["status"].append(row["status"])
             cols["error"].append(None if row["status"] == "ok" else row["error"])
-            for name in ("diffin", "diffin_eq9", "tracin", "clip_score"):
+            for name in SCORE_COLUMNS:
                 cols[name].append(scores.get(name) if scores else None)
             for name in COMPONENTS:
                 cols[name].append(comps.get(name) if comps else None)

@@ -15,7 +15,7 @@ import torch
 from scipy.stats import spearmanr
 
 from pipeline.bench import fidelity
-from pipeline.bench.digits import (DigitsSettings, MLPConfig, build_mlp, load_digits_data, mean_loss,
+from pipeline.bench.digits import (DigitsSettings, MLPConfig, build_mlp, load_digits_data, mean_loss, unrolled_scores_of,
                                    score_run, train_mlp)
 from pipeline.bench.metrics import METRIC_KEYS, lds, method_metrics, pearson, relative_error, spearman
 from pipeline.bench.openmoji_clip import OpenMojiSettings, corpus_is_complete, ensure_openmoji
@@ -24,6 +24,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import UsageError
 from pipeline.influence.objective import ClassifierObjective
 from pipeline.influence.prepare import mean_loss_grad
+from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings
 from pipeline.model.train import batch_indices
 
@@ -187,6 +188,8 @@ def test_digits_scores_have_the_design_identity(digits) -> None:
     run = train_mlp(train, CFG, keep_checkpoints=True)
     scores = score_run(run, model, train, target, CFG)
     assert set(scores) == {"tracin", "diffin_eq9", "diffin"}
+    unrolled = unrolled_scores_of(run, model, train, target, CFG, proxy_batch_size=16)
+    assert unrolled.shape == (80,) and torch.isfinite(unrolled).all()
     assert all(v.shape == (80,) and torch.isfinite(v).all() for v in scores.values())
     assert torch.allclose(scores["diffin"], scores["tracin"] + CFG.steps * scores["diffin_eq9"], rtol=1e-10)
     assert math.isfinite(mean_loss(model, run.params, target))
@@ -197,7 +200,8 @@ def test_digits_scores_have_the_design_identity(digits) -> None:
 TINY_OPENMOJI = OpenMojiSettings(
     num_train=24, num_target=20,
     train=TrainConfig(model="tiny-clip-32", steps=4, batch_size=8, lr=1e-3, warmup=1, checkpoints=2, seed=0),
-    influence=InfluenceSettings(bank_size=7, batch_size=16, proxy_batch_size=8, adam=True),
+    influence=InfluenceSettings(bank_size=7, batch_size=16, proxy_batch_size=8, adam=True,
+                              unrolled=UnrolledSettings(lanczos_steps=4)),
     loo=3, lds_subsets=3, noise=1, corpus_limit=120)
 TINY_DIGITS = DigitsSettings(num_train=60, num_target=40, mlp=replace(CFG, steps=12), loo=4, lds_subsets=3, noise=1)
 
@@ -237,9 +241,20 @@ def test_tiny_run_writes_the_schema(tmp_path: Path) -> None:
         assert (truth["loo_count"], truth["lds_subsets"], truth["noise_count"]) == (counts.loo, counts.lds_subsets, 1)
         assert meta["datasets"][dataset]["settings"]["seed"] == 0
     assert meta["datasets"]["openmoji"]["data"]["bank"] == 7
-    assert set(meta["datasets"]["digits"]["score_stats"]) == {"diffin", "diffin_eq9", "tracin"}
-    assert set(meta["datasets"]["openmoji"]["score_stats"]) == {"diffin", "diffin_eq9", "tracin", "tracin_adam",
-                                                                "clip_score"}
+    assert set(meta["datasets"]["digits"]["score_stats"]) == {"diffin_unrolled", "diffin", "diffin_eq9", "tracin"}
+    assert set(meta["datasets"]["openmoji"]["score_stats"]) == {"diffin_unrolled", "diffin_unrolled_adam", "diffin",
+                                                                "diffin_eq9", "tracin", "tracin_adam", "clip_score"}
+    for method in ("diffin_unrolled", "diffin_unrolled_adam"):
+        assert on_disk["openmoji"][method]["relerr_loo"] is not None
+    assert on_disk["digits"]["diffin_unrolled"]["relerr_loo"] is not None
+    assert set(meta["datasets"]["digits"]["variants"]) == {
+        "unrolled_f_exp", "unrolled_full_hessian", "unrolled_K5", "unrolled_K10", "unrolled_K40",
+        "unrolled_m1", "unrolled_m2", "unrolled_m5", "unrolled_m10"}  # 12 steps: m = 20 does not fit
+    assert set(meta["datasets"]["openmoji"]["variants"]) == {"unrolled_f_exp", "unrolled_adam_floor0.0001",
+                                                             "unrolled_adam_floor0.001"}
+    for dataset in ("openmoji", "digits"):
+        assert meta["datasets"][dataset]["truth"]["lds_ceiling"] is None or 0 <= meta["datasets"][dataset]["truth"]["lds_ceiling"] <= 1
+    assert "unrolled_m1" in fidelity.format_table(on_disk)
 
 
 def test_cli_presets_and_command(tmp_path: Path) -> None:

@@ -95,3 +95,18 @@ def test_unknown_modes_rejected(case64) -> None:
         prepare_checkpoint(objective, params, target, train, hvp="magic")
     with pytest.raises(ValueError, match="c mode"):
         CheckpointScorer(objective, params, params, params, params, c_mode="magic")
+
+
+def test_bank_infonce_self_index_equals_removing_the_bank_row() -> None:
+    from pipeline.influence.objective import bank_infonce
+
+    gen = torch.Generator().manual_seed(0)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    img, txt = unit(torch.randn(3, 4, generator=gen, dtype=torch.float64)), unit(torch.randn(3, 4, generator=gen, dtype=torch.float64))
+    bank_img, bank_txt = unit(torch.randn(5, 4, generator=gen, dtype=torch.float64)), unit(torch.randn(5, 4, generator=gen, dtype=torch.float64))
+    scale = torch.tensor(1.5, dtype=torch.float64)
+    masked = bank_infonce(img, txt, scale, bank_img, bank_txt, torch.tensor([2, -1, 0]))
+    for i, own in enumerate([2, -1, 0]):
+        keep = [k for k in range(5) if k != own]
+        ref = bank_infonce(img[i:i + 1], txt[i:i + 1], scale, bank_img[keep], bank_txt[keep])
+        assert torch.allclose(masked[i], ref[0], rtol=1e-12)

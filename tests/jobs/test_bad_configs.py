@@ -26,7 +26,7 @@ def base_config(corpus: Path) -> dict:
                                  "checkpoints": 2}},
         "target": {"holdout_fraction": 0.25, "max_pairs": 16, "bank_size": 3},
         "score": {"batch_size": 8, "proxy_batch_size": 8, "keep_json_fields": []},
-        "select": {"column": "tracin", "rule": "top_fraction", "fraction": 0.5},
+        "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
         "reshard": {"shard_size": 16},
         "resources": {"actors": 1, "num_cpus": 0.5, "num_gpus": 0},
     }

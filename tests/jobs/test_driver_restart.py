@@ -38,7 +38,7 @@ def restart_config(corpus: Path) -> dict:
                                  "checkpoints": 2, "seed": 0, "threads": 1}},
         "target": {"holdout_fraction": 0.15, "max_pairs": 64, "bank_size": 7, "seed": 0},
         "score": {"batch_size": 16, "proxy_batch_size": 8},
-        "select": {"column": "tracin", "rule": "top_fraction", "fraction": 0.5},
+        "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
         "resources": {"actors": 1, "num_cpus": 0.5, "threads": 1},
     }
 

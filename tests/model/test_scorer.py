@@ -12,11 +12,13 @@ from pipeline.data.pairs import load_pairs
 from pipeline.data.shards import expand_shards
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
+from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence, adam_preconditioner
 from pipeline.model.train import train_proxy
 from pipeline.model.trajectory import load_checkpoint_state
 
-SETTINGS = InfluenceSettings(bank_size=7, batch_size=8, proxy_batch_size=8, adam=True)
+SETTINGS = InfluenceSettings(bank_size=7, batch_size=8, proxy_batch_size=8, adam=True,
+                              unrolled=UnrolledSettings(lanczos_steps=4))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,9 @@ def setup(tiny_corpus: Path, tmp_path_factory):
 def test_shapes_and_identity(setup) -> None:
     traj, train, _, influence, _ = setup
     out = influence.score_table(train.subset(range(12)))
-    assert out["a"].shape == out["b"].shape == out["c"].shape == (3, 12)
-    for key in ("diffin", "diffin_eq9", "tracin", "tracin_adam", "clip_score", "loss"):
+    assert out["a"].shape == out["b"].shape == out["c"].shape == out["d"].shape == (3, 12)
+    for key in ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam",
+                "clip_score", "loss"):
         assert out[key].shape == (12,) and out[key].dtype == torch.float64 and torch.isfinite(out[key]).all()
     assert torch.allclose(out["diffin"], out["tracin"] + traj.total_steps * out["diffin_eq9"], rtol=1e-9, atol=0)
     assert (out["clip_score"].abs() <= 1 + 1e-6).all()
@@ -45,7 +48,7 @@ def test_scores_independent_of_batch_and_order(setup) -> None:
     _, train, _, influence, _ = setup
     forward = influence.score_table(train.subset(range(16)))
     backward = influence.score_table(train.subset(list(reversed(range(16)))))
-    for key in ("diffin", "tracin", "a", "b", "c"):
+    for key in ("diffin_unrolled", "diffin", "tracin", "a", "b", "c", "d"):
         assert torch.allclose(forward[key], backward[key].flip(-1), rtol=1e-4, atol=1e-12), key
 
 
@@ -71,3 +74,45 @@ def test_adam_preconditioner_from_optimizer_state(setup) -> None:
     v_hat = entry["exp_avg_sq"] / (1 - 0.98 ** float(entry["step"]))
     assert torch.allclose(precond["logit_scale"], 1 / (v_hat.sqrt() + 1e-6))
     assert set(precond) == set(influence.params[0])
+
+
+def test_unrolled_directions_follow_the_schedule_and_the_adam_metric(setup) -> None:
+    traj, *_, prepared = setup
+    unrolled = prepared.unrolled
+    assert unrolled.diagnostics["segment_updates"] == [2, 2, 2]  # 6 updates, checkpoints after 2, 4, 6
+    assert len(unrolled.directions) == len(unrolled.adam_directions) == 3
+    for plain, adam in zip(unrolled.directions, unrolled.adam_directions):
+        assert set(plain) == set(adam) and all(torch.isfinite(v).all() for v in plain.values())
+        assert any(not torch.allclose(plain[k], adam[k]) for k in plain)
+
+
+def test_a_trajectory_without_schedule_cannot_give_the_unrolled_score(setup) -> None:
+    from dataclasses import replace
+
+    from pipeline.errors import UsageError
+    from pipeline.model.scorer import segment_lrs
+
+    traj, *_ = setup
+    with pytest.raises(UsageError, match="schedule"):
+        segment_lrs(replace(traj, schedule={}), [2, 4, 6])
+    lrs = segment_lrs(traj, [2, 4, 6])
+    assert [len(x) for x in lrs] == [2, 2, 2] and lrs[0][0] < lrs[0][1]  # warmup of 2 steps
+
+
+def test_a_bank_pair_is_never_its_own_negative(setup) -> None:
+    from pipeline.influence.objective import per_sample_loss
+
+    _, _, target, influence, prepared = setup
+    where = {u: i for i, u in enumerate(target.uids)}
+    rows = [where[u] for u in prepared.bank_uids[:2]]
+    images, tokens = influence.inputs(target.images[rows], [target.captions[i] for i in rows])
+    masked = influence.score_inputs(images, tokens, uids=prepared.bank_uids[:2])["loss"]
+    unmasked = influence.score_inputs(images, tokens)["loss"]
+    bank_images, bank_tokens = influence.inputs(prepared.bank_images, prepared.bank_captions)
+    for j in range(2):
+        keep = [i for i in range(len(prepared.bank_uids)) if i != j]
+        without_self = CLIPBankObjective(influence.model, bank_images[keep], bank_tokens[keep])
+        with forward_mode_safe(), torch.no_grad():
+            expected = per_sample_loss(without_self, influence.params[-1], (images[j:j + 1], tokens[j:j + 1]))
+        assert torch.allclose(masked[j], expected.double()[0], rtol=1e-5)
+        assert not torch.allclose(unmasked[j], masked[j], rtol=1e-3)

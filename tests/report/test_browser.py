@@ -17,6 +17,7 @@ from PIL import Image
 
 import pytest
 
+from pipeline.io.scores import SCORE_COLUMNS
 from pipeline.report.build import write_report
 from tests.conftest import COLOURS
 from tests.report.pagecheck import parse
@@ -50,7 +51,7 @@ def run_chromium(page: Path, profile: Path, *action: str) -> subprocess.Complete
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     page = write_report(run_dir, n_examples=8)
     n_images = len(parse(page.read_text()).images)
-    assert n_images == 1 + 4 + 1 + 2 * 8
+    assert n_images == 1 + len(SCORE_COLUMNS) + 1 + 2 * 8
 
     dom = run_chromium(page, tmp_path / "profile", "--dump-dom").stdout
     marker = re.search(r'<body[^>]*data-images-loaded="(\d+)/(\d+)"', dom)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from jobs.cli import main as cli_main
 from pipeline.errors import UsageError
+from pipeline.io.scores import SCORE_COLUMNS
 from pipeline.report import REPORT_FILE
 from pipeline.report.build import gather, write_report
 from pipeline.report.gather import HIST_BINS
@@ -41,7 +42,7 @@ def test_report_shows_plots_grids_counts_and_config(run_dir: Path) -> None:
     assert {"Per-shard stats", "Last run", "Config"} <= set(page.sections)
     # self-contained: every image is an embedded PNG / JPEG that decodes; nothing is fetched
     assert page.external == []
-    assert len(page.images) == 1 + 4 + 1 + 2 * N  # status bars, 4 histograms, scatter, thumbnails
+    assert len(page.images) == 1 + len(SCORE_COLUMNS) + 1 + 2 * N  # status bars, a histogram per score column, scatter, thumbnails
     for image in page.images:
         mime, payload = image["src"].removeprefix("data:").split(";base64,")
         assert mime in ("image/png", "image/jpeg")
@@ -126,6 +127,34 @@ def test_stage_timings_in_pipeline_order(run_dir: Path) -> None:
     html = write_report(run_dir, n_examples=0).read_text()
     timings = html.split("<h2>Last run</h2>", 1)[1]
     assert timings.index("<td>trajectory</td>") < timings.index("<td>score</td>")
+
+
+def _last_run(html: str) -> str:
+    return html.split("<h2>Last run</h2>", 1)[1].split("<h2>", 1)[0]
+
+
+def test_target_loss_per_checkpoint_and_its_warning(run_dir: Path) -> None:
+    from pipeline.stages.pipeline import target_loss_warning
+
+    # a summary without target losses (an older run): no column, no note
+    assert "target loss" not in _last_run(write_report(run_dir, n_examples=0).read_text()).lower()
+    path = run_dir / "run_summary.json"
+    summary = json.loads(path.read_text())
+    summary["checkpoints"][0]["target_loss"] = 2.7821
+    summary["checkpoints"][1]["target_loss"] = 2.7923
+    summary["target_loss_warning"] = target_loss_warning([2.7821, 2.7923])
+    path.write_text(json.dumps(summary))
+    section = _last_run(write_report(run_dir, n_examples=0).read_text())
+    assert "<th>target loss</th>" in section
+    assert '<td class="n">2.782</td>' in section and '<td class="n">2.792</td>' in section
+    assert '<p class="warn">Warning: the target loss L_V does not fall' in section
+    # falling: the values, no warning
+    summary["checkpoints"][1]["target_loss"] = 1.5
+    summary["target_loss_warning"] = target_loss_warning([2.7821, 1.5])
+    path.write_text(json.dumps(summary))
+    section = _last_run(write_report(run_dir, n_examples=0).read_text())
+    assert "2.782 → 1.5" in section and "It falls" in section
+    assert "warn" not in section
 
 
 def test_report_is_deterministic_and_atomic(run_dir: Path, tmp_path: Path) -> None:

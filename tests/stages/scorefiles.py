@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.data.uids import make_uid
-from pipeline.io.scores import SCORE_COLUMNS, write_scores
+from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS, write_scores
 
 
 def write_score_file(path: Path, shard: str, scores: Sequence[float | None], *,
@@ -25,7 +25,7 @@ def write_score_file(path: Path, shard: str, scores: Sequence[float | None], *,
         "shard": [shard] * n, "index": list(range(n)), "status": statuses,
         "error": [None if s == "ok" else "boom" for s in statuses],
         **{column: list(scores) for column in SCORE_COLUMNS},
-        "a": [[0.0]] * n, "b": [[0.0]] * n, "c": [[0.0]] * n,
+        **{name: [[0.0]] * n for name in COMPONENTS},
         **(overrides or {}),
     }
     write_scores(path, rows, fingerprint, trajectory, "0.1.0",

@@ -30,7 +30,7 @@ VOLATILE_KEYS = {"seconds", "stage_seconds", "pairs_per_s", "worker"}
 def two_runs(tmp_path_factory):
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus_det"), n=64, shard_size=8)
     config = pipeline_config(corpus)
-    config["select"] = {"column": "tracin", "rule": "top_fraction", "fraction": 0.5}
+    config["select"] = {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5}
     config["reshard"] = {"shard_size": 10}
     config = parse_config(config)
     root = tmp_path_factory.mktemp("det")

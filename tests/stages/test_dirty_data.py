@@ -44,7 +44,7 @@ def dirty_config(urls: list[str], root: Path, clean: Path, trajectory: Path, **d
         "trajectory": {"path": str(trajectory)},
         "target": {"shards": str(clean / "*.tar"), "max_pairs": 16, "bank_size": 7, "seed": 0},
         "score": {"batch_size": 4, "proxy_batch_size": 8},
-        "select": {"column": "tracin", "rule": "top_fraction", "fraction": 1.0, "failed": "drop"},
+        "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 1.0, "failed": "drop"},
         "resources": {"actors": 1, "num_cpus": 0.5},
     }
 
@@ -62,7 +62,7 @@ def nan_on_trigger(monkeypatch):
     def score_inputs(self, *args, **kwargs):
         out = original_score(self, *args, **kwargs)
         for rows in (self._nan_rows,):
-            for name in ("diffin", "tracin"):
+            for name in ("diffin_unrolled", "diffin", "tracin"):
                 if name in out and rows:
                     out[name] = torch.as_tensor(out[name]).clone()
                     out[name][rows] = float("nan")
@@ -75,12 +75,12 @@ def nan_on_trigger(monkeypatch):
 def _score_rows(run_dir: Path) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for path in sorted((run_dir / "scores").glob("*.parquet")):
-        table = pq.read_table(path, columns=["key", "status", "tracin", "index"]).to_pylist()
+        table = pq.read_table(path, columns=["key", "status", "diffin_unrolled", "index"]).to_pylist()
         out[path.stem + ".tar"] = {}
         for row in table:
             out[path.stem + ".tar"].setdefault(row["key"], row["status"])
             assert out[path.stem + ".tar"][row["key"]] == row["status"], "a repeated key got two statuses"
-            assert (row["tracin"] is None) == (row["status"] != "ok")
+            assert (row["diffin_unrolled"] is None) == (row["status"] != "ok")
     return out
 
 

@@ -33,7 +33,7 @@ def pipeline_config(corpus: Path, **score) -> dict:
 @pytest.fixture(scope="module")
 def scored_run(corpus: Path, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    config = parse_config(pipeline_config(corpus))
+    config = parse_config(pipeline_config(corpus, method="all"))
     summary = run_pipeline(config, run_dir, LocalExecutor(), progress=False)
     return config, run_dir, summary
 
@@ -50,7 +50,24 @@ def test_one_row_per_pair_one_file_per_shard(corpus: Path, scored_run) -> None:
         assert t.column("index").to_pylist() == list(range(8))  # shard order
         assert set(t.column("status").to_pylist()) == {"ok"}
         assert all(len(a) == 2 for a in t.column("a").to_pylist())
+        assert all(len(d) == 2 for d in t.column("d").to_pylist())
         assert t.schema.metadata[b"diffin.config_fingerprint"]
+
+
+def test_summary_records_target_loss_per_checkpoint(scored_run) -> None:
+    import json
+
+    from pipeline.stages.pipeline import target_loss_warning
+
+    _, run_dir, summary = scored_run
+    prepared = [torch.load(run_dir / "prepared" / f"ckpt_{k:03d}.pt", weights_only=True) for k in range(2)]
+    expected = [p["target_loss"] for p in prepared]
+    assert all(isinstance(x, float) and x > 0 for x in expected)
+    on_disk = json.loads((run_dir / "run_summary.json").read_text())
+    for written in (summary, on_disk):
+        assert [c["step"] for c in written["checkpoints"]] == [p["step"] for p in prepared] == [3, 6]
+        assert [c["target_loss"] for c in written["checkpoints"]] == pytest.approx(expected, rel=1e-12)
+        assert written["target_loss_warning"] == target_loss_warning(expected)
 
 
 def test_scores_equal_in_process_estimator(corpus: Path, scored_run) -> None:
@@ -64,7 +81,8 @@ def test_scores_equal_in_process_estimator(corpus: Path, scored_run) -> None:
     direct = influence.score_table(table)
     written = pq.read_table([run_dir / "scores" / "00003.parquet", run_dir / "scores" / "00004.parquet"]).to_pydict()
     assert written["uid"] == table.uids
-    for column in ("diffin", "diffin_eq9", "tracin", "clip_score"):
+    assert torch.allclose(torch.tensor(written["d"], dtype=torch.float64).T, direct["d"], rtol=1e-5, atol=1e-12)
+    for column in ("diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score"):
         assert torch.allclose(torch.tensor(written[column], dtype=torch.float64), direct[column],
                               rtol=1e-5, atol=1e-12), column
 

@@ -72,7 +72,7 @@ def _config(tmp_path: Path, options: dict) -> Path:
                                  "checkpoints": 2, "seed": 0}},
         "target": {"holdout_fraction": 0.2, "max_pairs": 16, "bank_size": 7, "seed": 0},
         "score": {"batch_size": 8, "proxy_batch_size": 8},
-        "select": {"column": "tracin", "rule": "top_fraction", "fraction": 0.5},
+        "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
         "reshard": {"shard_size": 10},
         "resources": {"actors": 2, "num_cpus": 0.5},
         "storage": {"s3": options},

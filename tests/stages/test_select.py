@@ -275,13 +275,13 @@ def test_config_validation(settings: dict, message: str) -> None:
 
 def test_config_defaults_are_valid() -> None:
     cfg = SelectConfig()
-    assert (cfg.column, cfg.rule, cfg.fraction, cfg.failed) == ("tracin", "top_fraction", 0.3, "drop")
+    assert (cfg.column, cfg.rule, cfg.fraction, cfg.failed) == ("diffin_unrolled", "top_fraction", 0.3, "drop")
     assert SelectConfig(rule="random").fraction == 0.3
 
 
 def test_summary_shows_the_settings_as_applied() -> None:
     assert SelectConfig(rule="top_k", k=5).effective() == {
-        "column": "tracin", "rule": "top_k", "fraction": None, "k": 5, "threshold": None,
+        "column": "diffin_unrolled", "rule": "top_k", "fraction": None, "k": 5, "threshold": None,
         "seed": None, "stratify_by": None, "failed": "drop"}
     random_k = SelectConfig(rule="random", k=5, seed=3).effective()
     assert (random_k["fraction"], random_k["k"], random_k["seed"]) == (None, 5, 3)
