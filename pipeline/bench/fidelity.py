@@ -168,6 +168,11 @@ def settings_from_args(args: argparse.Namespace) -> FidelitySettings:
     settings = quick_settings() if args.quick else full_settings()
     if args.seed is not None:
         settings = _with_seed(settings, args.seed)
+    if args.lds_fraction is not None or args.loo is not None or args.no_sweep:
+        om = settings.openmoji
+        settings = dataclasses.replace(settings, openmoji=dataclasses.replace(
+            om, lds_fraction=args.lds_fraction if args.lds_fraction is not None else om.lds_fraction,
+            loo=args.loo if args.loo is not None else om.loo, sweep=om.sweep and not args.no_sweep))
     if args.digits_steps is not None:
         mlp = dataclasses.replace(settings.digits.mlp, steps=args.digits_steps)
         settings = dataclasses.replace(settings, digits=dataclasses.replace(settings.digits, mlp=mlp))
@@ -190,6 +195,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of splits, training, bank and subsets (default 0)")
     parser.add_argument("--digits-steps", type=int, default=None, metavar="T",
                         help="override the MLP's number of SGD steps (horizon study)")
+    parser.add_argument("--lds-fraction", type=float, default=None, metavar="F",
+                        help="OpenMoji: share of the training pairs each LDS subset removes (default 0.5)")
+    parser.add_argument("--loo", type=int, default=None, metavar="N", help="OpenMoji: leave-one-out count")
+    parser.add_argument("--no-sweep", action="store_true", help="OpenMoji: skip the unrolled variants")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,7 +215,9 @@ def run(args: argparse.Namespace) -> int:
 def command_line(args: argparse.Namespace, out: str) -> str:
     """The canonical ``diffin bench fidelity …`` command that reproduces ``args``."""
     return bench_command("fidelity", args, out, (("--datasets", args.datasets), ("--seed", args.seed),
-                                                  ("--digits-steps", args.digits_steps)))
+                                                  ("--digits-steps", args.digits_steps),
+                                                  ("--lds-fraction", args.lds_fraction), ("--loo", args.loo),
+                                                  ("--no-sweep", True if args.no_sweep else None)))
 
 
 def format_table(report: dict) -> str:

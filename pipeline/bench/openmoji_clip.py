@@ -59,6 +59,7 @@ class OpenMojiSettings:
     corpus_limit: int | None = None
     seed: int = 0
     sweep: bool = True  # also score the unrolled variants (f = exp, Adam with floored ε)
+    lds_fraction: float = 0.5  # share of the training pairs each LDS subset removes
 
 
 # --------------------------------------------------------------------------- corpus
@@ -185,7 +186,7 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
         t_train = time.perf_counter() - start - t_data
         scorer, prepared, scores = _score(trajectory, settings, train, target)
         t_score = time.perf_counter() - start - t_data - t_train
-        variant_scores = unrolled_variants(trajectory, settings, train, target) if settings.sweep else {}
+        variant_scores = unrolled_variants(trajectory, settings, train, target, prepared) if settings.sweep else {}
         target_loss = TargetLoss.of(scorer, prepared, target)
         base = target_loss(checkpoint_model_params(trajectory, len(trajectory.checkpoints) - 1, scorer.model))
         learning = _learning(trajectory, prepared, target_loss, settings)
@@ -198,7 +199,8 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
         return target_loss(model_params(train_final(replace(train, uids=with_renamed(train.uids, uid)), cfg)))
 
     truth = measure_ground_truth(train.uids, base, without, settings.loo, settings.lds_subsets, settings.seed,
-                                 "openmoji", renamed_loss=renamed, noise_count=settings.noise)
+                                 "openmoji", renamed_loss=renamed, noise_count=settings.noise,
+                                 lds_fraction=settings.lds_fraction)
     methods = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam",
                "clip_score")
     by_uid = {m: dict(zip(train.uids, scores[m].tolist())) if m in scores else None for m in methods}
@@ -217,21 +219,22 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
 
 
 ADAM_EPS_FLOORS = (1e-4, 1e-3)
+VARIANT_LANCZOS_STEPS = 10  # the variants' K (digits: K = 10 within 0.01 of K = 20 and 40)
 
 
 def unrolled_variants(trajectory: Trajectory, settings: OpenMojiSettings, train: PairTable,
-                      target: PairTable) -> dict[str, Tensor]:
-    """The unrolled scores under other choices: f = exp, and the Adam variant with ε floored
-    (P = 1/(√v̂ + max(ε, floor)) for each of ADAM_EPS_FLOORS)."""
-    base = replace(settings.influence, components=("d",))
+                      target: PairTable, prepared: PreparedTrajectory) -> dict[str, Tensor]:
+    """The unrolled score under other choices, each with K = VARIANT_LANCZOS_STEPS: f = exp,
+    and the Adam metric with ε floored (P = 1/(√v̂ + max(ε, floor)) for each ADAM_EPS_FLOORS)."""
+    base = replace(settings.influence, components=("d",), adam=False,
+                   unrolled=replace(settings.influence.unrolled, lanczos_steps=VARIANT_LANCZOS_STEPS))
+    runs = [("unrolled_f_exp", replace(base, unrolled=replace(base.unrolled, factor="exp")), False)]
+    runs += [(f"unrolled_adam_floor{floor:g}", replace(base, adam_eps_floor=floor), True) for floor in ADAM_EPS_FLOORS]
     out: dict[str, Tensor] = {}
-    runs = [("unrolled_f_exp", replace(base, unrolled=replace(base.unrolled, factor="exp"), adam=False))]
-    runs += [(f"unrolled_adam_floor{floor:g}", replace(base, adam=True, adam_eps_floor=floor)) for floor in ADAM_EPS_FLOORS]
-    for name, influence in runs:
+    for name, influence, adam_only in runs:
         scorer = TrajectoryInfluence(trajectory, influence)
-        scorer.load_prepared(scorer.prepare(target, train))
-        scores = scorer.score_table(train)
-        out[name] = scores["diffin_unrolled_adam" if influence.adam else "diffin_unrolled"]
+        scorer.load_prepared(replace(prepared, unrolled=scorer.prepare_unrolled(target, train, adam_only=adam_only)))
+        out[name] = scorer.score_table(train)["diffin_unrolled"]  # in Adam's metric for the adam variants
     return out
 
 

@@ -52,12 +52,14 @@ def loo_samples(uids: Sequence[str], count: int, seed: int) -> list[str]:
     return [uids[i] for i in ranked(uids, seed, "loo")[:count]]
 
 
-def half_subsets(uids: Sequence[str], count: int, seed: int) -> list[list[str]]:
-    """``count`` random halves to REMOVE (subset j: the first ⌊n/2⌋ uids by rank with salt j)."""
-    if count < 1 or len(uids) < 2:
-        raise UsageError(f"need at least one subset and two samples, got {count} and {len(uids)}")
-    half = len(uids) // 2
-    return [[uids[i] for i in ranked(uids, seed, f"lds{j}")[:half]] for j in range(count)]
+def half_subsets(uids: Sequence[str], count: int, seed: int, fraction: float = 0.5) -> list[list[str]]:
+    """``count`` random subsets to REMOVE: subset j is the first ⌊fraction·n⌋ uids by rank with
+    salt j (``fraction`` 0.5: random halves, the usual LDS; smaller: closer to the linear regime)."""
+    size = int(len(uids) * fraction)
+    if count < 1 or size < 1 or not 0 < fraction < 1:
+        raise UsageError(f"need at least one subset of at least one sample and 0 < fraction < 1, got {count} "
+                         f"subsets of {size} (fraction {fraction}) from {len(uids)} samples")
+    return [[uids[i] for i in ranked(uids, seed, f"lds{j}")[:size]] for j in range(count)]
 
 
 def renamed_uid(uid: str) -> str:
@@ -124,8 +126,9 @@ def measure_ground_truth(train_uids: Sequence[str], base_loss: float,
                          retrained_loss: Callable[[set[str]], float],
                          loo_count: int, lds_subsets: int, seed: int, name: str = "",
                          renamed_loss: Callable[[str], float] | None = None,
-                         noise_count: int = 0) -> GroundTruth:
-    """Retrain once per left-out sample, per half-subset and per renamed sample (noise floor).
+                         noise_count: int = 0, lds_fraction: float = 0.5) -> GroundTruth:
+    """Retrain once per left-out sample, per removed subset (``lds_fraction`` of the samples)
+    and per renamed sample (noise floor).
 
     ``retrained_loss(removed)`` is L_V after retraining without ``removed``;
     ``renamed_loss(uid)`` is L_V after retraining on all samples with ``uid`` renamed.
@@ -134,7 +137,7 @@ def measure_ground_truth(train_uids: Sequence[str], base_loss: float,
         raise ValueError("noise_count > 0 needs renamed_loss")
     start = time.perf_counter()
     loo = loo_samples(train_uids, loo_count, seed)
-    removed_sets = half_subsets(train_uids, lds_subsets, seed)
+    removed_sets = half_subsets(train_uids, lds_subsets, seed, lds_fraction)
     renamed = [train_uids[i] for i in ranked(train_uids, seed, "noise")[:noise_count]]
     jobs: list[Callable[[], float]] = [lambda r=set(r): retrained_loss(r) for r in [[u] for u in loo] + removed_sets]
     jobs += [lambda u=u: renamed_loss(u) for u in renamed]
@@ -172,10 +175,12 @@ def load_shard_dir(directory: Path, size: int) -> PairTable:
 
 def bench_command(name: str, args: argparse.Namespace, out: str, optional: Sequence[tuple[str, Any]]) -> str:
     """The canonical ``diffin bench NAME …`` command that reproduces ``args`` (``optional``:
-    (flag, value) pairs added when the value is set)."""
+    (flag, value) pairs added when the value is set; True: a switch without value)."""
     parts = ["diffin", "bench", name] + (["--quick"] if args.quick else [])
     parts += ["--out", out, "--data-dir", args.data_dir, "--threads", str(args.threads)]
     for flag, value in optional:
-        if value is not None:
+        if value is True:  # a switch
+            parts.append(flag)
+        elif value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)

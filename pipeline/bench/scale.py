@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.influence.scores import METHOD_COMPONENTS
+from pipeline.influence.scores import METHOD_COMPONENTS, columns_computed
 from pipeline.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,8 @@ def scale_config(plan: ScalePlan, corpus: dict[str, Any], target: dict[str, Any]
                    "bank_size": plan.bank_size, "seed": plan.seed},
         "score": {"method": plan.method, "c_mode": "fd", "batch_size": plan.batch_size,
                   "proxy_batch_size": plan.proxy_batch_size},
-        "select": {"rule": "top_fraction", "fraction": plan.fraction},
+        "select": {"column": columns_computed(METHOD_COMPONENTS[plan.method])[0], "rule": "top_fraction",
+                   "fraction": plan.fraction},
         "resources": {"actors": plan.actors, "num_cpus": plan.actor_cpus, "threads": 1},
     }, "scale run")
 

@@ -225,12 +225,13 @@ class TrajectoryInfluence:
                                   [target.captions[i] for i in bank_idx],
                                   [r[0] for r in results], [r[1] for r in results], unrolled)
 
-    def prepare_unrolled(self, target: PairTable, train: PairTable) -> UnrolledPrepared:
+    def prepare_unrolled(self, target: PairTable, train: PairTable, adam_only: bool = False) -> UnrolledPrepared:
         """The unrolled directions acc_k of every checkpoint, backward from the last (sequential).
 
         H_k is the Hessian over ``unrolled.proxy_batches`` proxy batches drawn from ``train``
         by (uid, seed, checkpoint step); η_s comes from the trajectory's schedule. With
-        ``adam`` the recursion is also run in Adam's metric (``adam_directions``).
+        ``adam`` the recursion is also run in Adam's metric (``adam_directions``);
+        ``adam_only`` runs only that one and returns it as ``directions`` (for studies).
         """
         s = self.settings
         bank_idx, target_idx = split_bank(target, s.bank_size, s.seed)
@@ -245,14 +246,16 @@ class TrajectoryInfluence:
         start = time.perf_counter()
         with forward_mode_safe():
             target_batches = self._batches(target, target_idx)
-            plain = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled)
             adam = None
-            if s.adam:
+            if s.adam or adam_only:
                 geometry = [self._geometry(k) for k in range(len(self.params))]
-                if all(g is not None for g in geometry):
-                    adam = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled, geometry)
+                if any(g is None for g in geometry):
+                    raise UsageError("the Adam variant needs the optimizer state (second moments) in every checkpoint")
+                adam = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled, geometry)
+            plain = adam if adam_only else prepare_unrolled(objective, self.params, target_batches, proxy, lrs,
+                                                            s.unrolled)
         diagnostics = {"seconds": round(time.perf_counter() - start, 3), "lanczos_steps": [c.lanczos_steps for c in plain],
-                       "hvps": sum(c.lanczos_steps for c in plain) * (2 if adam else 1),
+                       "hvps": sum(c.lanczos_steps for c in plain) * (2 if adam and not adam_only else 1),
                        "carried_norm": [c.carried_norm for c in plain],
                        "ritz_max": [float(c.ritz_values.max()) for c in plain],
                        "ritz_min": [float(c.ritz_values.min()) for c in plain],
@@ -261,7 +264,8 @@ class TrajectoryInfluence:
                  diagnostics["seconds"])
         return UnrolledPrepared(
             [from_vector(c.direction, p) for c, p in zip(plain, self.params)],
-            [from_vector(c.direction, p) for c, p in zip(adam, self.params)] if adam else None, diagnostics)
+            [from_vector(c.direction, p) for c, p in zip(adam, self.params)] if adam and not adam_only else None,
+            diagnostics)
 
     def _geometry(self, k: int) -> AdamGeometry | None:
         precond = self._preconditioner(k)

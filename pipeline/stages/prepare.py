@@ -163,7 +163,9 @@ class PrepareStage:
         with atomic_path(path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "directions": [_cpu(d) for d in unrolled.directions],
                         "adam_directions": [_cpu(d) for d in unrolled.adam_directions] if unrolled.adam_directions
-                        else None, "diagnostics": unrolled.diagnostics}, tmp)
+                        else None,
+                        # timings vary between runs: logged, not stored (the file is byte-deterministic)
+                        "diagnostics": {k: v for k, v in unrolled.diagnostics.items() if k != "seconds"}}, tmp)
         return str(path)
 
 

@@ -19,6 +19,7 @@ from pipeline.bench import quality
 from pipeline.data.pairs import PairTable
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
+from pipeline.influence.scores import COMPONENTS
 
 
 def _half_up(fraction: float, n: int) -> int:
@@ -38,8 +39,8 @@ def _table(n: int) -> PairTable:
 def _scores(values: np.ndarray, m: int = 2) -> dict[str, torch.Tensor]:
     n = len(values)
     col = torch.tensor(values, dtype=torch.float64)
-    return {"diffin": col, "diffin_eq9": -col, "tracin": col * 2, "clip_score": col.flip(0),
-            **{c: torch.zeros(m, n, dtype=torch.float64) for c in ("a", "b", "c")}}
+    return {"diffin_unrolled": col * 3, "diffin": col, "diffin_eq9": -col, "tracin": col * 2, "clip_score": col.flip(0),
+            **{c: torch.zeros(m, n, dtype=torch.float64) for c in COMPONENTS}}
 
 
 def test_selection_goes_through_the_reducer(tmp_path: Path) -> None:
@@ -165,7 +166,7 @@ def test_quick_run_schema(quick_report: tuple[dict, Path]) -> None:
     fm, oc = report["fashion_mnist"], report["openclipart"]
     assert set(fm) == {"keep_50", "keep_30", "full", "noise_auc"}
     assert set(oc) == {"keep_50", "keep_30", "full"}
-    methods = {"diffin", "diffin_eq9", "tracin", "clip_score", "random"}
+    methods = {"diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score", "random"}
     for budget in ("keep_50", "keep_30"):
         assert set(fm[budget]) == methods and set(oc[budget]) == methods
         for method in methods:

@@ -29,6 +29,7 @@ from open_clip_train.scheduler import const_lr_cooldown, cosine_lr
 from jobs.trajectory import main
 from pipeline.errors import UsageError
 from pipeline.model.openclip_import import import_run
+from pipeline.model.scorer import segment_lrs
 from pipeline.model.trajectory import Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,6 +164,9 @@ def test_real_cosine_run_steps_and_lrs(open_clip_runs: dict[str, Path], tmp_path
     assert loaded.optimizer == {"name": "adamw", "lr": base, "betas": [0.9, 0.999], "eps": 1e-8,
                                 "weight_decay": 0.2}
     assert loaded.schedule["kind"] == "cosine" and loaded.schedule["warmup"] == warmup
+    # The unrolled score's per-update rates η_s, from the imported schedule, are what open_clip applied.
+    per_update = [lr for segment in segment_lrs(loaded, [c.step for c in loaded.checkpoints]) for lr in segment]
+    assert per_update == pytest.approx(logged, abs=1e-6) and len(per_update) == total
     assert loaded.source["kind"] == "open_clip" and loaded.source["run_dir"] == str(run.resolve())
     assert loaded.source["params"]["model"] == MICRO
     assert os.path.isfile(loaded.checkpoint_path(2))

@@ -26,7 +26,7 @@ def _members(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def ray_run(corpus: Path, tmp_path_factory):
     config = pipeline_config(corpus)
-    config["select"] = {"column": "diffin", "rule": "top_fraction", "fraction": 0.3}
+    config["select"] = {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.3}
     config["reshard"] = {"shard_size": 16}
     run_dir = tmp_path_factory.mktemp("ray_run")
     executor = RayExecutor(num_cpus=2, num_gpus=0)
@@ -55,7 +55,7 @@ def test_selection_outputs(ray_run) -> None:
     assert len(kept["uid"]) == expected == summary["selection"]["kept"]
     assert kept["uid"] == sorted(kept["uid"])
     # The kept pairs are the top scores, ties by uid.
-    order = sorted(ok, key=lambda i: (-scores["diffin"][i], scores["uid"][i]))
+    order = sorted(ok, key=lambda i: (-scores["diffin_unrolled"][i], scores["uid"][i]))
     assert set(kept["uid"]) == {scores["uid"][i] for i in order[:expected]}
     arr = np.load(run_dir / "selection" / "kept_uids.npy")
     assert arr.dtype == np.dtype("u8,u8")
