@@ -20,6 +20,8 @@ from pipeline.config import parse_config
 from pipeline.runtime.executor import LocalExecutor
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
+from tests.processes import alive as _alive, cmdline as _cmdline, descendants as _descendants, \
+    processes_naming as _session_processes
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = 12
@@ -41,52 +43,6 @@ def restart_config(corpus: Path) -> dict:
         "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
         "resources": {"actors": 1, "num_cpus": 0.5, "threads": 1},
     }
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, state) of a process, or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), fields[0]
-
-
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (by parent links, read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (info := _stat(int(entry.name))) is not None:
-            children.setdefault(info[0], []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    info = _stat(pid)
-    return info is not None and info[1] != "Z"  # a zombie has exited: only its parent's reaping is left
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _session_processes(session: str) -> set[int]:
-    """Live processes whose command line names the Ray session (raylet, gcs_server, workers...)."""
-    return {int(e.name) for e in Path("/proc").iterdir()
-            if e.name.isdigit() and session in _cmdline(int(e.name)) and _alive(int(e.name))}
 
 
 def _ray_session_of(driver_pid: int, since: float) -> str | None:

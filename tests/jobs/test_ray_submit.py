@@ -1,12 +1,15 @@
-"""`ray start --head` on loopback, `ray job submit` of jobs.prune, outputs checked, cluster stopped."""
+"""`ray start --head` on loopback, `ray job submit` of jobs.prune, outputs checked; the cluster
+this test started (its own --temp-dir) is stopped, and nothing else."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from tests.conftest import make_tiny_corpus
+from tests.processes import processes_naming, stop_processes_naming
 from tests.stages.test_pipeline import pipeline_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +43,8 @@ def test_ray_job_submit_prune(tmp_path: Path) -> None:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
-    started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live below it
+    started = _ray("start", "--head", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                    "--include-dashboard=true", "--disable-usage-stats", env=env)
     try:
@@ -66,4 +71,7 @@ def test_ray_job_submit_prune(tmp_path: Path) -> None:
         rows = sum(pq.read_table(f).num_rows for f in (run_dir / "scores").glob("*.parquet"))
         assert rows == 96
     finally:
-        _ray("stop", "--force", env=env)
+        stopped = stop_processes_naming(temp_dir)  # only this cluster's processes (never `ray stop`: it ends every Ray)
+        assert not processes_naming(temp_dir)
+        assert stopped or started.returncode != 0, "no process of the started cluster names its --temp-dir"
+        shutil.rmtree(temp_dir, ignore_errors=True)
