@@ -65,10 +65,6 @@ def _no_decay(name: str, p: Tensor) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def _no_decay_count(model: torch.nn.Module) -> int:
-    return sum(1 for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p))
-
-
 def _open_clip_param_order(model: torch.nn.Module) -> list[str]:
     """Parameter order of open_clip's AdamW groups (gains/biases first, then the rest)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -151,7 +147,7 @@ def segment_lrs(trajectory: Trajectory, steps: Sequence[int]) -> list[list[float
 def adam_geometry(precond: ParamDict, params: ParamDict, model: torch.nn.Module, weight_decay: float) -> AdamGeometry:
     """Adam's metric √P and the decoupled decay (open_clip's decay group only), flat in the
     order of ``params``."""
-    decayed = set(_open_clip_param_order(model)[_no_decay_count(model):])
+    decayed = {n for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)}
     sqrt_p = to_vector({k: precond[k].sqrt() for k in params})
     decay = to_vector({k: torch.full_like(v, weight_decay if k in decayed else 0.0) for k, v in params.items()})
     return AdamGeometry(sqrt_p, decay)
