@@ -117,6 +117,14 @@ class Components:
 
 COMPONENT_NAMES = ("a", "b", "c", "d")
 
+# The prepared vectors each component reads (d reads the unrolled direction, prepared apart).
+COMPONENT_VECTORS: dict[str, tuple[str, ...]] = {"a": ("u",), "b": ("w",), "c": ("u", "g"), "d": ()}
+
+
+def vectors_needed(components: tuple[str, ...]) -> frozenset[str]:
+    """The prepared vectors (of u, g, w) that ``components`` read."""
+    return frozenset(v for c in components for v in COMPONENT_VECTORS[c])
+
 
 class CheckpointScorer:
     """Computes the requested components for batches at one checkpoint; context jets cached.
@@ -140,12 +148,14 @@ class CheckpointScorer:
             raise ValueError(f"components must be a non-empty subset of {COMPONENT_NAMES}, got {components}")
         if "c" in components and "a" not in components:
             raise ValueError("component c needs component a")
+        given = {"u": u, "g": g, "w": w}
+        missing = sorted(n for n in vectors_needed(components) if given[n] is None)
+        if "d" in components and unrolled is None:
+            missing.append("unrolled")
+        if missing:
+            raise ValueError(f"components {components} need the vectors {missing}")
         vectors = {"u": u if "a" in components else None, "w": w if "b" in components else None,
                    "pu": preconditioned_u, "d": unrolled if "d" in components else None}
-        needed = {"u": "a" in components, "w": "b" in components, "d": "d" in components}
-        missing = [n for n, need in needed.items() if need and vectors[n] is None]
-        if missing or ("c" in components and g is None):
-            raise ValueError(f"components {components} need the vectors {missing + (['g'] if 'c' in components and g is None else [])}")
         self.objective, self.params, self.u, self.g, self.w = objective, params, u, g, w
         self.c_mode, self.eps, self.components = c_mode, eps, components
         self._direction_names = [n for n in ("u", "w", "pu", "d") if vectors[n] is not None]

@@ -4,7 +4,7 @@ unrolled directions acc_k (sequential over checkpoints)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Collection, Literal, Sequence
 
 import torch
 
@@ -98,31 +98,37 @@ class BatchHessian:
 
 @dataclass
 class PreparedCheckpoint:
-    """Shared vectors of one checkpoint: target gradient u, proxy gradient g, w = H_B u."""
+    """Shared vectors of one checkpoint: target gradient u, proxy gradient g, w = H_B u
+    (g and w are None when the scores asked for do not read them)."""
 
     u: ParamDict
-    g: ParamDict
-    w: ParamDict
+    g: ParamDict | None
+    w: ParamDict | None
     hvp: HVPMode
     target_loss: float
 
 
 def prepare_checkpoint(objective: PerSampleObjective, params: ParamDict,
                        target_batches: Sequence[Batch], train_batches: Sequence[Batch],
-                       hvp: HVPMode = "exact", eps: float = 1e-3) -> PreparedCheckpoint:
-    """u_t = ∇L_V(θ_t), g_t = ∇L_B(θ_t) over the proxy batches, w_t = H_B u_t."""
-    u = mean_loss_grad(objective, params, target_batches)
-    g = mean_loss_grad(objective, params, train_batches)
-    if hvp == "exact":
-        w = hvp_exact(objective, params, train_batches, u)
-    elif hvp == "fd":
-        w = hvp_fd(objective, params, train_batches, u, eps, base_grad=g)
-    else:
+                       hvp: HVPMode = "exact", eps: float = 1e-3,
+                       vectors: Collection[str] = ("u", "g", "w")) -> PreparedCheckpoint:
+    """u_t = ∇L_V(θ_t), g_t = ∇L_B(θ_t) over the proxy batches, w_t = H_B u_t.
+
+    u is always computed (it also gives the target loss); g and w only when in ``vectors``.
+    """
+    if hvp not in ("exact", "fd"):
         raise ValueError(f"unknown hvp mode {hvp!r}")
+    u = mean_loss_grad(objective, params, target_batches)
+    g = mean_loss_grad(objective, params, train_batches) if "g" in vectors or (hvp == "fd" and "w" in vectors) else None
+    w = None
+    if "w" in vectors:
+        w = (hvp_exact(objective, params, train_batches, u) if hvp == "exact"
+             else hvp_fd(objective, params, train_batches, u, eps, base_grad=g))
+    if "g" not in vectors:
+        g = None
     with torch.no_grad():
-        n = sum(per_sample_loss(objective, params, b).sum() for b in target_batches)
-        count = sum(per_sample_loss(objective, params, b).shape[0] for b in target_batches)
-    return PreparedCheckpoint(u, g, w, hvp, float(n / count))
+        losses = torch.cat([per_sample_loss(objective, params, b) for b in target_batches])
+    return PreparedCheckpoint(u, g, w, hvp, float(losses.mean()))
 
 
 def prepare_unrolled(objective: PerSampleObjective, checkpoint_params: Sequence[ParamDict],

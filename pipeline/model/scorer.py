@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline.data.pairs import PairTable, rank_order
 from pipeline.errors import UsageError
-from pipeline.influence.forward import CheckpointScorer
+from pipeline.influence.forward import CheckpointScorer, vectors_needed
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
 from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, prepare_unrolled
@@ -207,7 +207,8 @@ class TrajectoryInfluence:
         proxy_idx = rank_select(train, s.proxy_batches * s.proxy_batch_size, s.seed, f"proxy{ckpt.step}")
         with forward_mode_safe():
             prepared = prepare_checkpoint(objective, self.params[k], self._batches(target, target_idx),
-                                          self._batches(train, proxy_idx, s.proxy_batch_size), s.hvp, s.eps)
+                                          self._batches(train, proxy_idx, s.proxy_batch_size), s.hvp, s.eps,
+                                          vectors_needed(s.components))
         log.info("prepared checkpoint step %d: target loss %.4f", ckpt.step, prepared.target_loss)
         return prepared, (self._preconditioner(k) if s.adam else None)
 
@@ -283,8 +284,8 @@ class TrajectoryInfluence:
         if len(prepared.prepared) != len(self.params):
             raise ValueError(f"{len(prepared.prepared)} prepared checkpoints for {len(self.params)} selected")
 
-        def here(x: ParamDict) -> ParamDict:
-            return cast(x, self.dtype, self.device)
+        def here(x: ParamDict | None) -> ParamDict | None:
+            return cast(x, self.dtype, self.device) if x is not None else None
 
         unrolled = prepared.unrolled
         if "d" in s.components and unrolled is None:

@@ -146,7 +146,7 @@ class PrepareStage:
         with atomic_path(path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "step": influence.checkpoints[task.index].step,
                         "u": _cpu(prepared.u), "g": _cpu(prepared.g), "w": _cpu(prepared.w),
-                        "precond": _cpu(precond) if precond is not None else None,
+                        "precond": _cpu(precond),
                         "target_loss": prepared.target_loss, "hvp": prepared.hvp}, tmp)
         return str(path)
 
@@ -174,8 +174,8 @@ class UnrolledTask:
     """Compute the unrolled directions of all (selected) checkpoints."""
 
 
-def _cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in params.items()}
+def _cpu(params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return {k: v.detach().cpu() for k, v in params.items()} if params is not None else None
 
 
 def _stamp(path: StoragePath) -> str | None:

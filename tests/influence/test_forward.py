@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.influence.forward import CheckpointScorer
+from pipeline.influence.forward import CheckpointScorer, vectors_needed
 from pipeline.influence.objective import forward_mode_safe
 from pipeline.influence.params import dot, params_of
 from pipeline.influence.prepare import hvp_exact, hvp_fd, mean_loss_grad, prepare_checkpoint
@@ -87,6 +87,37 @@ def test_tracin_only_leaves_second_order_empty(case64) -> None:
         prep = prepare_checkpoint(objective, params, target, train, hvp="exact")
         comp = CheckpointScorer(objective, params, prep.u, prep.g, prep.w, components=("a",))(batch)
     assert torch.isfinite(comp.a).all() and torch.isnan(comp.b).all() and torch.isnan(comp.c).all()
+
+
+@pytest.mark.parametrize("components,vectors", [(("d",), set()), (("a",), {"u"}), (("a", "b"), {"u", "w"}),
+                                                (("a", "c"), {"u", "g"}), (("a", "b", "c", "d"), {"u", "g", "w"})])
+def test_prepare_computes_only_the_vectors_the_components_read(case64, components, vectors) -> None:
+    objective, params, target, train, batch = _setup(case64)
+    with forward_mode_safe():
+        full = prepare_checkpoint(objective, params, target, train, hvp="fd")
+        some = prepare_checkpoint(objective, params, target, train, hvp="fd", vectors=vectors_needed(components))
+        comp = CheckpointScorer(objective, params, some.u, some.g, some.w, components=components,
+                                unrolled=full.u)(batch)
+    assert (some.g is None) == ("g" not in vectors) and (some.w is None) == ("w" not in vectors)
+    for name in ("u", "g", "w"):
+        if getattr(some, name) is not None:  # what is computed equals the full preparation
+            assert all(torch.equal(getattr(some, name)[k], getattr(full, name)[k]) for k in params), name
+    assert some.target_loss == full.target_loss
+    for name in ("a", "b", "c", "d"):
+        value = getattr(comp, name)  # not computed: NaN (d: None)
+        assert (value is not None and bool(torch.isfinite(value).all())) == (name in components), name
+
+
+def test_scorer_names_the_missing_vector(case64) -> None:
+    objective, params, target, train, _ = _setup(case64)
+    with forward_mode_safe():
+        prep = prepare_checkpoint(objective, params, target, train, vectors=("u",))
+        with pytest.raises(ValueError, match=r"\['w'\]"):
+            CheckpointScorer(objective, params, prep.u, prep.g, prep.w, components=("a", "b"))
+        with pytest.raises(ValueError, match=r"\['g'\]"):
+            CheckpointScorer(objective, params, prep.u, prep.g, prep.w, components=("a", "c"))
+        with pytest.raises(ValueError, match="unrolled"):
+            CheckpointScorer(objective, params, prep.u, None, None, components=("d",))
 
 
 def test_unknown_modes_rejected(case64) -> None:

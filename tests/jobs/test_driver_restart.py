@@ -39,7 +39,7 @@ def restart_config(corpus: Path) -> dict:
         "trajectory": {"train": {"model": "tiny-clip-32", "steps": 6, "batch_size": 8, "warmup": 2,
                                  "checkpoints": 2, "seed": 0, "threads": 1}},
         "target": {"holdout_fraction": 0.15, "max_pairs": 64, "bank_size": 7, "seed": 0},
-        "score": {"batch_size": 16, "proxy_batch_size": 8},
+        "score": {"batch_size": 16, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 4}},
         "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
         "resources": {"actors": 1, "num_cpus": 0.5, "threads": 1},
     }

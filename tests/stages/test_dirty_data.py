@@ -43,7 +43,7 @@ def dirty_config(urls: list[str], root: Path, clean: Path, trajectory: Path, **d
         "data": {"shards": urls, "sizes": str(root / SIZES_FILE), **data},
         "trajectory": {"path": str(trajectory)},
         "target": {"shards": str(clean / "*.tar"), "max_pairs": 16, "bank_size": 7, "seed": 0},
-        "score": {"batch_size": 4, "proxy_batch_size": 8},
+        "score": {"batch_size": 4, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 4}},
         "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 1.0, "failed": "drop"},
         "resources": {"actors": 1, "num_cpus": 0.5},
     }

@@ -25,7 +25,7 @@ def pipeline_config(corpus: Path, **score) -> dict:
         "trajectory": {"train": {"model": "tiny-clip-32", "steps": 6, "batch_size": 8, "warmup": 2,
                                  "checkpoints": 2, "seed": 0}},
         "target": {"holdout_fraction": 0.15, "max_pairs": 64, "bank_size": 7, "seed": 0},
-        "score": {"batch_size": 16, "proxy_batch_size": 8, **score},
+        "score": {"batch_size": 16, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 4}, **score},
         "resources": {"actors": 2, "num_cpus": 0.5},
     }
 

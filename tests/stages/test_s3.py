@@ -71,7 +71,7 @@ def _config(tmp_path: Path, options: dict) -> Path:
         "trajectory": {"train": {"model": "tiny-clip-32", "steps": 4, "batch_size": 8, "warmup": 1,
                                  "checkpoints": 2, "seed": 0}},
         "target": {"holdout_fraction": 0.2, "max_pairs": 16, "bank_size": 7, "seed": 0},
-        "score": {"batch_size": 8, "proxy_batch_size": 8},
+        "score": {"batch_size": 8, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 4}},
         "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
         "reshard": {"shard_size": 10},
         "resources": {"actors": 2, "num_cpus": 0.5},
