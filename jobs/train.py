@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from jobs._common import SimpleJob
 from pipeline.config import load_config
@@ -23,35 +24,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import shutil
 
-    from pipeline.data.shards import expand_shards, load_sizes
+    from pipeline.io.storage import as_path
     from pipeline.model.train import read_uid_list
-    from pipeline.runtime.executor import Resources, make_executor
-    from pipeline.stages.trajectory import TrainStage, TrainTask
+    from pipeline.model.trajectory import MANIFEST
+    from pipeline.runtime.executor import make_executor
+    from pipeline.stages.trajectory import train_trajectory
 
     config = load_config(args.config)
-    cfg = config.trajectory.train
-    if cfg is None:
+    if config.trajectory.train is None:
         raise UsageError(f"{args.config}: trajectory.train: required by `diffin train` (the config names an existing trajectory)")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {out} is not empty; pass --overwrite to replace it")
+    out = as_path(args.out, config.storage)
     if args.exclude_uids and not Path(args.exclude_uids).is_file():
         raise UsageError(f"--exclude-uids: file not found: {args.exclude_uids}")
+    exists = out.exists() and any(out.iterdir())
+    if exists and args.overwrite:
+        out.fs.rm(str(out), recursive=True) if hasattr(out, "fs") else shutil.rmtree(out)
+    elif exists and not (out / MANIFEST).is_file():
+        raise UsageError(f"--out {out} is not empty and holds no finished trajectory; pass --overwrite to replace it")
     exclude = frozenset(read_uid_list(args.exclude_uids)) if args.exclude_uids else frozenset()
-    sizes = load_sizes(config.data.sizes) if config.data.sizes else None
-    task = TrainTask(tuple(expand_shards(config.data.shards)), cfg, str(out), sizes, exclude)
-    resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
     executor = make_executor(args.executor, config.resources.address)
     start = time.perf_counter()
     try:
-        executor.map(TrainStage(resources).process, [task], resources)
+        traj = train_trajectory(config, out, executor, exclude)  # a finished one of this configuration is reused
     finally:
         executor.shutdown()
-    from pipeline.model.trajectory import Trajectory
-
-    traj = Trajectory.load(out)
     print(f"trajectory: {out / 'trajectory.json'}  ({len(traj.checkpoints)} checkpoints, "
           f"N={traj.num_samples}, T={traj.total_steps}, {time.perf_counter() - start:.1f}s)")
     for ckpt in traj.checkpoints:

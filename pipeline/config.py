@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 from pipeline.data.shards import SIZES_FILE
 from pipeline.errors import UsageError
 from pipeline.influence.scores import (DEFAULT_COLUMN, DEFAULT_METHOD, METHOD_COMPONENTS, SCORE_COLUMNS,
-                                       columns_computed)
+                                       columns_computed, method_components)
 from pipeline.influence.unrolled import STEP_FACTORS
 
 
@@ -139,7 +139,8 @@ class ScoreConfig(Section):
         DEFAULT_METHOD, description="which scores to compute: unrolled (diffin_unrolled, one JVP per checkpoint), "
                                     "tracin (one JVP), diffin (diffin, diffin_eq9, tracin: three JVPs), all")
     unrolled: UnrolledConfig = UnrolledConfig()
-    adam: bool = False
+    adam: bool = Field(False, description="also the optimizer-aware twins (tracin_adam, diffin_unrolled_adam) of the "
+                                         "method's first-order/unrolled scores: one more JVP per checkpoint each")
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keep_json_fields: list[str] = []
@@ -358,10 +359,11 @@ def check_consistency(config: RunConfig, source: str) -> None:
     select = config.select
     if select is None:
         return
-    computed = columns_computed(METHOD_COMPONENTS[config.score.method])
+    computed = columns_computed(method_components(config.score.method, config.score.adam))
     if select.column not in computed:
         raise UsageError(f"{source}: select.column: '{select.column}' is not computed when score.method "
-                         f"is '{config.score.method}' (use one of {', '.join(computed)})")
+                         f"is '{config.score.method}' and score.adam is {config.score.adam} "
+                         f"(use one of {', '.join(computed)})")
     if select.stratify_by and select.stratify_by not in config.score.keep_json_fields:
         raise UsageError(f"{source}: select.stratify_by: json field '{select.stratify_by}' is not kept in "
                          "the score files; add it to score.keep_json_fields")

@@ -1,5 +1,7 @@
-"""Benchmarks that prove the method (DESIGN §6): fidelity, speed (and later quality, scale).
+"""The benchmarks behind ``diffin bench``: fidelity, speed, quality and scale.
 
-``fidelity`` and ``speed`` expose ``add_arguments(parser)`` and ``run(args) -> int`` for
-``diffin bench``; the other modules are their parts.
+``fidelity``, ``speed``, ``quality`` and ``scale`` each expose ``add_arguments(parser)`` and
+``run(args) -> int`` (wired in :mod:`jobs.bench`); ``digits``, ``openmoji_clip``,
+``protocol`` and ``metrics`` are their parts. Results and the commands that reproduce them
+are in ``benchmarks/results/`` and ``docs/``.
 """

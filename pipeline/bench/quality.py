@@ -67,7 +67,8 @@ from pipeline.data.shards import SIZES_FILE, expand_shards, iter_raw_samples, lo
 from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
-from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS, shard_stem, write_scores
+from pipeline.io.layout import shard_stem
+from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS, write_scores
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, model_spec, normalize_images
 from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence

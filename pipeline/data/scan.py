@@ -23,21 +23,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pipeline.data.shards import IMAGE_EXTS
+from pipeline.data.shards import IMAGE_EXTS, split_member
 from pipeline.io.storage import StorageOptions, open_input
 
 PAIR_FIELDS = (*IMAGE_EXTS, "txt", "json")
 SHARD_STATUSES = ("ok", "short", "long", "truncated", "empty", "unreadable")
 STRUCTURE_STATUSES = ("dotted_key", "duplicate_key", "non_contiguous")
-
-
-def split_member(name: str) -> tuple[str, str] | None:
-    """(key, field) of a member name, as WebDataset splits it; None when it has no field."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot <= slash + 1 or dot == len(name) - 1:
-        return None
-    return name[:dot], name[dot + 1:].lower()
 
 
 def is_dotted_field(field_name: str) -> bool:

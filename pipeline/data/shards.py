@@ -30,6 +30,19 @@ SIZES_FILE = "sizes.json"
 _FIXED_MTIME = 0  # byte-reproducible tars: no wall-clock time in member headers
 
 
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, field) of a tar member name, as WebDataset splits it: the key is the path up to
+    the first dot of the file name, the field (lower-cased) what follows. None when the name
+    has no key or no field (``noext``, ``.hidden.jpg``, ``abc.``): such members belong to no
+    sample. The one key rule: the reader, validation and reshard all use it.
+    """
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1 or dot == len(name) - 1:
+        return None
+    return name[:dot], name[dot + 1:].lower()
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if it is a valid sample key (non-empty, no dot, no slash)."""
     if not key or "." in key or "/" in key:

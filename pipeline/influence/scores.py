@@ -23,12 +23,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-COMPONENTS = ("a", "b", "c", "d")  # per-checkpoint lists in the score files
+COMPONENTS = ("a", "b", "c", "d", "a_adam", "d_adam")  # per-checkpoint lists in the score files
 COLUMN_COMPONENTS: dict[str, tuple[str, ...]] = {  # score column → the components it is computed from
     "diffin_unrolled": ("d",),
     "diffin": ("a", "b", "c"),
     "diffin_eq9": ("b", "c"),
     "tracin": ("a",),
+    "diffin_unrolled_adam": ("d_adam",),  # score.adam: the unrolled recursion in Adam's metric
+    "tracin_adam": ("a_adam",),  # score.adam: ⟨P_t u_t, G_z⟩, P_t Adam's preconditioner
     "clip_score": (),  # cosine of the pair's embeddings at the last checkpoint: always computed
 }
 SCORE_COLUMNS = tuple(COLUMN_COMPONENTS)  # the score files' float columns, in file order
@@ -38,8 +40,19 @@ METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {  # score.method → the compon
     "diffin": ("a", "b", "c"),  # about three JVPs per checkpoint
     "all": ("a", "b", "c", "d"),
 }
+ADAM_TWINS: dict[str, str] = {"a": "a_adam", "d": "d_adam"}  # component → its optimizer-aware twin (score.adam)
 DEFAULT_METHOD = "unrolled"
 DEFAULT_COLUMN = "diffin_unrolled"  # docs/FIDELITY.md: the best measured score
+
+
+def with_adam_twins(components: Sequence[str], adam: bool) -> tuple[str, ...]:
+    """``components`` and, with ``adam``, their optimizer-aware twins (one more JVP each)."""
+    return tuple(components) + (tuple(ADAM_TWINS[c] for c in components if c in ADAM_TWINS) if adam else ())
+
+
+def method_components(method: str, adam: bool = False) -> tuple[str, ...]:
+    """Every component a run with ``score.method`` and ``score.adam`` computes."""
+    return with_adam_twins(METHOD_COMPONENTS[method], adam)
 
 
 def columns_computed(components: Sequence[str]) -> tuple[str, ...]:
@@ -60,8 +73,8 @@ def combine(a: Tensor, b: Tensor, c: Tensor, checkpoints: Sequence[CheckpointWei
             num_samples: int, total_steps: int, preconditioned_a: Tensor | None = None) -> dict[str, Tensor]:
     """Scores for samples from components shaped [m, n] (checkpoint × sample), in float64.
 
-    ``preconditioned_a`` (optional, [m, n]) gives ⟨P_t u_t, G_z⟩ for the optimizer-aware
-    first-order variant (``tracin_adam``).
+    ``preconditioned_a`` (optional, [m, n]: component ``a_adam`` = ⟨P_t u_t, G_z⟩) gives the
+    optimizer-aware first-order variant (``tracin_adam``).
     """
     m = len(checkpoints)
     if a.shape[0] != m or b.shape[0] != m or c.shape[0] != m:

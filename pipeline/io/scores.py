@@ -35,17 +35,6 @@ SCHEMA = pa.schema([
 ])
 
 
-def shard_stem(url: str) -> str:
-    """The score file's stem for an input shard URL (its file name without ``.tar``)."""
-    name = os.path.basename(url.rstrip("/"))
-    return name[:-4] if name.endswith(".tar") else name
-
-
-def score_path(run_dir: StoragePath | str, url: str) -> StoragePath:
-    """``<run>/scores/<shard-stem>.parquet`` (``run_dir`` best a path object from ``as_path``)."""
-    return as_path(run_dir) / "scores" / f"{shard_stem(url)}.parquet"
-
-
 def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config_fingerprint: str,
                  trajectory_fingerprint: str, version: str,
                  extra: dict[str, Sequence[str | None]] | None = None,

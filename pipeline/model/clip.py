@@ -1,7 +1,7 @@
 """open_clip models from a name or an inline config, without touching global registries.
 
 A model spec is ``{"name": NAME}`` or ``{"name": NAME, "config": {...}}``. A name resolves to
-a JSON config shipped under ``configs/models/`` (tiny proxy models) or, failing that, to one
+a JSON config shipped with the package (``pipeline/model/configs/``: tiny proxy models) or, failing that, to one
 of open_clip's own model configs. Weights are never downloaded.
 """
 
@@ -25,15 +25,19 @@ IMAGE_MEAN = open_clip.OPENAI_DATASET_MEAN
 IMAGE_STD = open_clip.OPENAI_DATASET_STD
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: installed with the wheel
+
+
 def model_config_dirs() -> list[Path]:
-    """Directories searched for ``<name>.json`` model configs (env var first, then the repo's)."""
+    """Directories searched for ``<name>.json`` model configs: those in $DIFFIN_MODEL_CONFIGS
+    (optional, for a team's own models) first, then the package's own."""
     dirs = [Path(p) for p in os.environ.get(MODEL_CONFIG_DIRS_ENV, "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parents[2] / "configs" / "models")
+    dirs.append(SHIPPED_CONFIGS)
     return dirs
 
 
 def shipped_model_names() -> list[str]:
-    """Names of the model configs shipped under ``configs/models``."""
+    """Names of the model configs found in :func:`model_config_dirs`."""
     return sorted({p.stem for d in model_config_dirs() if d.is_dir() for p in d.glob("*.json")})
 
 
@@ -46,7 +50,7 @@ def resolve_model_config(name: str) -> dict[str, Any]:
     config = open_clip.get_model_config(name)
     if config is None:
         raise UsageError(
-            f"unknown model {name!r}: not in configs/models ({', '.join(shipped_model_names())}) "
+            f"unknown model {name!r}: not a shipped model config ({', '.join(shipped_model_names())}) "
             "nor among open_clip's model configs"
         )
     return copy.deepcopy(config)

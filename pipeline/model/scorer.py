@@ -21,7 +21,7 @@ from pipeline.influence.forward import CheckpointScorer, vectors_needed
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
 from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, prepare_unrolled
-from pipeline.influence.scores import METHOD_COMPONENTS, CheckpointWeights, combine
+from pipeline.influence.scores import METHOD_COMPONENTS, CheckpointWeights, combine, with_adam_twins
 from pipeline.influence.unrolled import AdamGeometry, UnrolledSettings, segment_updates, unrolled_scores
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, normalize_images
 from pipeline.model.schedule import LRSchedule
@@ -48,6 +48,11 @@ class InfluenceSettings:
     adam_eps_floor: float = 0.0  # P = 1/(√v̂ + max(ε, floor)): bounds Adam's preconditioner on rarely seen coordinates
     dtype: str = "float32"
     checkpoints: tuple[int, ...] | None = None  # indices into the trajectory; None = all
+
+    @property
+    def computed_components(self) -> tuple[str, ...]:
+        """``components`` plus, with ``adam``, their optimizer-aware twins (what gets written)."""
+        return with_adam_twins(self.components, self.adam)
 
 
 def checkpoint_params(state_dict: dict[str, Tensor], model: torch.nn.Module,
@@ -328,11 +333,13 @@ class TrajectoryInfluence:
         n = self.trajectory.num_samples
         scores = combine(a, b, c, self.weights, n, self.trajectory.total_steps, a_pre)
         scores["diffin_unrolled"] = unrolled_scores(d, n)
+        twins = {"a_adam": a_pre} if a_pre is not None else {}
         if adam:
-            scores["diffin_unrolled_adam"] = unrolled_scores(torch.stack(adam).double().cpu(), n)
+            twins["d_adam"] = torch.stack(adam).double().cpu()
+            scores["diffin_unrolled_adam"] = unrolled_scores(twins["d_adam"], n)
         img, txt = comps[-1].features
         scores["clip_score"] = (img * txt).sum(-1).double().cpu()
-        return {"a": a, "b": b, "c": c, "d": d, "loss": comps[-1].loss.double().cpu(), **scores}
+        return {"a": a, "b": b, "c": c, "d": d, **twins, "loss": comps[-1].loss.double().cpu(), **scores}
 
     def score_table(self, table: PairTable) -> dict[str, Tensor]:
         """Score every pair of an in-memory table (components [m, n], scores [n])."""

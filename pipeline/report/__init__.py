@@ -4,8 +4,5 @@
 matplotlib) so that the command line can read the defaults cheaply.
 """
 
-from pathlib import Path
-
-REPORT_FILE = Path("report") / "index.html"  # relative to the run directory
 DEFAULT_EXAMPLES = 16      # pairs in each of the kept / pruned grids
 DEFAULT_MAX_POINTS = 20_000  # rows sampled for the scatter plot and the histogram ranges

@@ -12,12 +12,14 @@ from typing import Any
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_bytes_atomic
 from pipeline.io.scores import SCORE_COLUMNS
-from pipeline.report import DEFAULT_EXAMPLES, DEFAULT_MAX_POINTS, REPORT_FILE, plots, render
+from pipeline.io.layout import CONFIG_FILE, SUMMARY_FILE, RunLayout
 from pipeline.io.storage import StorageOptions, StoragePath, as_path
+from pipeline.report import DEFAULT_EXAMPLES, DEFAULT_MAX_POINTS, plots, render
 from pipeline.report.examples import Example, attach_media, best_kept, worst_pruned
-from pipeline.report.gather import (SELECTION_DIR, ScoreScan, check_run_dir, load_kept_uids,
+from pipeline.report.gather import (ScoreScan, check_run_dir, load_kept_uids,
                                     load_shard_stats, read_json, scan_scores, score_files)
 from pipeline.report.render import Section
+from pipeline.stages.select import SUMMARY_FILE as SELECTION_SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,9 @@ def gather(run_dir: str | os.PathLike, n_examples: int = DEFAULT_EXAMPLES,
     :mod:`pipeline.report.gather`; thumbnails read only from the shards of the examples)."""
     root = as_path(run_dir, storage)
     check_run_dir(root)
-    selection_dir = root / SELECTION_DIR
-    selection = read_json(selection_dir / "summary.json")
-    data = ReportData(root, read_json(root / "config.json"), read_json(root / "run_summary.json"),
+    selection_dir = RunLayout(root).selection
+    selection = read_json(selection_dir / SELECTION_SUMMARY)
+    data = ReportData(root, read_json(root / CONFIG_FILE), read_json(root / SUMMARY_FILE),
                       selection if isinstance(selection, dict) else None, None, [], [],
                       load_shard_stats(root))
     files = score_files(root)
@@ -239,7 +241,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if max_points < 1:
         raise UsageError(f"max points must be >= 1, got {max_points}")
     data = gather(run_dir, n_examples, max_points, storage)
-    path = as_path(out, storage) if out is not None else as_path(run_dir, storage).joinpath(*REPORT_FILE.parts)
+    path = as_path(out, storage) if out is not None else RunLayout.of(run_dir, storage).report
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; give a file name")
     write_bytes_atomic(path, render_page(data).encode("utf-8"))

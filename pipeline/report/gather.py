@@ -26,14 +26,12 @@ import pyarrow.parquet as pq
 
 from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
+from pipeline.io.layout import CONFIG_FILE, SCORES_DIR, STATS_DIR, SUMMARY_FILE
 from pipeline.io.scores import SCORE_COLUMNS
 from pipeline.io.storage import StoragePath, arrow_source, is_remote
 
 log = logging.getLogger(__name__)
 
-SCORES_DIR = "scores"
-SELECTION_DIR = "selection"
-STATS_DIR = "stats"
 HIST_BINS = 60
 _BATCH_ROWS = 1 << 16
 _RANGE_QUANTILES = (0.005, 0.995)  # histogram / scatter range unless the full extent is compact
@@ -61,7 +59,7 @@ def check_run_dir(run_dir: StoragePath) -> None:
                          .splitlines()[0]) from None
     if not found:
         raise UsageError(f"run directory {run_dir} not found")
-    markers = ("run_summary.json", "config.json", SCORES_DIR)
+    markers = (SUMMARY_FILE, CONFIG_FILE, SCORES_DIR)
     if not any((run_dir / m).exists() for m in markers):
         raise UsageError(f"{run_dir} is not a run directory (no run_summary.json, config.json or scores/)")
 

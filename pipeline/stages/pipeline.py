@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ from pipeline.config import RunConfig
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
+from pipeline.io.layout import RunLayout, check_unique_stems
 from pipeline.io.storage import StoragePath, as_path
 from pipeline.runtime.executor import Executor, Resources
 
@@ -62,7 +64,7 @@ def prepared_target_losses(config: RunConfig, run_dir: StoragePath, trajectory) 
     fingerprint = prepare_fingerprint(config, trajectory)
     losses: dict[int, float] = {}
     for k, index in enumerate(indices):
-        path = run_dir / "prepared" / f"ckpt_{k:03d}.pt"
+        path = RunLayout(run_dir).prepared_checkpoint(k)
         if not path.is_file():
             continue
         # memory-mapped when local: only the scalar is read, not u, g, w
@@ -87,46 +89,48 @@ def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str]) -> dict
 
     Skipped when ``selection/done.json`` records the same inputs (completion marker).
     """
-    from pipeline.io.scores import score_path
-    from pipeline.stages.select import select
+    from pipeline.stages.select import SUMMARY_FILE, select
 
     if config.select is None:
         raise UsageError("select: this run's config has no select section")
-    files = [score_path(run_dir, u) for u in urls]
+    layout = RunLayout(run_dir)
+    files = [layout.score_file(u) for u in urls]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; run the score stage first")
-    out = run_dir / "selection"
+    out = layout.selection
     fingerprint = _selection_fingerprint(config, files)
     marker = out / "done.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         log.info("selection in %s is complete for these scores; reusing it", out)
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / SUMMARY_FILE).read_text())
         recomputed = False
     else:
         summary = select(files, config.select, out)
         write_json_atomic(marker, {"fingerprint": fingerprint})
         recomputed = True
-    return {"dir": str(out), **summary["counts"], "summary": str(out / "summary.json"), "recomputed": recomputed}
+    return {"dir": str(out), **summary["counts"], "summary": str(out / SUMMARY_FILE), "recomputed": recomputed}
 
 
 def run_reshard(config: RunConfig, run_dir: StoragePath, executor: Executor) -> dict[str, int]:
     """Copy the kept pairs into new shards (``<run>/shards/``), one task per output shard."""
     from pipeline.stages.reshard import reshard
+    from pipeline.stages.select import MANIFEST_FILE
 
     if config.reshard is None:
         raise UsageError("reshard: this run's config has no reshard section")
-    manifest = run_dir / "selection" / "manifest.parquet"
+    layout = RunLayout(run_dir)
+    manifest = layout.selection / MANIFEST_FILE
     if not manifest.is_file():
         raise UsageError(f"reshard: {manifest} not found; run the select stage first")
     resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
-    return reshard(manifest, run_dir / "shards", config.reshard, executor, resources, config.storage)
+    return reshard(manifest, layout.shards, config.reshard, executor, resources, config.storage)
 
 
 def _existing_trajectory(config: RunConfig, run_dir: StoragePath):
     from pipeline.stages.trajectory import load_trajectory
 
-    path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else run_dir / "trajectory"
+    path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else RunLayout(run_dir).trajectory
     if not (path / "trajectory.json").is_file() and not path.name == "trajectory.json":
         raise UsageError(f"no trajectory at {path}; run the trajectory (train) stage first")
     return load_trajectory(path, config.storage)
@@ -145,12 +149,30 @@ def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn:
         log.warning("%s", warning)
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """The input shards of a run, resolved once: URLs (in order) and sizes.json counts."""
+
+    urls: list[str]
+    sizes: dict[str, int] | None
+
+
+def resolve_inputs(config: RunConfig) -> RunInputs:
+    """Expand ``data.shards`` and read ``data.sizes``; refuse shards whose score files would
+    collide. Cheap, touches no Ray: jobs call it before starting an executor."""
+    urls = expand_shards(config.data.shards)
+    check_unique_stems(urls)
+    return RunInputs(urls, load_sizes(config.data.sizes, config.storage) if config.data.sizes else None)
+
+
 def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
-                 progress: bool = True, stages: Sequence[str] = STAGES) -> dict[str, Any]:
+                 progress: bool = True, stages: Sequence[str] = STAGES,
+                 inputs: RunInputs | None = None) -> dict[str, Any]:
     """Run ``stages`` (in pipeline order) into ``run_dir``; returns (and writes) the summary.
 
     Stages whose config section is absent are skipped when running everything; asking for
-    such a stage explicitly is a usage error.
+    such a stage explicitly is a usage error. ``inputs`` (from :func:`resolve_inputs`) is
+    resolved here when not given.
     """
     from pipeline.stages.prepare import prepare_fingerprint, run_prepare
     from pipeline.stages.score import run_score
@@ -160,10 +182,11 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     if unknown:
         raise UsageError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     everything = tuple(stages) == STAGES
-    run_dir = as_path(run_dir, config.storage)
+    layout = RunLayout.of(run_dir, config.storage)
+    run_dir = layout.root
     start = time.perf_counter()
-    urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
+    inputs = inputs or resolve_inputs(config)  # before anything is trained or scored
+    urls, sizes = inputs.urls, inputs.sizes
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -189,7 +212,7 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     if scoring and config.target is not None:
         _record_target_loss(summary, prepared_target_losses(config, run_dir, trajectory), warn="prepare" in stages)
     if "score" in stages and scoring:
-        prepared = run_dir / "prepared"
+        prepared = layout.prepared
         if not (prepared / "bank.pt").is_file():
             raise UsageError(f"no prepared vectors in {prepared}; run the prepare stage first")
         results = timed("score", run_score, config, run_dir, trajectory, prepared,
@@ -198,16 +221,16 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
         for r in results:
             for k, v in r.failed.items():
                 failed[k] = failed.get(k, 0) + v
-        summary.update(scores=str(run_dir / "scores"), shards_scored_now=len(results),
+        summary.update(scores=str(layout.scores), shards_scored_now=len(results),
                        pairs_scored_now=sum(r.rows for r in results), failed_now=failed)
     if "select" in stages and (config.select is not None or not everything):
         summary["selection"] = timed("select", run_select, config, run_dir, urls)
     if "reshard" in stages and (config.reshard is not None or not everything):
         sizes_out = timed("reshard", run_reshard, config, run_dir, executor)
-        summary["reshard"] = {"dir": str(run_dir / "shards"), "shards": len(sizes_out),
+        summary["reshard"] = {"dir": str(layout.shards), "shards": len(sizes_out),
                               "pairs": sum(sizes_out.values())}
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = timings
-    write_json_atomic(run_dir / "config.json", config.model_dump(mode="json"))
-    write_json_atomic(run_dir / "run_summary.json", summary)
+    write_json_atomic(layout.config, config.model_dump(mode="json"))
+    write_json_atomic(layout.summary, summary)
     return summary

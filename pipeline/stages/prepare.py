@@ -27,6 +27,7 @@ from pipeline.influence.prepare import PreparedCheckpoint
 from pipeline.influence.scores import METHOD_COMPONENTS
 from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.io.atomic import atomic_path
+from pipeline.io.layout import BANK_FILE, UNROLLED_FILE, RunLayout, prepared_checkpoint_name
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, read_torch
 from pipeline.model.clip import resolve_model_config
 from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, UnrolledPrepared, segment_lrs, split_bank
@@ -35,8 +36,6 @@ from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.trajectory import load_trajectory, trajectory_location
 
 log = logging.getLogger(__name__)
-BANK_FILE = "bank.pt"
-UNROLLED_FILE = "unrolled.pt"
 
 
 def influence_settings(config: RunConfig) -> InfluenceSettings:
@@ -142,7 +141,7 @@ class PrepareStage:
         size = influence.image_size
         prepared, precond = influence.prepare_checkpoint(task.index, load_target(self.config, size),
                                                          load_proxy_pool(self.config, size))
-        path = as_path(self.out_dir, self.config.storage) / f"ckpt_{task.index:03d}.pt"
+        path = as_path(self.out_dir, self.config.storage) / prepared_checkpoint_name(task.index)
         with atomic_path(path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "step": influence.checkpoints[task.index].step,
                         "u": _cpu(prepared.u), "g": _cpu(prepared.g), "w": _cpu(prepared.w),
@@ -187,14 +186,14 @@ def _stamp(path: StoragePath) -> str | None:
 def run_prepare(config: RunConfig, run_dir: str | Path, trajectory: Trajectory,
                 executor: Executor) -> StoragePath:
     """Write (or reuse) ``<run>/prepared/``: the bank, then one task per checkpoint."""
-    out = as_path(run_dir, config.storage) / "prepared"
+    out = RunLayout.of(run_dir, config.storage).prepared
     fingerprint = prepare_fingerprint(config, trajectory)
     settings = influence_settings(config)
     count = len(settings.checkpoints or trajectory.checkpoints)
     if settings.checkpoints and max(settings.checkpoints) >= len(trajectory.checkpoints):
         raise UsageError(f"score.checkpoints: index {max(settings.checkpoints)} out of range "
                          f"(trajectory has {len(trajectory.checkpoints)} checkpoints)")
-    stamps = [_stamp(out / BANK_FILE)] + [_stamp(out / f"ckpt_{k:03d}.pt") for k in range(count)]
+    stamps = [_stamp(out / BANK_FILE)] + [_stamp(out / prepared_checkpoint_name(k)) for k in range(count)]
     stale = {s for s in stamps if s is not None and s != fingerprint}
     if stale:
         raise UsageError(f"{out} holds prepared vectors of another configuration ({sorted(stale)[0]} != "
@@ -232,7 +231,7 @@ def load_prepared_dir(directory: str | StoragePath, count: int,
     bank = read_torch(d / BANK_FILE)
     prepared, preconds = [], []
     for k in range(count):
-        obj = read_torch(d / f"ckpt_{k:03d}.pt")
+        obj = read_torch(d / prepared_checkpoint_name(k))
         if obj["fingerprint"] != bank["fingerprint"]:
             raise UsageError(f"{d}: checkpoint {k} was prepared under another configuration")
         prepared.append(PreparedCheckpoint(obj["u"], obj["g"], obj["w"], obj["hvp"], obj["target_loss"]))

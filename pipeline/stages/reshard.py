@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pipeline.config import RESHARD_PLAN_FILE as PLAN_FILE
 from pipeline.config import ReshardConfig
-from pipeline.data.shards import SIZES_FILE, add_member
+from pipeline.data.shards import SIZES_FILE, add_member, split_member
 from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path, open_input
@@ -159,12 +159,9 @@ def plan_fingerprint(plan: Sequence[OutputShard], cfg: ReshardConfig) -> str:
 
 
 def member_key(name: str) -> str | None:
-    """A member's sample key (WebDataset's: its path up to the first dot of the file name)."""
-    base = name.rsplit("/", 1)
-    stem = base[-1].split(".", 1)
-    if len(stem) < 2 or not stem[0]:
-        return None
-    return f"{base[0]}/{stem[0]}" if len(base) == 2 else stem[0]
+    """A member's sample key by the reader's rule (:func:`pipeline.data.shards.split_member`)."""
+    parts = split_member(name)
+    return parts[0] if parts else None
 
 
 def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions | None = None) -> int:
@@ -177,6 +174,9 @@ def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions |
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 key = member_key(info.name) if info.isreg() else None
+                if key is None:  # in no sample (the reader skips it too)
+                    tar.members = []
+                    continue
                 if key in wanted:
                     if key != current and key in copied:
                         raise DataError(f"shard {source.url}: the members of sample {key!r} "

@@ -33,8 +33,8 @@ from pipeline.errors import DataError, UsageError
 from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS, columns_computed
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
 from pipeline.io.storage import StoragePath, as_path
-from pipeline.io.scores import (META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, score_path,
-                                shard_stem, write_scores)
+from pipeline.io.layout import RunLayout, check_unique_stems
+from pipeline.io.scores import META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, write_scores
 from pipeline.runtime.executor import Executor, Resources
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,6 @@ class ShardResult:
                 "missing": self.missing, "seconds": round(self.seconds, 3),
                 "pairs_per_s": round(self.rows / self.seconds, 1) if self.seconds > 0 else None,
                 "worker": {"pid": self.pid, "host": self.host, "peak_rss_mb": round(self.peak_rss_mb, 1)}}
-
-
-def stats_path(run_dir: StoragePath | str, url: str) -> StoragePath:
-    """``<run>/stats/<stem>.json``: per-shard statistics of the score stage."""
-    return as_path(run_dir) / "stats" / f"{shard_stem(url)}.json"
 
 
 @dataclass
@@ -149,12 +144,12 @@ class ScoreStage:
         for row in rows:
             if row["status"] != "ok":
                 failed[row["status"]] = failed.get(row["status"], 0) + 1
-        run_dir = as_path(self.run_dir, self.storage)
-        path = score_path(run_dir, task.url)
+        layout = RunLayout.of(self.run_dir, self.storage)
+        path = layout.score_file(task.url)
         result = ShardResult(task.url, str(path), len(rows), len(rows) - sum(failed.values()), dict(sorted(failed.items())),
                              seconds, report.status, report.error, report.expected, report.missing,
                              peak_rss_mb(), os.getpid(), socket.gethostname())
-        write_json_atomic(stats_path(run_dir, task.url), result.stats())
+        write_json_atomic(layout.stats_file(task.url), result.stats())
         shard_meta = {**report.as_dict(), "rows": result.rows, "ok": result.ok, "failed": result.failed}
         write_scores(path, self._columns(rows, task.url), self.fingerprint, self.trajectory_fingerprint, __version__,
                      extra={f"json.{f}": [r["extra"][i] for r in rows] for i, f in enumerate(self.keep_json_fields)},
@@ -163,7 +158,7 @@ class ScoreStage:
 
     def _score_batch(self, batch: list[tuple[dict, np.ndarray, str]]) -> None:
         """Score one batch of decoded pairs; a row with any non-finite value becomes ``non_finite``."""
-        comp_names = tuple(c for c in COMPONENTS if c in self.settings.components)  # the rest stay null
+        comp_names = tuple(c for c in COMPONENTS if c in self.settings.computed_components)  # the rest stay null
         score_names = columns_computed(comp_names)
         images = torch.from_numpy(np.stack([image for _, image, _ in batch])).permute(0, 3, 1, 2)
         out = self.influence.score_inputs(*self.influence.inputs(images, [caption for _, _, caption in batch]),
@@ -216,15 +211,16 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     from pipeline.stages.trajectory import trajectory_location
 
     urls = expand_shards(config.data.shards)
+    check_unique_stems(urls)
     sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
-    run_dir = as_path(run_dir, config.storage)
+    layout = RunLayout.of(run_dir, config.storage)
     fingerprint = score_fingerprint(prepare_fp, config)
-    stale = sum(remove_stale_temporaries(run_dir / sub) for sub in ("scores", "stats"))
+    stale = sum(remove_stale_temporaries(d) for d in (layout.scores, layout.stats))
     if stale:
         log.info("score: removed %d temporary file(s) left by an interrupted run", stale)
     todo, done = [], 0
     for url in urls:
-        path = score_path(run_dir, url)
+        path = layout.score_file(url)
         if path.is_file():
             meta = read_file_metadata(path) or {}  # one read: fingerprint and shard record
             found = (meta.get(META_CONFIG) or b"").decode() or None
@@ -238,7 +234,7 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     log.info("score: %d shards, %d already done, %d to score", len(urls), done, len(todo))
     resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
     stage = ScoreStage(trajectory_location(trajectory), str(prepared_dir), influence_settings(config), score_device(config),
-                       str(run_dir), fingerprint, trajectory.fingerprint(),
+                       str(layout.root), fingerprint, trajectory.fingerprint(),
                        tuple(config.score.keep_json_fields), worker_threads(config), resources,
                        config.data.require_uid, dict(config.storage))
     total = sum(t.expected or 0 for t in todo) or None
@@ -247,7 +243,7 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     for result in results:
         if result.shard_status != "ok":
             log.warning("shard %s: %s (%s)", result.url, result.shard_status, result.shard_error)
-    check_failed_fraction([score_path(run_dir, u) for u in urls], config.data.max_failed_fraction)
+    check_failed_fraction([layout.score_file(u) for u in urls], config.data.max_failed_fraction)
     return results
 
 

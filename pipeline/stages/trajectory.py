@@ -19,7 +19,8 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.storage import StorageOptions, as_path, download_dir, is_remote
+from pipeline.io.layout import RunLayout
+from pipeline.io.storage import StorageOptions, StoragePath, as_path, download_dir, is_remote
 from pipeline.model.trajectory import MANIFEST, Trajectory
 from pipeline.runtime.executor import Executor, Resources
 
@@ -65,14 +66,27 @@ def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor
     """Return the run's trajectory, training the proxy one first if needed (resumable)."""
     if config.trajectory.path is not None:
         return load_trajectory(config.trajectory.path, config.storage)
+    return train_trajectory(config, RunLayout.of(run_dir, config.storage).trajectory, executor)
+
+
+def train_trajectory(config: RunConfig, out_dir: StoragePath, executor: Executor,
+                     exclude: frozenset[str] = frozenset()) -> Trajectory:
+    """Train the proxy trajectory of ``config`` into ``out_dir``, or reuse a complete one.
+
+    The one way a proxy trajectory is trained (``diffin run`` and ``diffin train``): the
+    held-out target pairs are left out, the storage options apply, and the fingerprint
+    (shards, sizes, hold-out, exclusions, training settings) decides reuse. A trajectory of
+    another configuration in ``out_dir`` is refused with one line.
+    """
     from pipeline.model.train import proxy_fingerprint
 
-    out_dir = as_path(run_dir, config.storage) / "trajectory"
+    cfg = config.trajectory.train
+    if cfg is None:
+        raise UsageError("trajectory.train: required to train a proxy trajectory (the config names an existing one)")
     urls = tuple(expand_shards(config.data.shards))
     sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
-    cfg = config.trajectory.train
     holdout = holdout_of(config)
-    fingerprint = proxy_fingerprint(urls, cfg, sizes, holdout=holdout)
+    fingerprint = proxy_fingerprint(urls, cfg, sizes, exclude, holdout=holdout)
     if (out_dir / MANIFEST).is_file():
         existing = load_trajectory(out_dir, config.storage)
         if existing.source.get("fingerprint") == fingerprint:
@@ -82,7 +96,7 @@ def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor
             f"{out_dir} holds a trajectory from a different configuration "
             f"({existing.source.get('fingerprint')} != {fingerprint}); use a new --run-dir or delete it")
     resources = Resources(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)
-    task = TrainTask(urls, cfg, str(out_dir), sizes, holdout=holdout, storage=dict(config.storage))
+    task = TrainTask(urls, cfg, str(out_dir), sizes, exclude, holdout, dict(config.storage))
     executor.map(TrainStage(resources).process, [task], resources)
     return load_trajectory(out_dir, config.storage)
 

@@ -44,6 +44,26 @@ def test_bad_config_exits_2_and_writes_nothing(tiny_corpus: Path, tmp_path: Path
     assert not run_dir.exists()
 
 
+def test_shards_with_the_same_file_name_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """Two input shards named 00000.tar in different folders would share one score file:
+    refused up front (exit 2, one line naming both), nothing trained or written."""
+    import yaml
+
+    from tests.conftest import make_tiny_corpus
+
+    a = make_tiny_corpus(tmp_path / "a", n=16, shard_size=16)
+    b = make_tiny_corpus(tmp_path / "b", n=16, shard_size=16)
+    config = write_config(tmp_path / "run.yaml", a)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"] = {"shards": [str(a / "00000.tar"), str(b / "00000.tar")]}
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    assert prune.main(["--config", str(config), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(a / "00000.tar") in err[0] and str(b / "00000.tar") in err[0]
+    assert not run_dir.exists()
+
+
 def test_train_cli_with_exclusions(tiny_corpus: Path, tmp_path: Path, capsys) -> None:
     from jobs import train
 
@@ -60,6 +80,40 @@ def test_train_cli_with_exclusions(tiny_corpus: Path, tmp_path: Path, capsys) ->
     assert train.main(["--config", str(config), "--out", str(tmp_path / "t")]) == 2
     assert train.main(["--config", str(config), "--out", str(tmp_path / "u"), "--exclude-uids", "/nope"]) == 2
     assert not (tmp_path / "u").exists()
+
+
+def test_train_cli_trains_what_run_would(tiny_corpus: Path, tmp_path: Path, capsys) -> None:
+    """`diffin train` leaves the held-out target pairs out exactly as `diffin run` does, and a
+    finished trajectory of the same configuration is reused, not retrained or refused."""
+    import yaml
+
+    from jobs import train
+    from pipeline.config import load_config
+    from pipeline.data.pairs import in_holdout, load_pairs
+    from pipeline.data.shards import expand_shards, load_sizes
+    from pipeline.model.train import proxy_fingerprint
+    from pipeline.stages.trajectory import holdout_of
+
+    config = write_config(tmp_path / "run.yaml", tiny_corpus, steps=4, warmup=1, checkpoints=2)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["target"] = {"holdout_fraction": 0.25, "seed": 3}
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "t"
+    assert train.main(["--config", str(config), "--out", str(out)]) == 0
+    run = load_config(str(config))
+    urls = expand_shards(run.data.shards)
+    held = sum(in_holdout(u, 0.25, 3) for u in load_pairs(urls, 32).uids)
+    assert 0 < held < 48
+    trajectory = Trajectory.load(out)
+    assert trajectory.num_samples == 48 - held
+    assert trajectory.source["fingerprint"] == proxy_fingerprint(
+        urls, run.trajectory.train, load_sizes(run.data.sizes), holdout=holdout_of(run))
+    stamp = (out / "trajectory.json").stat().st_mtime_ns
+    assert train.main(["--config", str(config), "--out", str(out)]) == 0  # reused
+    assert (out / "trajectory.json").stat().st_mtime_ns == stamp
+    assert train.main(["--config", str(config), "--out", str(out), "--overwrite"]) == 0  # retrained
+    assert (out / "trajectory.json").stat().st_mtime_ns != stamp
+    assert "trajectory:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["train", "--help"], ["data", "--help"],

@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.config import SelectConfig
 from pipeline.data.shards import Pair, ShardWriter
 from pipeline.data.uids import make_uid
+from pipeline.influence.scores import SCORE_COLUMNS
 from pipeline.stages.select import select
 from tests.conftest import COLOURS
 from tests.stages.scorefiles import write_score_file
@@ -53,7 +54,8 @@ def scores_of(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"tracin": rng.permutation(N_PAIRS) / 1000.0, "diffin": rng.normal(size=N_PAIRS),
             "diffin_eq9": rng.normal(size=N_PAIRS) * 1e-4, "clip_score": rng.uniform(0.1, 0.9, N_PAIRS),
-            "diffin_unrolled": rng.normal(size=N_PAIRS) * 1e-3}
+            "diffin_unrolled": rng.normal(size=N_PAIRS) * 1e-3, "tracin_adam": rng.normal(size=N_PAIRS),
+            "diffin_unrolled_adam": rng.normal(size=N_PAIRS) * 1e-2}
 
 
 def make_run(run: Path, corpus: Path, *, tracin_only: bool = False, stats: bool = False,
@@ -66,13 +68,13 @@ def make_run(run: Path, corpus: Path, *, tracin_only: bool = False, stats: bool 
         statuses = [FAILED.get(i, "ok") for i in idx]
 
         def column(name: str) -> list[float | None]:
-            null = tracin_only and name in ("diffin", "diffin_eq9", "diffin_unrolled")
+            null = (tracin_only and name not in ("tracin", "clip_score"))
             return [None if null or FAILED.get(i) else float(values[name][i]) for i in idx]
 
         files.append(write_score_file(
             run / "scores" / f"{s:05d}.parquet", str(corpus / f"{s:05d}.tar"), column("tracin"),
             statuses=statuses, uids=[make_uid("tiny", str(i)) for i in idx], keys=[f"pair{i:05d}" for i in idx],
-            overrides={name: column(name) for name in ("diffin_unrolled", "diffin", "diffin_eq9", "clip_score")}))
+            overrides={name: column(name) for name in SCORE_COLUMNS if name != "tracin"}))
     select(files, SelectConfig(column=select_column, rule="top_fraction", fraction=0.5), run / "selection")
     (run / "config.json").write_text(json.dumps({"select": {"column": select_column, "note": "<i>x</i>"}}))
     (run / "run_summary.json").write_text(json.dumps({

@@ -15,7 +15,7 @@ from PIL import Image
 from jobs.cli import main as cli_main
 from pipeline.errors import UsageError
 from pipeline.io.scores import SCORE_COLUMNS
-from pipeline.report import REPORT_FILE
+from pipeline.io.layout import RunLayout
 from pipeline.report.build import gather, write_report
 from pipeline.report.gather import HIST_BINS
 from tests.report.conftest import FAILED, NASTY_CAPTION, caption, expected_order, make_run
@@ -34,7 +34,7 @@ def _pruned_title(column: str = "tracin") -> str:
 
 def test_report_shows_plots_grids_counts_and_config(run_dir: Path) -> None:
     path = write_report(run_dir, n_examples=N)
-    assert path == run_dir / REPORT_FILE
+    assert path == RunLayout(run_dir).report
     html = path.read_text()
     page = parse(html)
     assert page.sections[:5] == ["Rows by status", "Score distributions", "Scores vs clip_score",
@@ -185,7 +185,7 @@ def test_run_without_selection_or_scores(tmp_path: Path) -> None:
 
 def test_cli_prints_the_path(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["report", str(run_dir), "--examples", "2"]) == 0
-    assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
+    assert capsys.readouterr().out.strip() == str(RunLayout(run_dir).report)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -212,7 +212,7 @@ def test_unreadable_score_file_is_one_line_exit_2(run_dir: Path, capsys: pytest.
     assert cli_main(["report", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "00001.parquet is not readable Parquet" in err and "\n" not in err
-    assert not (run_dir / REPORT_FILE).exists()
+    assert not (RunLayout(run_dir).report).exists()
 
 
 def test_score_files_without_rows(tmp_path: Path) -> None:

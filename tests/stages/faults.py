@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.io.atomic import write_bytes_atomic
-from pipeline.io.scores import shard_stem
+from pipeline.io.layout import shard_stem
 from pipeline.stages.score import ScoreStage, ShardResult, ShardTask
 
 

@@ -12,6 +12,7 @@ from pipeline.config import parse_config
 from pipeline.data.pairs import load_pairs
 from pipeline.data.shards import expand_shards
 from pipeline.errors import UsageError
+from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS
 from pipeline.model.scorer import TrajectoryInfluence
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import LocalExecutor
@@ -33,7 +34,7 @@ def pipeline_config(corpus: Path, **score) -> dict:
 @pytest.fixture(scope="module")
 def scored_run(corpus: Path, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    config = parse_config(pipeline_config(corpus, method="all"))
+    config = parse_config(pipeline_config(corpus, method="all", adam=True))  # every column
     summary = run_pipeline(config, run_dir, LocalExecutor(), progress=False)
     return config, run_dir, summary
 
@@ -49,8 +50,8 @@ def test_one_row_per_pair_one_file_per_shard(corpus: Path, scored_run) -> None:
     for f, t in zip(files, tables):
         assert t.column("index").to_pylist() == list(range(8))  # shard order
         assert set(t.column("status").to_pylist()) == {"ok"}
-        assert all(len(a) == 2 for a in t.column("a").to_pylist())
-        assert all(len(d) == 2 for d in t.column("d").to_pylist())
+        for name in COMPONENTS:
+            assert all(len(x) == 2 for x in t.column(name).to_pylist()), name
         assert t.schema.metadata[b"diffin.config_fingerprint"]
 
 
@@ -81,8 +82,10 @@ def test_scores_equal_in_process_estimator(corpus: Path, scored_run) -> None:
     direct = influence.score_table(table)
     written = pq.read_table([run_dir / "scores" / "00003.parquet", run_dir / "scores" / "00004.parquet"]).to_pydict()
     assert written["uid"] == table.uids
-    assert torch.allclose(torch.tensor(written["d"], dtype=torch.float64).T, direct["d"], rtol=1e-5, atol=1e-12)
-    for column in ("diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score"):
+    for name in COMPONENTS:  # method all + score.adam: every component and column is written
+        assert torch.allclose(torch.tensor(written[name], dtype=torch.float64).T, direct[name],
+                              rtol=1e-5, atol=1e-12), name
+    for column in SCORE_COLUMNS:
         assert torch.allclose(torch.tensor(written[column], dtype=torch.float64), direct[column],
                               rtol=1e-5, atol=1e-12), column
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from pipeline.data.shards import ShardWriter, add_member
+from pipeline.data.scan import ShardReader
+from pipeline.data.shards import ShardWriter, add_member, split_member
 from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
 from pipeline.runtime.executor import LocalExecutor, Resources
@@ -168,6 +169,26 @@ def test_member_key_follows_webdataset() -> None:
     assert member_key("abc.seg.png") == "abc"
     assert member_key("dir.v1/abc.txt") == "dir.v1/abc"
     assert member_key("noext") is None and member_key(".hidden.jpg") is None
+    assert member_key("abc.") is None  # no field: the reader ignores it, so reshard must too
+    for name in ("abc.jpg", "a/b.c.txt", "abc.", ".x", "x", "d.v/.y", "d.v/y", "K.JSON"):
+        parts = split_member(name)  # the reader's rule
+        assert member_key(name) == (parts[0] if parts else None), name
+
+
+def test_reshard_skips_members_the_reader_skips(tmp_path: Path) -> None:
+    """A member named ``abc.`` inside sample abc: not part of the sample for the reader, so
+    not copied (and it does not break the sample's contiguity)."""
+    members = sample_members(0, 0)
+    src = tmp_path / "in.tar"
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:
+        add_member(tar, "abc.jpg", members["jpg"])
+        add_member(tar, "abc.", b"stray")
+        add_member(tar, "abc.txt", members["txt"])
+    table = pa.table({"shard": [str(src)], "keys": pa.array([["abc"]], pa.list_(pa.string()))})
+    assert reshard(table, tmp_path / "out", ReshardConfig(), LocalExecutor()) == {"00000.tar": 1}
+    assert raw_members(tmp_path / "out" / "00000.tar") == [("abc.jpg", members["jpg"]), ("abc.txt", members["txt"])]
+    read = list(ShardReader(str(src)))
+    assert [(r.key, sorted(r.members)) for r in read] == [("abc", ["jpg", "txt"])]
 
 
 @pytest.mark.parametrize("fmt", ["shard.tar", "{a}.tar", "{}/{}.tar", "sub/{:05d}.tar", "{:s}", ".{:05d}.tar"])

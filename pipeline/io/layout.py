@@ -1,0 +1,125 @@
+"""The run directory: every path a run writes, and the input-shard → file-stem rule.
+
+One owner for the layout; stages, jobs and the report ask it for paths::
+
+    <run>/
+      config.json            the configuration as applied
+      run_summary.json       what the last ``diffin run`` (or stage job) did
+      trajectory/            the proxy trajectory (trajectory.json = completion marker)
+      prepared/              bank.pt, ckpt_XXX.pt, unrolled.pt (each stamped with a fingerprint)
+      scores/<stem>.parquet  one score file per input shard (fingerprint in its metadata)
+      stats/<stem>.json      per-shard statistics of the score stage
+      selection/             kept.parquet, kept_uids.npy, manifest.parquet, summary.json, done.json
+      shards/                the filtered shards (reshard_plan.json, sizes.json)
+      report/index.html      ``diffin report``
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from pipeline.errors import UsageError
+from pipeline.io.storage import StorageOptions, StoragePath, as_path
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "run_summary.json"
+TRAJECTORY_DIR = "trajectory"
+PREPARED_DIR = "prepared"
+SCORES_DIR = "scores"
+STATS_DIR = "stats"
+SELECTION_DIR = "selection"
+SHARDS_DIR = "shards"
+REPORT_DIR = "report"
+REPORT_FILE = "index.html"
+BANK_FILE = "bank.pt"
+UNROLLED_FILE = "unrolled.pt"
+
+
+def prepared_checkpoint_name(k: int) -> str:
+    """File name of the k-th selected checkpoint's prepared vectors (in ``prepared/``)."""
+    return f"ckpt_{k:03d}.pt"
+
+
+def shard_stem(url: str) -> str:
+    """The stem of an input shard's per-shard files: its file name without ``.tar``."""
+    name = os.path.basename(url.rstrip("/"))
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def check_unique_stems(urls: Sequence[str]) -> None:
+    """Raise UsageError when two input shards share a stem (their score files would collide)."""
+    seen: dict[str, str] = {}
+    for url in urls:
+        stem = shard_stem(url)
+        if stem in seen:
+            raise UsageError(f"data.shards: {seen[stem]} and {url} have the same file name ({stem}); "
+                             "each shard's scores are stored by file name, so rename one")
+        seen[stem] = url
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory (local or remote: ``root`` is a path object)."""
+
+    root: StoragePath
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike, storage: StorageOptions | None = None) -> "RunLayout":
+        """The layout of ``run_dir`` (a local path or an fsspec URL)."""
+        return cls(as_path(run_dir, storage))
+
+    @property
+    def config(self) -> StoragePath:
+        return self.root / CONFIG_FILE
+
+    @property
+    def summary(self) -> StoragePath:
+        return self.root / SUMMARY_FILE
+
+    @property
+    def trajectory(self) -> StoragePath:
+        return self.root / TRAJECTORY_DIR
+
+    @property
+    def prepared(self) -> StoragePath:
+        return self.root / PREPARED_DIR
+
+    @property
+    def scores(self) -> StoragePath:
+        return self.root / SCORES_DIR
+
+    @property
+    def stats(self) -> StoragePath:
+        return self.root / STATS_DIR
+
+    @property
+    def selection(self) -> StoragePath:
+        return self.root / SELECTION_DIR
+
+    @property
+    def shards(self) -> StoragePath:
+        return self.root / SHARDS_DIR
+
+    @property
+    def report(self) -> StoragePath:
+        return self.root / REPORT_DIR / REPORT_FILE
+
+    def bank_file(self) -> StoragePath:
+        return self.prepared / BANK_FILE
+
+    def unrolled_file(self) -> StoragePath:
+        return self.prepared / UNROLLED_FILE
+
+    def prepared_checkpoint(self, k: int) -> StoragePath:
+        """``prepared/ckpt_XXX.pt`` of the k-th selected checkpoint."""
+        return self.prepared / prepared_checkpoint_name(k)
+
+    def score_file(self, url: str) -> StoragePath:
+        """``scores/<stem>.parquet`` of input shard ``url``."""
+        return self.scores / f"{shard_stem(url)}.parquet"
+
+    def stats_file(self, url: str) -> StoragePath:
+        """``stats/<stem>.json`` of input shard ``url``."""
+        return self.stats / f"{shard_stem(url)}.json"
