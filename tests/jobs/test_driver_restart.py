@@ -23,6 +23,8 @@ from tests.conftest import make_tiny_corpus
 from tests.processes import alive as _alive, cmdline as _cmdline, descendants as _descendants, \
     processes_naming as _session_processes
 
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = 12
 KILL_AFTER = 3  # finished score files

@@ -14,6 +14,7 @@ from pipeline.model.trajectory import Trajectory
 from tests.conftest import write_config
 
 
+@pytest.mark.ray
 def test_prune_on_local_ray_then_resume(tiny_corpus: Path, tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path / "run.yaml", tiny_corpus)
     run_dir = tmp_path / "run"

@@ -13,12 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 import pyarrow.parquet as pq
 import yaml
 
 from tests.conftest import make_tiny_corpus
 from tests.processes import processes_naming, stop_processes_naming
 from tests.stages.test_pipeline import pipeline_config
+
+pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,6 +22,8 @@ from pipeline.report.build import write_report
 from tests.conftest import COLOURS
 from tests.report.pagecheck import parse
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
 WINDOW = (1280, 2000)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import pytest
+
 from pipeline.config import parse_config
 from pipeline.runtime.executor import LocalExecutor, RayExecutor, Resources
 from pipeline.stages.prepare import score_device
@@ -34,6 +36,7 @@ def test_local_executor_sets_up_once_and_keeps_order() -> None:
     assert {r[3] for r in results} == {1}
 
 
+@pytest.mark.ray
 def test_ray_actor_pool_honours_declared_logical_gpus() -> None:
     executor = RayExecutor(num_cpus=2, num_gpus=2)  # logical GPUs: scheduling is tested on CPU
     try:
@@ -76,6 +79,7 @@ class DiesOnceStage:
         return task * 10
 
 
+@pytest.mark.ray
 def test_dead_actor_is_replaced_and_its_task_retried(tmp_path) -> None:
     executor = RayExecutor(num_cpus=2, num_gpus=0)
     try:

@@ -14,6 +14,8 @@ import pytest
 from pipeline.errors import DataError, UsageError
 from pipeline.runtime.executor import RayExecutor, Resources
 
+pytestmark = pytest.mark.ray
+
 
 @dataclass
 class SetupFails:

@@ -21,6 +21,8 @@ from tests.conftest import make_tiny_corpus
 from tests.stages.faults import StallingScoreStage, attempts
 from tests.stages.test_pipeline import pipeline_config
 
+pytestmark = pytest.mark.ray
+
 SHARDS = 8
 VICTIM = "00003"
 SCORING = ("trajectory", "prepare", "score")

@@ -21,6 +21,8 @@ from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
 from tests.stages.test_pipeline import pipeline_config
 
+pytestmark = pytest.mark.ray
+
 TELEMETRY = {"run_summary.json"}
 TELEMETRY_DIRS = {"stats"}
 VOLATILE_KEYS = {"seconds", "stage_seconds", "pairs_per_s", "worker"}

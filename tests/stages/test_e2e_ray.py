@@ -17,6 +17,8 @@ from pipeline.runtime.executor import RayExecutor
 from pipeline.stages.pipeline import run_pipeline
 from tests.stages.test_pipeline import pipeline_config
 
+pytestmark = pytest.mark.ray
+
 
 def _members(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:

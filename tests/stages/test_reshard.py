@@ -205,6 +205,7 @@ def test_config_defaults() -> None:
         ReshardConfig(shard_size=0)
 
 
+@pytest.mark.ray
 def test_reshard_under_local_ray(selection: Path, tmp_path: Path) -> None:
     """The same stage as Ray tasks (one per output shard) gives the same bytes.
 

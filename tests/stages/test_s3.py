@@ -21,6 +21,8 @@ import yaml
 from jobs import prune
 from tests.conftest import make_tiny_corpus
 
+pytestmark = pytest.mark.ray
+
 BUCKET = "diffin-test"
 
 
