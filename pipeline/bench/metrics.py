@@ -1,4 +1,5 @@
-"""Fidelity metrics (DESIGN §6): estimated vs actual effects of removing training samples.
+"""Benchmark metrics: fidelity (estimated vs actual effects of removing training samples)
+and retraining quality (zero-shot accuracy, retrieval recall, noise-detection AUC).
 
 Every score estimates L_V(θ_T without z) − L_V(θ_T) (DESIGN §2.3), so the "actual" effects
 compared against are the same difference, measured by retraining:
@@ -14,13 +15,22 @@ Undefined values (constant inputs, fewer than two points) are ``None``, written 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+
+from pipeline.data.corpora.fashion_mnist import CAPTION_NOUNS, TEMPLATES
+from pipeline.data.pairs import PairTable
+from pipeline.model.clip import context_length, make_tokenizer, normalize_images
 
 METRIC_KEYS = ("spearman_loo", "pearson_loo", "relerr_loo", "lds")
+EVAL_BATCH = 512  # images / captions per encoder call when evaluating a retrained model
 
 
 def _vectors(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,3 +101,96 @@ def method_metrics(scores: Mapping[str, float] | None, loo_uids: Sequence[str], 
         "relerr_loo": relative_error(estimate, loo_actual) if is_estimate else None,
         "lds": lds(scores, removed_sets, lds_actual),
     }
+
+
+# ------------------------------------------------ retraining quality (diffin bench quality)
+
+
+def noise_auc(noisy: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of detecting mismatched pairs: label = noisy, score = −(method score)."""
+    noisy = np.asarray(noisy, dtype=bool)
+    if noisy.all() or not noisy.any():
+        raise ValueError("noise AUC needs both noisy and clean pairs")
+    return float(roc_auc_score(noisy, -np.asarray(scores, dtype=np.float64)))
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, images_uint8: Tensor) -> Tensor:
+    """L2-normalised image embeddings (float32)."""
+    parts = [model.encode_image(normalize_images(images_uint8[i:i + EVAL_BATCH]), normalize=True)
+             for i in range(0, len(images_uint8), EVAL_BATCH)]
+    return torch.cat(parts).float()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(length: int) -> Any:
+    return make_tokenizer(length)
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, captions: Sequence[str]) -> Tensor:
+    """L2-normalised text embeddings (float32)."""
+    tokens = _tokenizer(context_length(model))(list(captions))
+    parts = [model.encode_text(tokens[i:i + EVAL_BATCH], normalize=True) for i in range(0, len(tokens), EVAL_BATCH)]
+    return torch.cat(parts).float()
+
+
+def class_prompts(templates: Sequence[str] = TEMPLATES, nouns: Sequence[str] = CAPTION_NOUNS) -> list[list[str]]:
+    """Per class, its prompt in every caption template."""
+    return [[t.format(noun) for t in templates] for noun in nouns]
+
+
+def zero_shot_accuracy(model: nn.Module, images: Tensor, labels: np.ndarray,
+                       prompts: Sequence[Sequence[str]]) -> float:
+    """Top-1 zero-shot accuracy: class embedding = normalised mean of its prompts' embeddings."""
+    model = model.eval()
+    per_class = len(prompts[0])
+    if any(len(p) != per_class for p in prompts):
+        raise ValueError("every class needs the same number of prompts")
+    texts = encode_texts(model, [t for p in prompts for t in p])
+    classes = texts.view(len(prompts), per_class, -1).mean(1)
+    classes = classes / classes.norm(dim=-1, keepdim=True)
+    predicted = (encode_images(model, images) @ classes.T).argmax(dim=1).numpy()
+    return float((predicted == labels).mean())
+
+
+def unique_caption_order(captions: Sequence[str], order: Sequence[int]) -> list[int]:
+    """``order`` without the pairs whose caption (case-folded, stripped) came earlier in it."""
+    seen: set[str] = set()
+    kept = []
+    for i in order:
+        text = captions[i].casefold().strip()
+        if text not in seen:
+            seen.add(text)
+            kept.append(i)
+    return kept
+
+
+def caption_groups(captions: Sequence[str]) -> Tensor:
+    """An id per caption; captions equal after case-folding and stripping share it."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(c.casefold().strip(), len(ids)) for c in captions])
+
+
+def recall_at(similarity: Tensor, groups: Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Recall@k of query i (row i) against items (columns) with caption-group ids ``groups``.
+
+    An item counts as correct when its caption equals the query pair's (Openclipart repeats
+    titles, so a drawing's duplicate title is not a wrong answer). The query's rank is the
+    number of wrong items scoring at least as high as its best correct item: ties count
+    against, so a collapsed model (all scores equal) gets 0.
+    """
+    correct = groups.unsqueeze(1) == groups.unsqueeze(0)
+    best = similarity.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
+    rank = ((similarity >= best) & ~correct).sum(dim=1)
+    return {k: float((rank < k).float().mean()) for k in ks}
+
+
+def retrieval_recall(model: nn.Module, table: PairTable) -> dict[str, float]:
+    """Image→text and text→image recall@1/@5 on held-out pairs; r1/r5 average both ways."""
+    model = model.eval()
+    sim = encode_images(model, table.images) @ encode_texts(model, table.captions).T
+    groups = caption_groups(table.captions)
+    i2t, t2i = recall_at(sim, groups, (1, 5)), recall_at(sim.T, groups, (1, 5))
+    return {"r1": (i2t[1] + t2i[1]) / 2, "r5": (i2t[5] + t2i[5]) / 2,
+            "i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}

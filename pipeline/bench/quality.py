@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -53,14 +52,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from pipeline import __version__
+from pipeline.bench.metrics import class_prompts, noise_auc, retrieval_recall, unique_caption_order, zero_shot_accuracy
 from pipeline.bench.protocol import bench_command, load_shard_dir, ranked
 from pipeline.config import SelectConfig, TrainConfig
 from pipeline.data.corpora.common import CORPUS_FILE
-from pipeline.data.corpora.fashion_mnist import CAPTION_NOUNS, TEMPLATES, build_fashion_mnist
+from pipeline.data.corpora.fashion_mnist import build_fashion_mnist
 from pipeline.data.corpora.openclipart import build_openclipart
 from pipeline.data.pairs import PairTable
 from pipeline.data.shards import SIZES_FILE, expand_shards, iter_raw_samples, load_sizes
@@ -68,25 +67,26 @@ from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
 from pipeline.io.layout import shard_stem
+from pipeline.influence.scores import METHOD_COMPONENTS, columns_computed
 from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS, write_scores
-from pipeline.model.clip import build_clip, context_length, make_tokenizer, model_spec, normalize_images
+from pipeline.model.clip import build_clip, model_spec
 from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence
 from pipeline.model.train import train_final, train_proxy
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
-from pipeline.stages.select import KEPT_FILE, round_half_up, seeded_uid_hash, select
+from pipeline.stages.keep_rule import round_half_up, seeded_uid_hash
+from pipeline.stages.select import KEPT_FILE, select
 
 log = logging.getLogger(__name__)
 
-METHODS = ("diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score", "random")
-SCORED = ("diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score")
+SCORED = columns_computed(METHOD_COMPONENTS["all"])  # every score column of method all (no Adam twins)
+METHODS = (*SCORED, "random")
 BUDGETS = (("keep_50", 0.5), ("keep_30", 0.3))
 DATASETS = ("fashion_mnist", "openclipart")
 METRICS = {"fashion_mnist": ("acc",), "openclipart": ("r1", "r5")}
 DEFAULT_OUT = "benchmarks/results/quality.json"
 DEFAULT_QUICK_OUT = "benchmarks/results/quality_quick.json"
 SPLIT_SEED = 0  # the data splits never change with --seeds
-EVAL_BATCH = 512
 PHASES = ("proxy_train", "score", "select", "retrain", "eval")
 
 
@@ -335,99 +335,6 @@ def random_rule_scores(uids: Sequence[str], seed: int) -> np.ndarray:
     """A score whose order is the random rule's (the first pair it keeps scores highest)."""
     hi, lo = uids_to_u8u8(pa.array(list(uids), pa.string()))
     return -seeded_uid_hash(hi, lo, seed).astype(np.float64)
-
-
-def noise_auc(noisy: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC of detecting mismatched pairs: label = noisy, score = −(method score)."""
-    noisy = np.asarray(noisy, dtype=bool)
-    if noisy.all() or not noisy.any():
-        raise ValueError("noise AUC needs both noisy and clean pairs")
-    return float(roc_auc_score(noisy, -np.asarray(scores, dtype=np.float64)))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def encode_images(model: nn.Module, images_uint8: Tensor) -> Tensor:
-    """L2-normalised image embeddings (float32)."""
-    parts = [model.encode_image(normalize_images(images_uint8[i:i + EVAL_BATCH]), normalize=True)
-             for i in range(0, len(images_uint8), EVAL_BATCH)]
-    return torch.cat(parts).float()
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(length: int) -> Any:
-    return make_tokenizer(length)
-
-
-@torch.no_grad()
-def encode_texts(model: nn.Module, captions: Sequence[str]) -> Tensor:
-    """L2-normalised text embeddings (float32)."""
-    tokens = _tokenizer(context_length(model))(list(captions))
-    parts = [model.encode_text(tokens[i:i + EVAL_BATCH], normalize=True) for i in range(0, len(tokens), EVAL_BATCH)]
-    return torch.cat(parts).float()
-
-
-def class_prompts(templates: Sequence[str] = TEMPLATES, nouns: Sequence[str] = CAPTION_NOUNS) -> list[list[str]]:
-    """Per class, its prompt in every caption template."""
-    return [[t.format(noun) for t in templates] for noun in nouns]
-
-
-def zero_shot_accuracy(model: nn.Module, images: Tensor, labels: np.ndarray,
-                       prompts: Sequence[Sequence[str]]) -> float:
-    """Top-1 zero-shot accuracy: class embedding = normalised mean of its prompts' embeddings."""
-    model = model.eval()
-    per_class = len(prompts[0])
-    if any(len(p) != per_class for p in prompts):
-        raise ValueError("every class needs the same number of prompts")
-    texts = encode_texts(model, [t for p in prompts for t in p])
-    classes = texts.view(len(prompts), per_class, -1).mean(1)
-    classes = classes / classes.norm(dim=-1, keepdim=True)
-    predicted = (encode_images(model, images) @ classes.T).argmax(dim=1).numpy()
-    return float((predicted == labels).mean())
-
-
-def unique_caption_order(captions: Sequence[str], order: Sequence[int]) -> list[int]:
-    """``order`` without the pairs whose caption (case-folded, stripped) came earlier in it."""
-    seen: set[str] = set()
-    kept = []
-    for i in order:
-        text = captions[i].casefold().strip()
-        if text not in seen:
-            seen.add(text)
-            kept.append(i)
-    return kept
-
-
-def caption_groups(captions: Sequence[str]) -> Tensor:
-    """An id per caption; captions equal after case-folding and stripping share it."""
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(c.casefold().strip(), len(ids)) for c in captions])
-
-
-def recall_at(similarity: Tensor, groups: Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Recall@k of query i (row i) against items (columns) with caption-group ids ``groups``.
-
-    An item counts as correct when its caption equals the query pair's (Openclipart repeats
-    titles, so a drawing's duplicate title is not a wrong answer). The query's rank is the
-    number of wrong items scoring at least as high as its best correct item: ties count
-    against, so a collapsed model (all scores equal) gets 0.
-    """
-    correct = groups.unsqueeze(1) == groups.unsqueeze(0)
-    best = similarity.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
-    rank = ((similarity >= best) & ~correct).sum(dim=1)
-    return {k: float((rank < k).float().mean()) for k in ks}
-
-
-def retrieval_recall(model: nn.Module, table: PairTable) -> dict[str, float]:
-    """Image→text and text→image recall@1/@5 on held-out pairs; r1/r5 average both ways."""
-    model = model.eval()
-    sim = encode_images(model, table.images) @ encode_texts(model, table.captions).T
-    groups = caption_groups(table.captions)
-    i2t, t2i = recall_at(sim, groups, (1, 5)), recall_at(sim.T, groups, (1, 5))
-    return {"r1": (i2t[1] + t2i[1]) / 2, "r5": (i2t[5] + t2i[5]) / 2,
-            "i2t_r1": i2t[1], "i2t_r5": i2t[5], "t2i_r1": t2i[1], "t2i_r5": t2i[5]}
 
 
 def evaluate_model(model: nn.Module, data: DatasetData) -> dict[str, float]:

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from pipeline.influence.objective import Batch, Context, Features, PerSampleObjective, decomposed_layer_norm
+from pipeline.influence.objective import (Batch, Context, Features, PerSampleObjective, decomposed_layer_norm,
+                                          fused_layer_norm_jvp)
 from pipeline.influence.params import ParamDict, axpy, norm
 
 CMode = Literal["exact", "fd"]
@@ -51,7 +52,8 @@ def context_jet2(objective: PerSampleObjective, params: ParamDict, u: ParamDict,
 def loss_jvp(objective: PerSampleObjective, params: ParamDict, batch: Batch, v: ParamDict,
              ctx: Context, ctx_v: Context) -> tuple[Tensor, Tensor, Features]:
     """(ℓ_z, ⟨∇ℓ_z, v⟩, features) for every z in ``batch``; the context's jet is given."""
-    feats, feats_v = jvp(lambda p: objective.features(p, batch), (params,), (v,))
+    with fused_layer_norm_jvp():
+        feats, feats_v = jvp(lambda p: objective.features(p, batch), (params,), (v,))
     loss, dloss = jvp(lambda f, c: objective.loss(f, c, batch), (feats, ctx), (feats_v, ctx_v))
     return loss, dloss, feats
 
@@ -76,7 +78,8 @@ def loss_jvp_multi(objective: PerSampleObjective, params: ParamDict, batch: Batc
     def one(v: ParamDict) -> tuple[Features, Features]:
         return jvp(lambda p: objective.features(p, batch), (params,), (v,))
 
-    feats_all, feats_t = vmap(one, randomness="error")(directions)
+    with fused_layer_norm_jvp():
+        feats_all, feats_t = vmap(one, randomness="error")(directions)
     feats = tuple(f[0] for f in feats_all)  # the primal is the same for every direction
 
     def dloss(ft: Features, ct: Context) -> Tensor:

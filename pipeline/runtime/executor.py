@@ -67,7 +67,7 @@ def _apply(fn: Callable[..., Any], item: Any) -> Any:
     return fn(item)
 
 
-class _StageActor:
+class StageActor:
     """Ray actor body: holds one stage instance, set up once.
 
     An exception in ``setup()`` is kept and raised by ``process()``: it is the stage's error
@@ -88,6 +88,19 @@ class _StageActor:
             raise self.setup_error
         return self.stage.process(task)
 
+
+def stage_actor_pids(address: str | None = None) -> list[int]:
+    """Pids of the live actors of :class:`RayExecutor`'s actor pools in the Ray cluster at
+    ``address`` (its GCS address; default: this process's cluster — named explicitly, because
+    the state API's auto-discovery refuses when several Ray instances run on the machine).
+    Actors still in ``setup()`` count too."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = address or ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, detail=True,
+                         filters=[("class_name", "=", StageActor.__name__), ("state", "!=", "DEAD")])
+    return sorted(int(a.pid) for a in actors if a.pid)
 
 def _get(ray: Any, refs: Any) -> Any:
     """``ray.get``, but a :class:`UsageError` / :class:`DataError` raised on a worker reaches the
@@ -169,7 +182,7 @@ class RayExecutor:
         ray = self._ray
         if not tasks:
             return []
-        actor_cls = ray.remote(_StageActor).options(num_cpus=stage.resources.num_cpus,
+        actor_cls = ray.remote(StageActor).options(num_cpus=stage.resources.num_cpus,
                                                     num_gpus=stage.resources.num_gpus)
         queue = list(range(len(tasks)))[::-1]
         results: list[Any] = [None] * len(tasks)

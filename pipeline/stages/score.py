@@ -32,7 +32,7 @@ from pipeline.data.uids import make_uid
 from pipeline.errors import DataError, UsageError
 from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS, columns_computed
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
-from pipeline.io.storage import StoragePath, as_path
+from pipeline.io.storage import StoragePath
 from pipeline.io.layout import RunLayout, check_unique_stems
 from pipeline.io.scores import META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, write_scores
 from pipeline.runtime.executor import Executor, Resources

@@ -54,10 +54,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -71,6 +69,7 @@ from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.scores import META_CONFIG, META_TRAJECTORY, read_shard_meta
 from pipeline.io.storage import arrow_source, as_path
+from pipeline.stages.keep_rule import ROW_DTYPES, Rows, keep_positions
 
 log = logging.getLogger(__name__)
 
@@ -84,34 +83,11 @@ META_SELECT = b"diffin.select"
 
 _SCAN_BATCH_ROWS = 1 << 16
 _WRITE_BATCH_ROWS = 1 << 20
-_UINT64_MASK = (1 << 64) - 1
 
 
 # ---------------------------------------------------------------------------- pass 1: scan
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """The eligible rows, column-wise (one entry per row)."""
-
-    hi: np.ndarray      # uint64, upper half of the uid
-    lo: np.ndarray      # uint64, lower half
-    score: np.ndarray   # float64, finite
-    file: np.ndarray    # int32, position of the score file in the input list
-    index: np.ndarray   # int32, position of the sample in its shard
-    stratum: np.ndarray  # int32, canonical stratum code (0 when not stratified)
-
-    def __len__(self) -> int:
-        return len(self.score)
-
-    def take(self, positions: np.ndarray) -> "_Rows":
-        """The rows at ``positions``, in that order."""
-        return _Rows(*(getattr(self, f)[positions] for f in _ROW_FIELDS))
-
-
-_ROW_DTYPES = {"hi": np.uint64, "lo": np.uint64, "score": np.float64, "file": np.int32,
-               "index": np.int32, "stratum": np.int32}
-_ROW_FIELDS = tuple(_ROW_DTYPES)
 
 
 @dataclass
@@ -124,7 +100,7 @@ class _RowBuffer:
 
     @classmethod
     def allocate(cls, capacity: int) -> "_RowBuffer":
-        return cls({name: np.empty(capacity, dtype) for name, dtype in _ROW_DTYPES.items()})
+        return cls({name: np.empty(capacity, dtype) for name, dtype in ROW_DTYPES.items()})
 
     def append(self, part: dict[str, np.ndarray]) -> None:
         n = len(part["hi"])
@@ -134,8 +110,8 @@ class _RowBuffer:
             self.arrays[name][self.size:self.size + n] = values
         self.size += n
 
-    def rows(self) -> _Rows:
-        return _Rows(**{name: values[:self.size] for name, values in self.arrays.items()})
+    def rows(self) -> Rows:
+        return Rows(**{name: values[:self.size] for name, values in self.arrays.items()})
 
 
 @dataclass
@@ -251,7 +227,7 @@ class _Scan:
                                  f"{status[row].as_py()!r}, {self.column} "
                                  f"{batch.column(self.column)[row].as_py()})")
 
-    def rows(self) -> tuple[_Rows, list[str | None], np.ndarray]:
+    def rows(self) -> tuple[Rows, list[str | None], np.ndarray]:
         """The eligible rows (strata recoded canonically, in place), stratum values and
         counts in. Call once."""
         values, remap = self.strata.canonical() if self.stratum_column else ([None], np.zeros(1, np.int32))
@@ -337,95 +313,6 @@ def _check_distinct_shards(files: Sequence[_FileStats]) -> None:
             seen[stats.shard] = stats.path
 
 
-# -------------------------------------------------------------------------------- decision
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def seeded_uid_hash(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
-    """The random rule's key: a 64-bit hash of (seed, uid), independent of row position."""
-    seed_word = _splitmix64(np.array([(seed + 0x9E3779B97F4A7C15) & _UINT64_MASK], np.uint64))
-    return _splitmix64(_splitmix64(hi ^ seed_word) ^ lo)
-
-
-def _rule_order(rows: _Rows, cfg: SelectConfig) -> np.ndarray:
-    """Positions of the eligible rows, best first (see the module docstring).
-
-    Same as ``np.lexsort((index, file, lo, hi, primary))``, but a plain sort on the primary
-    key with only the rows that tie on it sorted by the rest (lexsort is ~8× slower).
-    """
-    primary = seeded_uid_hash(rows.hi, rows.lo, cfg.seed) if cfg.rule == "random" else -rows.score
-    order = np.argsort(primary, kind="stable")
-    ranked = primary[order]
-    same_as_previous = np.concatenate([[False], ranked[1:] == ranked[:-1]])
-    del ranked
-    tied = same_as_previous.copy()
-    tied[:-1] |= same_as_previous[1:]
-    positions = np.flatnonzero(tied)
-    if len(positions):
-        group = np.cumsum(~same_as_previous)[positions]
-        tied_rows = order[positions]
-        by_rest = np.lexsort((rows.index[tied_rows], rows.file[tied_rows], rows.lo[tied_rows],
-                              rows.hi[tied_rows], group))
-        order[positions] = tied_rows[by_rest]
-    return order
-
-
-def round_half_up(fraction: float, n: int) -> int:
-    """round-half-up(fraction × n), the fraction taken as its shortest decimal form."""
-    return math.floor(Fraction(repr(fraction)) * n + Fraction(1, 2))
-
-
-def largest_remainder(k: int, counts: Sequence[int]) -> list[int]:
-    """Split ``k`` (<= sum(counts)) in proportion to ``counts``: floors, then the leftover one
-    each to the largest remainders (ties: lower position first)."""
-    total = sum(counts)
-    if total == 0:
-        return [0] * len(counts)
-    shares = [divmod(k * n, total) for n in counts]
-    quotas = [q for q, _ in shares]
-    by_remainder = sorted(range(len(counts)), key=lambda i: (-shares[i][1], i))
-    for i in by_remainder[:k - sum(quotas)]:
-        quotas[i] += 1
-    return quotas
-
-
-def _quotas(eligible: np.ndarray, cfg: SelectConfig) -> np.ndarray:
-    counts = [int(n) for n in eligible]
-    if cfg.budget_is_count:
-        quotas = largest_remainder(min(cfg.k, sum(counts)), counts)
-    else:
-        quotas = [round_half_up(cfg.fraction, n) for n in counts]
-    return np.asarray(quotas, dtype=np.int64)
-
-
-def _position_in_group(groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """For a sequence of group codes, each element's 0-based position within its group."""
-    perm = np.argsort(groups, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=n_groups))[:-1]])
-    position = np.empty(len(groups), np.int64)
-    position[perm] = np.arange(len(groups)) - starts[groups[perm]]
-    return position
-
-
-def _decide(rows: _Rows, n_strata: int, cfg: SelectConfig) -> np.ndarray:
-    """Positions of the kept rows in the rule's order (position i has rank i + 1)."""
-    order = _rule_order(rows, cfg)
-    if cfg.rule == "threshold":
-        return order[rows.score[order] >= cfg.threshold]
-    quotas = _quotas(np.bincount(rows.stratum, minlength=n_strata), cfg)
-    if n_strata <= 1:
-        return order[:int(quotas.sum())]
-    strata = rows.stratum[order]
-    return order[_position_in_group(strata, n_strata) < quotas[strata]]
-
-
 # ------------------------------------------------------------------------ pass 2: outputs
 
 
@@ -497,7 +384,7 @@ class _Kept:
     """The kept rows in input order (score file, index) with their keys and ranks, and the
     permutation that puts them in uid order."""
 
-    rows: _Rows
+    rows: Rows
     keys: pa.ChunkedArray
     rank: np.ndarray
     by_uid: np.ndarray
@@ -526,14 +413,14 @@ class _Kept:
             yield pa.table(columns, schema=schema)
 
 
-def _in_input_order(rows: _Rows, kept: np.ndarray) -> tuple[_Rows, np.ndarray]:
+def _in_input_order(rows: Rows, kept: np.ndarray) -> tuple[Rows, np.ndarray]:
     """The kept rows in input order (score file, index), and their ranks."""
     position = (rows.file[kept].astype(np.int64) << 32) | rows.index[kept].astype(np.int64)
     by_input = np.argsort(position, kind="stable")
     return rows.take(kept[by_input]), (by_input + 1).astype(np.int64)
 
 
-def _collect_kept(paths: Sequence[str], in_order: _Rows,
+def _collect_kept(paths: Sequence[str], in_order: Rows,
                   rank: np.ndarray) -> tuple[_Kept, np.ndarray, list[pa.Array]]:
     """Pass 2: fetch the kept rows' keys file by file.
 
@@ -554,11 +441,11 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 # -------------------------------------------------------------------------------- summary
 
 
-def _last_kept_score(rows: _Rows, kept: np.ndarray) -> float | None:
+def _last_kept_score(rows: Rows, kept: np.ndarray) -> float | None:
     return float(rows.score[kept[-1]]) if len(kept) else None
 
 
-def _summary(cfg: SelectConfig, scan: _Scan, rows: _Rows, kept: np.ndarray, strata: list[str | None],
+def _summary(cfg: SelectConfig, scan: _Scan, rows: Rows, kept: np.ndarray, strata: list[str | None],
              n_in: np.ndarray, prints: tuple[str, str]) -> dict[str, Any]:
     quantiles = (dict(zip((f"{q:g}" for q in QUANTILES),
                           (float(v) for v in np.quantile(rows.score, QUANTILES))))
@@ -580,7 +467,7 @@ def _summary(cfg: SelectConfig, scan: _Scan, rows: _Rows, kept: np.ndarray, stra
     return summary
 
 
-def _strata_summary(rows: _Rows, kept: np.ndarray, values: list[str | None],
+def _strata_summary(rows: Rows, kept: np.ndarray, values: list[str | None],
                     n_in: np.ndarray) -> list[dict[str, Any]]:
     eligible = np.bincount(rows.stratum, minlength=len(values))
     kept_strata = rows.stratum[kept]
@@ -631,7 +518,7 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig,
     paths = [as_path(p) for p in score_files]
     prints, scan = _scan(paths, cfg)
     rows, strata, n_in = scan.rows()
-    kept = _decide(rows, len(strata), cfg)
+    kept = keep_positions(rows, len(strata), cfg)
     summary = _summary(cfg, scan, rows, kept, strata, n_in, prints)
     in_order, rank = _in_input_order(rows, kept)
     del rows, kept  # free the eligible rows before pass 2

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.bench import scale
+from pipeline.bench import sampler, scale
 from pipeline.errors import UsageError
-from pipeline.stages.select import round_half_up
+from pipeline.stages.keep_rule import round_half_up
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -25,28 +25,28 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_proc_memory_of_self_and_of_a_gone_process() -> None:
-    mem = scale.proc_memory()
+    mem = sampler.proc_memory()
     assert mem is not None and 0 < mem["VmRSS"] <= mem["VmHWM"]
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    assert scale.proc_memory(child.pid) is None
+    assert sampler.proc_memory(child.pid) is None
 
 
 def test_process_cpu_seconds_grow_with_work() -> None:
-    before = scale.process_cpu_seconds()
+    before = sampler.process_cpu_seconds()
     deadline = time.process_time() + 0.3
     while time.process_time() < deadline:
         pass
-    assert scale.process_cpu_seconds() >= before + 0.2
+    assert sampler.process_cpu_seconds() >= before + 0.2
 
 
 def test_reset_peak_lowers_the_high_water_mark() -> None:
-    block = bytearray(64 * scale.MB)  # touch 64 MB, then free it
+    block = bytearray(64 * sampler.MB)  # touch 64 MB, then free it
     block[::4096] = b"x" * len(block[::4096])
-    peak = scale.proc_memory()["VmHWM"]
+    peak = sampler.proc_memory()["VmHWM"]
     del block
-    assert scale.reset_peak()
-    after = scale.proc_memory()
+    assert sampler.reset_peak()
+    after = sampler.proc_memory()
     assert after["VmHWM"] < peak and after["VmHWM"] >= after["VmRSS"]
 
 
@@ -59,11 +59,11 @@ def test_sampler_records_checkpoint_and_end_peaks_of_actor_processes(tmp_path: P
             "sys.stdin.readline()\n")
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
     pairs = {"n": 0}
-    sampler = scale.RssSampler(lambda: pairs["n"], checkpoint_pairs=[100], interval=0.05,
-                               find_actors=lambda: [child.pid], timeline_every=3600,
-                               progress_path=tmp_path / "progress.json")
+    rss = sampler.RssSampler(lambda: pairs["n"], checkpoint_pairs=[100], interval=0.05,
+                             find_actors=lambda: [child.pid], timeline_every=3600,
+                             progress_path=tmp_path / "progress.json")
     try:
-        sampler.start()
+        rss.start()
         time.sleep(1.0)
         pairs["n"] = 100
         time.sleep(0.5)
@@ -73,17 +73,17 @@ def test_sampler_records_checkpoint_and_end_peaks_of_actor_processes(tmp_path: P
         pairs["n"] = 200
         time.sleep(0.3)
     finally:
-        sampler.stop()
+        rss.stop()
         child.stdin.write("\n")
         child.stdin.close()
         child.wait()
-    ckpt, end = sampler.at_checkpoints[100], sampler.snapshot()
+    ckpt, end = rss.at_checkpoints[100], rss.snapshot()
     assert ckpt["pairs"] == 100 and end["pairs"] == 200
     assert set(end["actors"]) == {str(child.pid)}
     assert end["actor_hwm_max_mb"] - ckpt["actor_hwm_max_mb"] > 40
     assert ckpt["driver"]["hwm_mb"] > 0
-    assert [p["pairs"] for p in sampler.timeline] == [0, 100, 200]  # first sample, then changes
-    assert sampler.actor_started[child.pid] is not None
+    assert [p["pairs"] for p in rss.timeline] == [0, 100, 200]  # first sample, then changes
+    assert rss.actor_started[child.pid] is not None
     progress = json.loads((tmp_path / "progress.json").read_text())  # what a stopped run leaves
     assert progress["at_checkpoints"]["100"] == ckpt and progress["now"]["pairs"] == 200
 

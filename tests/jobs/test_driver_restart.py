@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.config import parse_config
-from pipeline.runtime.executor import LocalExecutor
+from pipeline.runtime.executor import LocalExecutor, StageActor
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
 from tests.processes import alive as _alive, cmdline as _cmdline, descendants as _descendants, \
@@ -121,7 +121,7 @@ def test_killed_driver_resumes_from_finished_shards(restart_setup, tmp_path: Pat
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         # The embedded Ray dies with its driver: raylet, GCS, workers, dashboard.
-        assert "raylet" in commands and "gcs_server" in commands and "_StageActor" in commands
+        assert "raylet" in commands and "gcs_server" in commands and StageActor.__name__ in commands
         _wait_until(lambda: not any(_alive(p) for p in doomed) and not _session_processes(session), 60,
                     "the killed run's Ray processes to exit")
     finally:

@@ -15,7 +15,7 @@ import pytest
 
 import pipeline.stages.score as score_module
 from pipeline.config import parse_config
-from pipeline.runtime.executor import LocalExecutor, RayExecutor
+from pipeline.runtime.executor import LocalExecutor, RayExecutor, stage_actor_pids
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
 from tests.stages.faults import StallingScoreStage, attempts
@@ -68,7 +68,7 @@ class ActorKiller(threading.Thread):
         pid = int((self.markers / f"pid-{self.stem}").read_text())
         alive = list_actors(address=self.gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
         matches = [a for a in alive if a.pid == pid]
-        if len(matches) != 1 or "_StageActor" not in matches[0].class_name:
+        if len(matches) != 1 or pid not in stage_actor_pids(self.gcs_address):
             raise AssertionError(f"pid {pid} is not one live stage actor: {[(a.class_name, a.pid) for a in alive]}")
         self.actor = matches[0]
         os.kill(pid, signal.SIGKILL)

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
-from pipeline.stages.select import (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, SUMMARY_FILE,
-                                    SelectConfig, largest_remainder, round_half_up, select)
+from pipeline.stages.keep_rule import largest_remainder, round_half_up
+from pipeline.stages.select import KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, SUMMARY_FILE, SelectConfig, select
 from tests.stages.scorefiles import write_score_file
 
 OUTPUTS = (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, SUMMARY_FILE)
