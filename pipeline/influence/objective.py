@@ -148,8 +148,8 @@ def fused_layer_norm_jvp() -> Iterator[None]:
     """Route ``F.layer_norm`` through :class:`_LayerNormTangent` for first-order JVPs.
 
     PyTorch's own forward derivative of layer norm takes about a dozen elementwise passes;
-    this one takes one fused kernel and two passes (measured: the per-pair JVP of the tiny
-    CLIP falls by about 8 %). Same module-attribute swap as :func:`decomposed_layer_norm`:
+    this one takes one fused kernel and two passes (measured on the tiny CLIP, CPU, 1 thread,
+    20 interleaved repeats: the per-pair JVP 1–3 % faster; more where kernel launches cost). Same module-attribute swap as :func:`decomposed_layer_norm`:
     call it from one thread at a time, never around a backward pass or nested forward mode.
     """
     original = F.layer_norm
