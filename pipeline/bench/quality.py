@@ -309,8 +309,9 @@ def write_score_files(table: PairTable, scores: dict[str, Tensor], out_dir: Path
             "uid": [table.uids[i] for i in rows], "key": [table.keys[i] for i in rows],
             "shard": [url] * len(rows), "index": list(range(len(rows))), "status": ["ok"] * len(rows),
             "error": [None] * len(rows),
-            **{c: scores[c][rows].tolist() for c in SCORE_COLUMNS},
-            **{c: scores[c][:, rows].T.tolist() for c in COMPONENTS},
+            # columns and components not computed (the Adam twins) stay null, as in the pipeline
+            **{c: scores[c][rows].tolist() if c in scores else [None] * len(rows) for c in SCORE_COLUMNS},
+            **{c: scores[c][:, rows].T.tolist() if c in scores else [None] * len(rows) for c in COMPONENTS},
         }
         path = out_dir / f"{shard_stem(url)}.parquet"
         write_scores(path, columns, fingerprint, fingerprint, __version__)
