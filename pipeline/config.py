@@ -142,6 +142,9 @@ class ScoreConfig(Section):
     adam: bool = Field(False, description="also the optimizer-aware twins (tracin_adam, diffin_unrolled_adam) of the "
                                          "method's first-order/unrolled scores: one more JVP per checkpoint each")
     dtype: Literal["float32", "float64"] = "float32"
+    compile: bool = Field(False, description="run single-direction JVPs (method unrolled or tracin) through "
+                                             "torch.compile: faster per pair, about a minute of compiling per "
+                                             "worker and batch shape")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keep_json_fields: list[str] = []
 

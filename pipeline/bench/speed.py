@@ -5,6 +5,8 @@ of each is kept, so background load hurts every method alike):
 
 - ``forward``        plain forward pass (eval, inference mode, default attention kernels)
 - ``unrolled``       d only: one JVP along the unrolled direction (``diffin_unrolled``)
+- ``unrolled_compiled`` the same JVP through ``torch.compile`` (``score.compile``; the
+                     one-off compile time is reported as ``compile_s``)
 - ``tracin``         a only (one JVP)
 - ``diffin_fd``      a, b, c with the paper's finite-difference c (the default)
 - ``diffin_exact``   a, b, c with the exact c (nested forward mode)
@@ -31,7 +33,7 @@ import torch
 
 from pipeline.data.corpora.openmoji import iter_openmoji_pairs
 from pipeline.data.pairs import PairTable, table_from_pairs
-from pipeline.influence.forward import CheckpointScorer
+from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import axpy, dot, from_vector, norm, params_of, scale, sub
 from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint, prepare_unrolled
@@ -92,8 +94,11 @@ def _table(image_size: int, count: int) -> PairTable:
 
 def measure_model(name: str, device: torch.device, batch_size: int, repeats: int,
                   bank_size: int, target_size: int, reference_samples: int, seed: int,
-                  proxy_batch: int = 128, lanczos_steps: int = 20) -> dict:
-    """All methods for one model; returns seconds per sample per checkpoint and ratios."""
+                  proxy_batch: int = 128, lanczos_steps: int = 20, compiled: bool = False) -> dict:
+    """All methods for one model; returns seconds per sample per checkpoint and ratios.
+
+    ``compiled`` adds ``unrolled_compiled`` (the JVP through torch.compile) and its one-off
+    compile time; off for quick runs, where compiling would dominate."""
     torch.manual_seed(seed)
     model = build_clip(model_spec(name)).to(device).eval()
     size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size)
@@ -125,6 +130,10 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
             "diffin_fd": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="fd"),
             "diffin_exact": CheckpointScorer(objective, params, prep.u, prep.g, prep.w, c_mode="exact"),
         }
+        if compiled:
+            scorers["unrolled_compiled"] = CheckpointScorer(
+                objective, params, None, None, None, components=("d",),
+                unrolled=from_vector(unrolled.direction, params), network_jvp=compiled_features_jvp(objective))
 
     def forward() -> object:
         with torch.inference_mode():
@@ -137,6 +146,7 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         return run
 
     methods = {"forward": forward, **{k: scored(v) for k, v in scorers.items()}}
+    compile_s = _timed(methods["unrolled_compiled"], device) if compiled else None  # the first call compiles
     best = interleaved_min(methods, repeats, device)
     per_sample = {k: v / batch_size for k, v in best.items()}
     if reference_samples > 0:
@@ -152,6 +162,7 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         "speedup_diffin_fd_vs_reference": per_sample.get("reference", float("nan")) / per_sample["diffin_fd"],
         "prepare_s_per_ckpt": prep_time,
         "prepare_unrolled_s_per_ckpt": unrolled_time,
+        "compile_s": compile_s,
         "settings": {"lanczos_steps": lanczos_steps, "batch_size": batch_size, "repeats": repeats, "bank_size": bank_size,
                      "target_size": target_size, "proxy_batch": proxy_batch, "reference_samples": reference_samples,
                      "image_size": size, "dtype": "float32", "device": str(device),
@@ -195,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results[name] = measure_model(name, device, plan["batch_size"], plan["repeats"], bank,
                                       plan["target_size"], plan["reference_samples"], args.seed,
-                                      plan["proxy_batch"], plan["lanczos_steps"])
+                                      plan["proxy_batch"], plan["lanczos_steps"], compiled=not args.quick)
         results[name]["wall_s"] = round(time.perf_counter() - start, 1)
         results[name]["command"] = command
         ratios = results[name]["ratio_to_forward"]

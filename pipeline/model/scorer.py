@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline.data.pairs import PairTable, rank_order
 from pipeline.errors import UsageError
-from pipeline.influence.forward import CheckpointScorer, vectors_needed
+from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp, vectors_needed
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
 from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, prepare_unrolled
@@ -48,6 +48,7 @@ class InfluenceSettings:
     adam_eps_floor: float = 0.0  # P = 1/(√v̂ + max(ε, floor)): bounds Adam's preconditioner on rarely seen coordinates
     dtype: str = "float32"
     checkpoints: tuple[int, ...] | None = None  # indices into the trajectory; None = all
+    compile: bool = False  # single-direction JVPs through torch.compile (one-off compile per shape)
 
     @property
     def computed_components(self) -> tuple[str, ...]:
@@ -299,10 +300,11 @@ class TrajectoryInfluence:
         directions = [here(x) for x in unrolled.directions] if "d" in s.components else [None] * m
         adam_dirs = ([here(x) for x in unrolled.adam_directions]
                      if "d" in s.components and unrolled.adam_directions else [None] * m)
+        network_jvp = compiled_features_jvp(objective) if s.compile else None  # one for every checkpoint
         with forward_mode_safe():
             self._scorers = [
                 CheckpointScorer(objective, params, here(p.u), here(p.g), here(p.w), s.c_mode, s.eps,
-                                 s.components,
+                                 s.components, network_jvp=network_jvp,
                                  preconditioned_u=here({k: pc[k] * p.u[k] for k in p.u}) if pc is not None and "a" in s.components else None,
                                  unrolled=direction)
                 for params, p, pc, direction in zip(self.params, prepared.prepared, preconds, directions)

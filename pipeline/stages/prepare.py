@@ -46,7 +46,7 @@ def influence_settings(config: RunConfig) -> InfluenceSettings:
         proxy_batches=score.proxy_batches, proxy_batch_size=score.proxy_batch_size,
         batch_size=score.batch_size, seed=target.seed, components=METHOD_COMPONENTS[score.method],
         unrolled=UnrolledSettings(score.unrolled.lanczos_steps, score.unrolled.f, score.unrolled.proxy_batches),
-        adam=score.adam, dtype=score.dtype,
+        adam=score.adam, dtype=score.dtype, compile=score.compile,
         checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None)
 
 
@@ -110,7 +110,8 @@ def prepare_fingerprint(config: RunConfig, trajectory: Trajectory) -> str:
     """Hash of everything the prepared vectors depend on."""
     payload = {"trajectory": trajectory.fingerprint(), "data": config.data.model_dump(mode="json"),
                "target": require_target(config).model_dump(mode="json"),
-               "settings": {k: v for k, v in asdict(influence_settings(config)).items() if k != "batch_size"}}
+               "settings": {k: v for k, v in asdict(influence_settings(config)).items()
+                            if k not in ("batch_size", "compile")}}  # scoring-only settings
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 

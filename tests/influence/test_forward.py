@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.influence.forward import CheckpointScorer, vectors_needed
+from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp, vectors_needed
 from pipeline.influence.objective import forward_mode_safe
 from pipeline.influence.params import dot, params_of
 from pipeline.influence.prepare import hvp_exact, hvp_fd, mean_loss_grad, prepare_checkpoint
@@ -141,3 +141,14 @@ def test_bank_infonce_self_index_equals_removing_the_bank_row() -> None:
         keep = [k for k in range(5) if k != own]
         ref = bank_infonce(img[i:i + 1], txt[i:i + 1], scale, bank_img[keep], bank_txt[keep])
         assert torch.allclose(masked[i], ref[0], rtol=1e-12)
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
+def test_compiled_network_jvp_equals_the_eager_one() -> None:
+    objective, params, target, train, batch = _setup(make_clip_case(torch.float32), torch.float32)
+    v = mean_loss_grad(objective, params, target)
+    with forward_mode_safe():
+        eager = CheckpointScorer(objective, params, v, None, None, components=("a",))(batch)
+        compiled = CheckpointScorer(objective, params, v, None, None, components=("a",),
+                                    network_jvp=compiled_features_jvp(objective))(batch)
+    assert rel(compiled.a, eager.a) <= 1e-4 and rel(compiled.loss, eager.loss) <= 1e-5

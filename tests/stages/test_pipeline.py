@@ -112,3 +112,17 @@ def test_changed_configuration_is_refused(corpus: Path, scored_run) -> None:
     changed = parse_config(pipeline_config(corpus, eps=2e-3))
     with pytest.raises(UsageError, match="another configuration"):
         run_pipeline(changed, run_dir, LocalExecutor(), progress=False)
+
+
+@pytest.mark.slow  # compiles the JVP (about a minute on 2 CPU cores)
+def test_compiled_scoring_equals_eager(corpus: Path, tmp_path: Path) -> None:
+    """score.compile: the same rows and, to float rounding, the same scores as eager scoring."""
+    runs = {}
+    for compiled in (False, True):
+        config = parse_config(pipeline_config(corpus, method="unrolled", compile=compiled))
+        run_pipeline(config, tmp_path / str(compiled), LocalExecutor(), progress=False,
+                     stages=("trajectory", "prepare", "score"))
+        runs[compiled] = pq.read_table(sorted((tmp_path / str(compiled) / "scores").glob("*.parquet"))).to_pydict()
+    assert runs[True]["uid"] == runs[False]["uid"]
+    eager, compiled = (torch.tensor(runs[k]["diffin_unrolled"], dtype=torch.float64) for k in (False, True))
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
