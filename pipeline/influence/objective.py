@@ -149,8 +149,9 @@ def fused_layer_norm_jvp() -> Iterator[None]:
 
     PyTorch's own forward derivative of layer norm takes about a dozen elementwise passes;
     this one takes one fused kernel and two passes (measured on the tiny CLIP, CPU, 1 thread,
-    20 interleaved repeats: the per-pair JVP 1–3 % faster; more where kernel launches cost). Same module-attribute swap as :func:`decomposed_layer_norm`:
-    call it from one thread at a time, never around a backward pass or nested forward mode.
+    20 interleaved repeats: the per-pair JVP 1–3 % faster; more where kernel launches cost).
+    Same module-attribute swap as :func:`decomposed_layer_norm`: call it from one thread at a
+    time, never around a backward pass or nested forward mode.
     """
     original = F.layer_norm
     F.layer_norm = _layer_norm_tangent

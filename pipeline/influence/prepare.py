@@ -119,13 +119,11 @@ def prepare_checkpoint(objective: PerSampleObjective, params: ParamDict,
     if hvp not in ("exact", "fd"):
         raise ValueError(f"unknown hvp mode {hvp!r}")
     u = mean_loss_grad(objective, params, target_batches)
-    g = mean_loss_grad(objective, params, train_batches) if "g" in vectors or (hvp == "fd" and "w" in vectors) else None
+    g = mean_loss_grad(objective, params, train_batches) if "g" in vectors else None
     w = None
-    if "w" in vectors:
+    if "w" in vectors:  # the forward difference starts from g (computed here if not asked for)
         w = (hvp_exact(objective, params, train_batches, u) if hvp == "exact"
              else hvp_fd(objective, params, train_batches, u, eps, base_grad=g))
-    if "g" not in vectors:
-        g = None
     with torch.no_grad():
         losses = torch.cat([per_sample_loss(objective, params, b) for b in target_batches])
     return PreparedCheckpoint(u, g, w, hvp, float(losses.mean()))

@@ -216,7 +216,7 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
         if not (prepared / "bank.pt").is_file():
             raise UsageError(f"no prepared vectors in {prepared}; run the prepare stage first")
         results = timed("score", run_score, config, run_dir, trajectory, prepared,
-                        prepare_fingerprint(config, trajectory), executor, progress)
+                        prepare_fingerprint(config, trajectory), executor, urls, sizes, progress)
         failed: dict[str, int] = {}
         for r in results:
             for k, v in r.failed.items():

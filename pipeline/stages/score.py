@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from pipeline.errors import DataError, UsageError
 from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS, columns_computed
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
 from pipeline.io.storage import StoragePath
-from pipeline.io.layout import RunLayout, check_unique_stems
+from pipeline.io.layout import RunLayout
 from pipeline.io.scores import META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, write_scores
 from pipeline.runtime.executor import Executor, Resources
 
@@ -113,6 +113,8 @@ class ScoreStage:
         self.influence = TrajectoryInfluence(trajectory, self.settings, self.device)
         prepared, _ = load_prepared_dir(self.prepared_dir, len(self.influence.params), self.storage)
         self.influence.load_prepared(prepared)
+        self._components = tuple(c for c in COMPONENTS if c in self.settings.computed_components)  # others null
+        self._columns_written = columns_computed(self._components)
 
     def process(self, task: ShardTask) -> ShardResult:
         """Stream one shard, scoring decodable pairs batch by batch; commit its score file."""
@@ -158,15 +160,13 @@ class ScoreStage:
 
     def _score_batch(self, batch: list[tuple[dict, np.ndarray, str]]) -> None:
         """Score one batch of decoded pairs; a row with any non-finite value becomes ``non_finite``."""
-        comp_names = tuple(c for c in COMPONENTS if c in self.settings.computed_components)  # the rest stay null
-        score_names = columns_computed(comp_names)
         images = torch.from_numpy(np.stack([image for _, image, _ in batch])).permute(0, 3, 1, 2)
         out = self.influence.score_inputs(*self.influence.inputs(images, [caption for _, _, caption in batch]),
                                           uids=[row["uid"] for row, _, _ in batch])
         for j, (row, _, _) in enumerate(batch):
-            row["scores"] = {k: float(out[k][j]) for k in score_names}
-            row["components"] = {k: out[k][:, j].tolist() for k in comp_names}
-            values = list(row["scores"].values()) + [x for k in comp_names for x in row["components"][k]]
+            row["scores"] = {k: float(out[k][j]) for k in self._columns_written}
+            row["components"] = {k: out[k][:, j].tolist() for k in self._components}
+            values = list(row["scores"].values()) + [x for k in self._components for x in row["components"][k]]
             if not all(math.isfinite(v) for v in values):
                 row.update(status="non_finite", error="non-finite score", scores=None, components=None)
 
@@ -198,21 +198,19 @@ def peak_rss_mb() -> float:
 
 
 def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: Path, prepare_fp: str,
-              executor: Executor, progress: bool = True) -> list[ShardResult]:
-    """Score every shard that has no score file of this configuration yet (resumable).
+              executor: Executor, urls: Sequence[str], sizes: dict[str, int] | None,
+              progress: bool = True) -> list[ShardResult]:
+    """Score every shard of ``urls`` (the run's resolved inputs, with their sizes.json counts)
+    that has no score file of this configuration yet (resumable).
 
     A shard recorded as ``unreadable`` is tried again on every run. When the scoring is
     complete, the failed and missing pairs over all shards are checked against
     ``data.max_failed_fraction`` (:func:`check_failed_fraction`).
     """
-    from pipeline.data.shards import expand_shards, load_sizes
     from pipeline.stages.prepare import influence_settings, score_device, worker_threads
     from pipeline.runtime.progress import ShardProgress
     from pipeline.stages.trajectory import trajectory_location
 
-    urls = expand_shards(config.data.shards)
-    check_unique_stems(urls)
-    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     layout = RunLayout.of(run_dir, config.storage)
     fingerprint = score_fingerprint(prepare_fp, config)
     stale = sum(remove_stale_temporaries(d) for d in (layout.scores, layout.stats))
