@@ -1,4 +1,4 @@
-"""``diffin bench {fidelity,speed,scale,quality}`` / ``python -m jobs.bench``: the method's benchmarks (DESIGN §6)."""
+"""``diffin bench {fidelity,speed,scale,quality}`` / ``python -m jobs.bench``: the method's benchmarks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``diffin data``: build WebDataset corpora from the real data on this machine (DESIGN §7).
+"""``diffin data``: build WebDataset corpora from the real data on this machine.
 
     diffin data openmoji --out data/openmoji
     diffin data openclipart --out data/openclipart --workers 8

@@ -1,4 +1,4 @@
-"""``diffin train`` / ``python -m jobs.train``: train the proxy CLIP trajectory (DESIGN §2.5)."""
+"""``diffin train`` / ``python -m jobs.train``: train the proxy CLIP trajectory."""
 
 from __future__ import annotations
 

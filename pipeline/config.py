@@ -1,4 +1,4 @@
-"""Run configuration (DESIGN §3.4): one YAML file, one section per stage, unknown keys are errors.
+"""Run configuration: one YAML file, one section per stage, unknown keys are errors.
 
 Relative paths in a config resolve against the current working directory (the repository
 root for ``make`` targets, the uploaded working dir under ``ray job submit``).
@@ -29,7 +29,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    """Input shards (§3.1)."""
+    """Input shards."""
 
     shards: str | list[str] = Field(description="brace pattern, glob, or list of shard URLs")
     sizes: str | None = Field(None, description="sizes.json with per-shard counts")
@@ -41,7 +41,7 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    """Proxy CLIP training (§2.5): deterministic for a seed."""
+    """Proxy CLIP training: deterministic for a seed."""
 
     model: str = "tiny-clip-32"
     steps: PositiveInt = 200
@@ -95,7 +95,7 @@ class TrajectoryConfig(Section):
 
 
 class TargetConfig(Section):
-    """The target set V (DESIGN §2.4): its own shards, or a held-out fraction of the corpus.
+    """The target set V: its own shards, or a held-out fraction of the corpus.
 
     Held-out pairs (chosen by uid hash) are left out of proxy training; the negative bank
     is drawn from V by seed.
@@ -126,7 +126,7 @@ class UnrolledConfig(Section):
 
 
 class ScoreConfig(Section):
-    """How pairs are scored (DESIGN §2.3)."""
+    """How pairs are scored."""
 
     checkpoints: list[NonNegativeInt] | None = None
     batch_size: PositiveInt = 128
@@ -237,7 +237,7 @@ class ReshardConfig(Section):
 
 
 class ResourcesConfig(Section):
-    """Ray resources per task/actor, declared here and never inferred on the driver (§4)."""
+    """Ray resources per task/actor, declared here and never inferred on the driver."""
 
     actors: PositiveInt = 1
     num_cpus: PositiveFloat = 1.0

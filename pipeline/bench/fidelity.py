@@ -1,4 +1,4 @@
-"""``diffin bench fidelity``: estimated vs actual effects of removing samples (DESIGN §6).
+"""``diffin bench fidelity``: estimated vs actual effects of removing samples.
 
 Ground truth comes from deterministic retraining on real data, for two datasets:
 

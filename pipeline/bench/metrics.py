@@ -1,7 +1,7 @@
 """Benchmark metrics: fidelity (estimated vs actual effects of removing training samples)
 and retraining quality (zero-shot accuracy, retrieval recall, noise-detection AUC).
 
-Every score estimates L_V(θ_T without z) − L_V(θ_T) (DESIGN §2.3), so the "actual" effects
+Every score estimates L_V(θ_T without z) − L_V(θ_T), so the "actual" effects
 compared against are the same difference, measured by retraining:
 
 - leave-one-out: Spearman and Pearson correlation over the left-out samples, and the

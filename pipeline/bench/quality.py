@@ -1,4 +1,4 @@
-"""``diffin bench quality``: pruning quality at an equal data budget (DESIGN §6, issue #7).
+"""``diffin bench quality``: pruning quality at an equal data budget (issue #7).
 
 The claim users care about: a model trained on the pairs Diff-In keeps is better than one
 trained on the pairs an alternative keeps, at the same budget. For each dataset and seed:
@@ -6,7 +6,7 @@ trained on the pairs an alternative keeps, at the same budget. For each dataset 
 1. train the proxy trajectory on the training pairs (:func:`train_proxy`);
 2. score every training pair against it (:class:`TrajectoryInfluence`: ``diffin``,
    ``diffin_eq9``, ``tracin``, ``clip_score``), the target set V being clean held-out pairs;
-3. write the scores as score files (DESIGN §3.2) and select with the real reducer,
+3. write the scores as score files and select with the real reducer,
    :func:`pipeline.stages.select.select`: ``top_fraction`` of each score column (ties by
    uid) and the seeded ``random`` rule, keeping 50 % and 30 %;
 4. retrain a fresh model on each subset with the same settings and number of steps
@@ -295,7 +295,7 @@ def load_dataset(name: str, settings: QualitySettings, data_dir: str | Path) -> 
 
 def write_score_files(table: PairTable, scores: dict[str, Tensor], out_dir: Path,
                       fingerprint: str) -> list[Path]:
-    """Scores of ``table``'s pairs as score files (DESIGN §3.2), one per input shard.
+    """Scores of ``table``'s pairs as score files, one per input shard.
 
     ``index`` is the pair's position among the loaded pairs of its shard (the corpora
     here have no unusable pairs, so it is the position in the shard).

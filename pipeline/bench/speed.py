@@ -1,4 +1,4 @@
-"""Speed benchmark (DESIGN §6): cost of scoring relative to a plain forward pass.
+"""Speed benchmark: cost of scoring relative to a plain forward pass.
 
 Same model, same real data (OpenMoji pairs), same process, interleaved repeats (the minimum
 of each is kept, so background load hurts every method alike):

@@ -1,4 +1,4 @@
-"""A tolerant shard reader: every sample comes out, with what is wrong with it (DESIGN §3.1).
+"""A tolerant shard reader: every sample comes out, with what is wrong with it.
 
 WebDataset reads a damaged shard silently short or merges samples; this reader streams a
 tar member by member and reports instead:

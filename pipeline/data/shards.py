@@ -1,4 +1,4 @@
-"""WebDataset shards (DESIGN §3.1): deterministic writing, shard lists, sizes, reading.
+"""WebDataset shards: deterministic writing, shard lists, sizes, reading.
 
 A sample is a group of tar members sharing a key (the member name up to the first dot);
 keys never contain dots. Pairs carry ``jpg`` (or ``png``/``webp``), ``txt`` and ``json``
@@ -181,8 +181,23 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             else:
                 urls.append(url)
     if not urls:
-        raise UsageError(f"shard list {spec!r} expands to no shards")
+        raise UsageError(f"shard list {spec!r} expands to no shards{_no_shards_hint(items)}")
     return urls
+
+
+def _no_shards_hint(items: Sequence[str]) -> str:
+    """What to do when a local shard pattern matches nothing (a first run's usual mistake)."""
+    from pipeline.data.corpora import BUILDERS
+
+    local = [item for item in items if "://" not in item]
+    if not local:
+        return ""
+    folder = Path(next(iter(braceexpand.braceexpand(local[0])))).parent
+    name = folder.name if folder.name in BUILDERS else "openmoji"
+    state = "does not exist" if not folder.exists() else "holds no matching shards"
+    return (f": {folder} {state}; build a corpus there first (`diffin data {name} --out {folder}`; "
+            f"`diffin data --help` lists the corpora, `make demo` builds and runs the demo) "
+            f"or point data.shards at existing shards")
 
 
 def load_sizes(path: str | os.PathLike, storage: Any = None) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Diff-In math on tensors and parameter dicts: no files, no Ray, no webdataset (DESIGN §2).
+"""Diff-In math on tensors and parameter dicts: no files, no Ray, no webdataset.
 
 - :mod:`.objective` — per-sample losses (CLIP against a negative bank; classifiers)
 - :mod:`.prepare`   — per checkpoint: u_t, g_t, w_t = H_B u_t (exact or finite difference)

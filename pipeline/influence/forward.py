@@ -1,4 +1,4 @@
-"""Per-sample components by forward-mode differentiation (DESIGN §2.3, "score").
+"""Per-sample components by forward-mode differentiation.
 
 For a batch of samples z at checkpoint θ_t, with the prepared u, g, w:
 
@@ -155,7 +155,7 @@ class CheckpointScorer:
     """Computes the requested components for batches at one checkpoint; context jets cached.
 
     ``components`` ⊆ {"a", "b", "c", "d"}: a = ⟨u, G_z⟩, b = ⟨w, G_z⟩, c = ⟨u, H_z g⟩ (needs
-    "a"), d = ⟨acc, G_z⟩ along the unrolled direction ``unrolled`` (DESIGN §2.3). The JVPs at
+    "a"), d = ⟨acc, G_z⟩ along the unrolled direction ``unrolled``. The JVPs at
     θ share one primal pass; "d" alone costs one JVP. ``c_mode="fd"`` uses the paper's forward
     difference with step ``eps`` along ĝ; ``"exact"`` uses nested forward mode (about twice
     the cost of the difference). ``preconditioned_u`` (P_t u_t, e.g. Adam's 1/(√v̂+ε) ⊙ u_t)

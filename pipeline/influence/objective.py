@@ -1,4 +1,4 @@
-"""Per-sample objectives: how a model maps a batch to one loss per sample (DESIGN §2.4).
+"""Per-sample objectives: how a model maps a batch to one loss per sample.
 
 An objective splits the loss into a heavy, per-sample part that runs the network —
 ``features(params, batch)`` — and a shared part computed once per parameter point and
@@ -163,7 +163,7 @@ def fused_layer_norm_jvp() -> Iterator[None]:
 
 def bank_infonce(img: Tensor, txt: Tensor, logit_scale: Tensor, bank_img: Tensor,
                  bank_txt: Tensor, self_index: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE of each pair against a fixed bank of negatives (DESIGN §2.4).
+    """Symmetric InfoNCE of each pair against a fixed bank of negatives.
 
     ``img``/``txt``: L2-normalised embeddings [B, D]; ``bank_*``: [K, D]; the softmax of
     pair z ranges over {z} ∪ bank, with temperature ``exp(logit_scale)``. ``self_index``

@@ -1,4 +1,4 @@
-"""Per-checkpoint shared vectors (DESIGN §2.3, "prepare"): u_t, g_t, w_t = H_B u_t, and the
+"""Per-checkpoint shared vectors: u_t, g_t, w_t = H_B u_t, and the
 unrolled directions acc_k (sequential over checkpoints)."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def prepare_unrolled(objective: PerSampleObjective, checkpoint_params: Sequence[
                      target_batches: Sequence[Batch], proxy_batches_at: Callable[[int], Sequence[Batch]],
                      segment_lrs: Sequence[Sequence[float]], settings: UnrolledSettings,
                      geometry: Sequence[AdamGeometry] | None = None) -> list[UnrolledCheckpoint]:
-    """The unrolled score directions of every checkpoint (DESIGN §2.3), sequentially.
+    """The unrolled score directions of every checkpoint, sequentially.
 
     u = ∇L_V at the last checkpoint starts the backward recursion; H_k is the Hessian of
     the mean loss over ``proxy_batches_at(k)`` at ``checkpoint_params[k]``, applied through

@@ -1,4 +1,4 @@
-"""Scores from per-checkpoint components (DESIGN §2.3), and the score vocabulary.
+"""Scores from per-checkpoint components, and the score vocabulary.
 
 This module owns the names: the score columns, the per-checkpoint components, which
 components each column needs, and which components each ``score.method`` computes. The

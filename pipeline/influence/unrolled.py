@@ -1,4 +1,4 @@
-"""Unrolled Diff-In: the per-step influence differences summed to all orders (DESIGN §2.3).
+"""Unrolled Diff-In: the per-step influence differences summed to all orders.
 
 Removing a sample z from SGD, linearised in 1/N along the recorded trajectory, gives
 

@@ -1,4 +1,4 @@
-"""The score Parquet contract (DESIGN §3.2): one file per input shard, committed atomically.
+"""The score Parquet contract: one file per input shard, committed atomically.
 
 One row per input sample, in shard order, failed samples included. File-level metadata
 carries the configuration fingerprint, the trajectory fingerprint and the package version;

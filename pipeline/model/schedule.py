@@ -47,7 +47,7 @@ class LRSchedule:
         return 0.5 * (1 + math.cos(math.pi * e / es)) * self.base_lr
 
     def checkpoint_lr(self, step: int) -> float:
-        """η_t of the checkpoint saved after ``step`` optimizer steps (DESIGN §2.1).
+        """η_t of the checkpoint saved after ``step`` optimizer steps.
 
         It is the learning rate of the update taken *at* θ_t, i.e. ``lr_at(step)``; the
         final checkpoint (``step == total_steps``) has no following update, so the rate of

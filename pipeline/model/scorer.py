@@ -1,7 +1,7 @@
 """Diff-In for open_clip trajectories: the facade the score stage and the benchmarks use.
 
 ``TrajectoryInfluence`` loads the model once and the m checkpoints' parameters, prepares
-each checkpoint (negative bank, u_t, g_t, w_t — DESIGN §2.3–2.4) and then scores batches of
+each checkpoint (negative bank, u_t, g_t, w_t — docs/METHOD.md) and then scores batches of
 decoded pairs at every checkpoint, returning per-checkpoint components and the scores.
 """
 

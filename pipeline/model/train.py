@@ -1,4 +1,4 @@
-"""Proxy CLIP training (DESIGN §2.5, way 2): a short deterministic open_clip run with checkpoints.
+"""Proxy CLIP training: a short deterministic open_clip run with checkpoints.
 
 The visiting order is a function of (uid, seed) only: epoch ``e`` visits the training pairs
 sorted by ``sample_rank(uid, seed, e)`` and batches are consecutive slices of the stream of

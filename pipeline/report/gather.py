@@ -58,7 +58,8 @@ def check_run_dir(run_dir: StoragePath) -> None:
         raise UsageError(f"cannot read run directory {run_dir}: {type(exc).__name__}: {exc}"
                          .splitlines()[0]) from None
     if not found:
-        raise UsageError(f"run directory {run_dir} not found")
+        raise UsageError(f"run directory {run_dir} not found; "
+                         f"`diffin run --config FILE --run-dir {run_dir}` writes one")
     markers = (SUMMARY_FILE, CONFIG_FILE, SCORES_DIR)
     if not any((run_dir / m).exists() for m in markers):
         raise UsageError(f"{run_dir} is not a run directory (no run_summary.json, config.json or scores/)")

@@ -1,4 +1,4 @@
-"""The prepare stage (DESIGN §2.3–2.4): one Ray task per checkpoint computes u_t, g_t, w_t.
+"""The prepare stage: one Ray task per checkpoint computes u_t, g_t, w_t.
 
 Outputs in ``<run>/prepared/``: ``bank.pt`` (the negative bank's uids, uint8 images and
 captions), ``ckpt_XXX.pt`` per checkpoint (u, g, w, Adam preconditioner) and, when the

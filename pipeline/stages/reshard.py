@@ -1,4 +1,4 @@
-"""The reshard stage (DESIGN §3.3): copy the kept pairs into new WebDataset shards.
+"""The reshard stage: copy the kept pairs into new WebDataset shards.
 
 Every tar member of a kept sample (all extensions) is copied with its name and bytes
 unchanged — nothing is decoded or re-encoded — under fixed member metadata (the same as

@@ -1,4 +1,4 @@
-"""The score stage (DESIGN §3.2, §4): an actor pool over input shards → one Parquet per shard.
+"""The score stage: an actor pool over input shards → one Parquet per shard.
 
 Each worker loads the model, the m checkpoints and the prepared vectors once (``setup``),
 then takes one shard at a time: streams it, decodes each image once, evaluates every

@@ -1,4 +1,4 @@
-"""The select stage (DESIGN §3.3): a pure, deterministic reducer from score files to a kept subset.
+"""The select stage: a pure, deterministic reducer from score files to a kept subset.
 
 Which rows can be kept
     A row is *eligible* when its ``status`` is ``ok`` and its value in the configured score

@@ -1,4 +1,4 @@
-"""The trajectory stage: reuse an existing trajectory or train the proxy one (DESIGN §2.5).
+"""The trajectory stage: reuse an existing trajectory or train the proxy one.
 
 Completion marker: ``<run>/trajectory/trajectory.json``. A finished proxy trajectory whose
 fingerprint matches the configuration is reused; one from another configuration is never

@@ -1,4 +1,4 @@
-"""ShardWriter, shard lists, sizes.json and truncation detection (DESIGN §3.1)."""
+"""ShardWriter, shard lists, sizes.json and truncation detection."""
 
 from __future__ import annotations
 

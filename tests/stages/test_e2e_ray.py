@@ -1,4 +1,4 @@
-"""End to end on a real local Ray: 20 shards, 2 scoring actors, select, reshard (DESIGN §3, §4)."""
+"""End to end on a real local Ray: 20 shards, 2 scoring actors, select, reshard."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The select stage (DESIGN §3.3): rules, ties, strata, failed rows, outputs, determinism."""
+"""The select stage: rules, ties, strata, failed rows, outputs, determinism."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fashion-MNIST corpus (DESIGN §7): labelled 28×28 clothing images with templated captions.
+"""Fashion-MNIST corpus: labelled 28×28 clothing images with templated captions.
 
 ``OUT/train/`` and ``OUT/test/`` are each a shard directory (``sizes.json``, ``corpus.json``).
 A fraction ``noise`` of the TRAIN captions (exactly ``round(noise * n)``, chosen by a seeded

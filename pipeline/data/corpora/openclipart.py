@@ -1,4 +1,4 @@
-"""Openclipart corpus (DESIGN §7): the Debian ``openclipart-svg`` drawings with their titles.
+"""Openclipart corpus: the Debian ``openclipart-svg`` drawings with their titles.
 
 Real, noisy captions: ``dc:title`` of the drawing's ``cc:Work`` (plus ``dc:description`` where
 present, different and plain text). The same drawing is filed under several category folders,

@@ -1,4 +1,4 @@
-"""OpenMoji corpus (DESIGN §7): every OpenMoji emoji that has a Unicode name, with a caption.
+"""OpenMoji corpus: every OpenMoji emoji that has a Unicode name, with a caption.
 
 Images are rendered from the package's COLR0 font with Pillow (raqm shapes ZWJ, skin-tone,
 flag and keycap sequences into one glyph); a sequence that does not shape into exactly one

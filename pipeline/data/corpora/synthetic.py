@@ -1,4 +1,4 @@
-"""Synthetic corpus (DESIGN §7): procedural shapes with captions, for scale tests.
+"""Synthetic corpus: procedural shapes with captions, for scale tests.
 
 Each image is one colored shape (circle, square, …) of some size at one of nine positions on
 a plain background; its caption describes shape, color, size, position and background. A
