@@ -111,6 +111,19 @@ def test_expand_shards_empty_is_usage_error(spec: object, tmp_path: Path,
         expand_shards(spec)  # type: ignore[arg-type]
 
 
+def test_no_shards_error_says_how_to_build_the_corpus(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as missing:
+        expand_shards("data/openmoji/*.tar")  # the demo config before `make demo`
+    message = str(missing.value)
+    assert "data/openmoji does not exist" in message
+    assert "`diffin data openmoji --out data/openmoji`" in message and "make demo" in message
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UsageError, match="mine holds no matching shards"):
+        expand_shards("mine/{0..3}*.tar")
+
+
 def _truncate_before_last_sample(path: Path) -> None:
     with tarfile.open(path) as tar:
         members = tar.getmembers()
