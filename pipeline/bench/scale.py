@@ -70,7 +70,7 @@ class ScalePlan:
     checkpoint_pairs: tuple[int, ...] = (10_000, 100_000)
     shard_size: int = 10_000
     image_size: int = 32
-    method: str = "diffin"
+    method: str = "unrolled"  # the default score: one JVP per checkpoint
     batch_size: int = 256
     bank_size: int = 63
     target_pairs: int = 256
@@ -155,7 +155,7 @@ def ensure_trajectory(plan: ScalePlan, work: Path, executor) -> tuple[Path, floa
 
 
 def scale_config(plan: ScalePlan, corpus: dict[str, Any], target: dict[str, Any], trajectory: Path):
-    """The run configuration of the measured pipeline (prepare → score → select)."""
+    """The run configuration of the measured pipeline (prepare → score → select → reshard)."""
     from pipeline.config import parse_config
 
     return parse_config({
@@ -167,6 +167,7 @@ def scale_config(plan: ScalePlan, corpus: dict[str, Any], target: dict[str, Any]
                   "proxy_batch_size": plan.proxy_batch_size},
         "select": {"column": columns_computed(METHOD_COMPONENTS[plan.method])[0], "rule": "top_fraction",
                    "fraction": plan.fraction},
+        "reshard": {"shard_size": plan.shard_size},
         "resources": {"actors": plan.actors, "num_cpus": plan.actor_cpus, "threads": 1},
     }, "scale run")
 
@@ -185,7 +186,7 @@ def _scored_pairs_counter(scores_dir: Path, sizes: dict[str, int]) -> Callable[[
 
 
 def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict[str, Any]:
-    """Run prepare → score → select over ``plan.pairs`` synthetic pairs; time and memory."""
+    """Run prepare → score → select → reshard over ``plan.pairs`` synthetic pairs; time and memory."""
     from pipeline.data.shards import load_sizes
     from pipeline.runtime.executor import RayExecutor
     from pipeline.stages.pipeline import run_pipeline
@@ -209,7 +210,7 @@ def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict
         start = time.perf_counter()
         try:
             summary = run_pipeline(config, run_dir, executor, progress=progress,
-                                   stages=("prepare", "score", "select"))
+                                   stages=("prepare", "score", "select", "reshard"))
         finally:
             sampler.stop()
         wall = time.perf_counter() - start
@@ -245,6 +246,7 @@ def _pipeline_result(plan: ScalePlan, corpus: dict[str, Any], train_s: float | N
         "score_pairs_per_s": round(summary["pairs_scored_now"] / stages["score"], 2),
         "selection": {k: selection[k] for k in ("in", "scored_ok", "failed", "kept")},
         "expected_kept": round_half_up(plan.fraction, selection["scored_ok"]),
+        "reshard": summary.get("reshard"),
         "rss_at_checkpoints": {str(n): snap for n, snap in sampler.at_checkpoints.items()},
         "rss_at_end": at_end, "actor_hwm_end_over_checkpoint": ratios,
         "actors_started_after_prepare": fresh, "driver_peak_reset": driver_reset,

@@ -130,9 +130,10 @@ def test_quick_run_through_the_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    run = data["pipeline"]["diffin_400"]
+    run = data["pipeline"]["unrolled_400"]
     assert run["pairs_scored"] == 400 and run["failed"] == {}
-    assert set(run["stage_seconds"]) == {"prepare", "score", "select"}
+    assert set(run["stage_seconds"]) == {"prepare", "score", "select", "reshard"}
+    assert run["reshard"]["pairs"] == run["selection"]["kept"]
     assert run["score_pairs_per_s"] > 0
     assert run["selection"]["kept"] == run["expected_kept"] == round_half_up(0.3, 400)
     checkpoints = run["rss_at_checkpoints"]
@@ -151,4 +152,4 @@ def test_quick_run_through_the_cli(tmp_path: Path) -> None:
     assert reducer["counts"]["kept"] == reducer["expected_kept"] > 0
     assert reducer["peak_hwm_mb"] >= reducer["baseline_hwm_mb"] > 0
     assert data["_meta"]["machine"]["cores"] == os.cpu_count()
-    assert "pipeline diffin_400" in proc.stdout and "reducer 8000_rows" in proc.stdout
+    assert "pipeline unrolled_400" in proc.stdout and "reducer 8000_rows" in proc.stdout
