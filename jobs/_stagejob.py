@@ -59,7 +59,7 @@ class StageJob:
 
         config = load_config(args.config)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)  # a path or an fsspec URL
-        inputs = resolve_inputs(config)  # bad shard lists fail here, before Ray starts
+        inputs = resolve_inputs(config, args.config)  # bad shard lists fail here, before Ray starts
         executor = make_executor(args.executor, config.resources.address)
         try:
             summary = run_pipeline(config, run_dir, executor, progress=not args.no_progress, stages=self.stages,

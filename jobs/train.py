@@ -30,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.model.train import read_uid_list
     from pipeline.model.trajectory import MANIFEST
     from pipeline.runtime.executor import make_executor
-    from pipeline.stages.trajectory import train_trajectory
+    from pipeline.stages.trajectory import check_train_model, train_trajectory
 
     config = load_config(args.config)
     if config.trajectory.train is None:
         raise UsageError(f"{args.config}: trajectory.train: required by `diffin train` (the config names an existing trajectory)")
+    check_train_model(config, args.config)  # before --overwrite removes anything
     out = as_path(args.out, config.storage)
     if args.exclude_uids and not Path(args.exclude_uids).is_file():
         raise UsageError(f"--exclude-uids: file not found: {args.exclude_uids}")

@@ -319,8 +319,8 @@ def _is_local(url: str) -> bool:
 
 
 def check_paths(config: RunConfig, source: str) -> None:
-    """Check that local input paths named by the config exist and the model is known (remote
-    URLs are checked when a stage opens them)."""
+    """Check that local input paths named by the config exist (remote URLs are checked when a
+    stage opens them; the model name by :func:`pipeline.stages.trajectory.check_train_model`)."""
     from pipeline.data.shards import expand_shards  # local import: keeps config import light
 
     sections = [("data", config.data)] + ([("target", config.target)] if config.target else [])
@@ -343,12 +343,6 @@ def check_paths(config: RunConfig, source: str) -> None:
         if not manifest.is_file():
             raise UsageError(f"{source}: trajectory.path: trajectory manifest not found: {manifest}")
     if traj.train is not None:
-        from pipeline.model.clip import resolve_model_config
-
-        try:
-            resolve_model_config(traj.train.model)
-        except UsageError as exc:
-            raise UsageError(f"{source}: trajectory.train.model: {exc}") from None
         if traj.train.exclude_uids and not Path(traj.train.exclude_uids).is_file():
             raise UsageError(
                 f"{source}: trajectory.train.exclude_uids: file not found: {traj.train.exclude_uids}")

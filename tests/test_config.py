@@ -51,7 +51,6 @@ BAD = [
     ("trajectory.train.batch_size", 2.5, "trajectory.train.batch_size"),
     ("trajectory.train.schedule", "linear", "trajectory.train.schedule"),
     ("trajectory.train.warmup", 50, "warmup (50) must be smaller than steps"),
-    ("trajectory.train.model", "no-such-model", "trajectory.train.model: unknown model 'no-such-model'"),
     ("trajectory.train.exclude_uids", "/nonexistent/uids.txt", "trajectory.train.exclude_uids: file not found"),
     ("trajectory.path", "/nonexistent/traj", "exactly one of"),
     ("data.shards", "/nonexistent/{00000..00001}.tar", "data.shards: shard not found"),

@@ -157,9 +157,13 @@ class RunInputs:
     sizes: dict[str, int] | None
 
 
-def resolve_inputs(config: RunConfig) -> RunInputs:
+def resolve_inputs(config: RunConfig, source: str = "config") -> RunInputs:
     """Expand ``data.shards`` and read ``data.sizes``; refuse shards whose score files would
-    collide. Cheap, touches no Ray: jobs call it before starting an executor."""
+    collide; check the proxy-training model. Cheap, touches no Ray: jobs call it before
+    starting an executor."""
+    from pipeline.stages.trajectory import check_train_model
+
+    check_train_model(config, source)
     urls = expand_shards(config.data.shards)
     check_unique_stems(urls)
     return RunInputs(urls, load_sizes(config.data.sizes, config.storage) if config.data.sizes else None)

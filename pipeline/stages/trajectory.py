@@ -62,6 +62,19 @@ def holdout_of(config: RunConfig) -> tuple[float, int] | None:
     return (target.holdout_fraction, target.seed)
 
 
+def check_train_model(config: RunConfig, source: str = "config") -> None:
+    """Refuse (one line naming ``source``, the config file; exit 2) a proxy-training model name
+    that is neither a model config we ship nor an open_clip model: before any work."""
+    from pipeline.model.clip import resolve_model_config
+
+    if config.trajectory.train is None:
+        return
+    try:
+        resolve_model_config(config.trajectory.train.model)
+    except UsageError as exc:
+        raise UsageError(f"{source}: trajectory.train.model: {exc}") from None
+
+
 def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor) -> Trajectory:
     """Return the run's trajectory, training the proxy one first if needed (resumable)."""
     if config.trajectory.path is not None:
@@ -80,6 +93,7 @@ def train_trajectory(config: RunConfig, out_dir: StoragePath, executor: Executor
     """
     from pipeline.model.train import proxy_fingerprint
 
+    check_train_model(config)
     cfg = config.trajectory.train
     if cfg is None:
         raise UsageError("trajectory.train: required to train a proxy trajectory (the config names an existing one)")
