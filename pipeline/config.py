@@ -331,7 +331,10 @@ def check_paths(config: RunConfig, source: str) -> None:
             except UsageError as exc:
                 raise UsageError(f"{source}: {name}.shards: {exc}") from None
             missing = [u for u in urls if _is_local(u) and not Path(u.removeprefix("file://")).is_file()]
-            if missing:
+            # A corpus with some shards absent (failed downloads) is data: those shards are recorded
+            # as unreadable, count against max_failed_fraction and are picked up by a rerun. A list
+            # of which nothing exists, or a missing target shard, is a configuration mistake.
+            if missing and (name == "target" or len(missing) == len(urls)):
                 extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise UsageError(f"{source}: {name}.shards: shard not found: {missing[0]}{extra}")
         if section.sizes and _is_local(section.sizes) and not Path(section.sizes.removeprefix("file://")).is_file():

@@ -124,7 +124,10 @@ def run_reshard(config: RunConfig, run_dir: StoragePath, executor: Executor) -> 
     if not manifest.is_file():
         raise UsageError(f"reshard: {manifest} not found; run the select stage first")
     resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
-    return reshard(manifest, layout.shards, config.reshard, executor, resources, config.storage)
+    # The run's own shards follow its own selection: when a rerun changed the selection (a shard
+    # that was unreadable now scored), the old output is replaced, never mixed.
+    return reshard(manifest, layout.shards, config.reshard, executor, resources, config.storage,
+                   replace_stale=True)
 
 
 def _existing_trajectory(config: RunConfig, run_dir: StoragePath):

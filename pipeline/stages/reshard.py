@@ -207,15 +207,28 @@ def write_output_shard(task: ReshardTask) -> int:
 # ------------------------------------------------------------------------------ the stage
 
 
-def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprint: str) -> None:
-    """Record the plan in ``out_dir``, or refuse if it holds another plan's output."""
+def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprint: str,
+                   replace_stale: bool = False) -> None:
+    """Record the plan in ``out_dir``, or refuse if it holds another plan's output.
+
+    With ``replace_stale`` (a run directory's own ``shards/``, derived from its own selection)
+    another plan's output is removed instead: the plan record and ``sizes.json`` first, so an
+    interruption never leaves old shards that look complete.
+    """
     plan_path = out_dir / PLAN_FILE
     if plan_path.is_file():
         recorded = json.loads(plan_path.read_text()).get("fingerprint")
-        if recorded != fingerprint:
+        if recorded == fingerprint:
+            return
+        if not replace_stale:
             raise UsageError(f"{out_dir} holds shards of a different selection or reshard config "
                              "(plan fingerprint differs); remove it or choose another directory")
-        return
+        log.info("reshard: the selection changed; replacing the shards in %s", out_dir)
+        for name in (PLAN_FILE, SIZES_FILE):
+            if (out_dir / name).exists():
+                (out_dir / name).unlink()
+        for stale in list(out_dir.iterdir()):
+            stale.unlink()
     foreign = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
     if foreign:
         raise UsageError(f"{out_dir} is not empty and has no {PLAN_FILE} (e.g. {sorted(foreign)[0]}); "
@@ -226,18 +239,18 @@ def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprin
 
 def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, cfg: ReshardConfig,
             executor: Executor, resources: Resources = Resources(),
-            storage: StorageOptions | None = None) -> dict[str, int]:
+            storage: StorageOptions | None = None, replace_stale: bool = False) -> dict[str, int]:
     """Copy the kept pairs into new shards under ``out_dir``; return (and write) ``sizes.json``.
 
     ``manifest``: see :func:`load_manifest`. One executor task per output shard, with
     ``resources``. Resumable (see the module docstring). Raises :class:`DataError` when a
     kept key is not in its input shard, :class:`UsageError` when ``out_dir`` holds output
-    of another plan.
+    of another plan (unless ``replace_stale``: see :func:`_claim_out_dir`).
     """
     out = as_path(out_dir, storage)
     urls, keys = load_manifest(manifest)
     plan = plan_reshard(urls, keys, cfg)
-    _claim_out_dir(out, plan, plan_fingerprint(plan, cfg))
+    _claim_out_dir(out, plan, plan_fingerprint(plan, cfg), replace_stale)
     todo = [ReshardTask(str(out), shard, dict(storage or {})) for shard in plan if not (out / shard.name).is_file()]
     log.info("reshard: %d output shards (%d already done), %d pairs",
              len(plan), len(plan) - len(todo), sum(s.count for s in plan))

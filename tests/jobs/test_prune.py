@@ -156,3 +156,48 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_corpus: Path, tmp_path: 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
         assert not run_dir.exists()
+
+
+def test_absent_local_shard_is_data_and_a_rerun_scores_it_alone(tiny_corpus: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    """A partly downloaded corpus: one listed shard is absent. The run goes on and records it;
+    once the shard exists, a rerun scores that shard and nothing else."""
+    import shutil
+
+    import yaml
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    absent = corpus / "00001.tar"
+    parked = tmp_path / "00001.tar.parked"
+    absent.rename(parked)
+    config = write_config(tmp_path / "run.yaml", corpus)
+    settings = yaml.safe_load(config.read_text())
+    settings["data"]["shards"] = str(corpus / "{00000..00002}.tar")  # a brace list: 00001 is named
+    settings["data"]["max_failed_fraction"] = 0.5  # 16 of 48 promised pairs are missing
+    settings |= {"target": {"holdout_fraction": 0.25, "max_pairs": 8, "bank_size": 3, "seed": 0},
+                 "score": {"batch_size": 8, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 3}},
+                 "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
+                 "reshard": {"shard_size": 8}}
+    config.write_text(yaml.safe_dump(settings))
+    run_dir = tmp_path / "run"
+    args = ["--config", str(config), "--run-dir", str(run_dir), "--executor", "local", "--no-progress"]
+    assert prune.main(args) == 0, capsys.readouterr().err
+    summary = json.loads((run_dir / "selection" / "summary.json").read_text())
+    assert summary["counts"]["missing"] == 16
+    problem = {Path(s["shard"]).name: s["status"] for s in summary["shards"]["problems"]}
+    assert problem == {"00001.tar": "unreadable"}
+    stats = json.loads((run_dir / "stats" / "00001.json").read_text())
+    assert stats["status"] == "unreadable" and "No such file" in stats["error"]
+    kept_before = json.loads((run_dir / "shards" / "sizes.json").read_text())
+
+    parked.rename(absent)  # the download finishes
+    done = {p.name: p.stat().st_mtime_ns for p in (run_dir / "scores").glob("*.parquet")}
+    assert prune.main(args) == 0, capsys.readouterr().err
+    after = json.loads((run_dir / "run_summary.json").read_text())
+    assert after["shards_scored_now"] == 1 and after["pairs_scored_now"] == 16
+    for name in ("00000.parquet", "00002.parquet"):
+        assert (run_dir / "scores" / name).stat().st_mtime_ns == done[name]
+    summary = json.loads((run_dir / "selection" / "summary.json").read_text())
+    assert summary["counts"]["missing"] == 0 and summary["counts"]["in"] == 48
+    assert sum(json.loads((run_dir / "shards" / "sizes.json").read_text()).values()) > sum(kept_before.values())

@@ -128,6 +128,11 @@ def test_reshard_resumes_and_refuses_another_plan(selection: Path, tmp_path: Pat
     other = pq.read_table(manifest).slice(0, 2)
     with pytest.raises(UsageError, match="different selection"):
         reshard(other, tmp_path, cfg, LocalExecutor())
+    # A run directory's own shards follow its changed selection: replaced whole, never mixed.
+    fresh = tmp_path.parent / f"{tmp_path.name}-fresh"
+    expected = reshard(other, fresh, cfg, LocalExecutor())
+    assert reshard(other, tmp_path, cfg, LocalExecutor(), replace_stale=True) == expected
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {p.name: p.read_bytes() for p in fresh.iterdir()}
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "00000.tar").write_bytes(b"not ours")
