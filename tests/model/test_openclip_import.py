@@ -13,7 +13,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 from typing import Callable
@@ -31,22 +30,8 @@ from pipeline.errors import UsageError
 from pipeline.model.openclip_import import import_run
 from pipeline.model.scorer import segment_lrs
 from pipeline.model.trajectory import Trajectory
+from tests.openclip_runner import MICRO, start_train, write_micro_config
 
-REPO = Path(__file__).resolve().parents[2]
-MICRO = "diffin-micro-test"
-MICRO_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-# Runs open_clip_train.main in a process where the micro config is registered.
-TRAIN_WRAPPER = (
-    "import sys, runpy\n"
-    "import pipeline, open_clip\n"
-    "open_clip.add_model_config(sys.argv[1])\n"
-    "sys.argv = ['open_clip_train.main'] + sys.argv[2:]\n"
-    "runpy.run_module('open_clip_train.main', run_name='__main__')\n"
-)
 COMMON_ARGS = ["--dataset-type", "synthetic", "--model", MICRO, "--device", "cpu",
                "--precision", "fp32", "--workers", "0", "--log-every-n-steps", "1"]
 
@@ -100,20 +85,14 @@ def simulate_open_clip_loop(make_scheduler: Callable, num_batches: int, accum: i
 
 
 def _train(logs: Path, name: str, config: Path, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-c", TRAIN_WRAPPER, str(config), *COMMON_ARGS, *args,
-            "--logs", str(logs), "--name", name]
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return start_train(config, [*COMMON_ARGS, *args, "--logs", str(logs), "--name", name])
 
 
 @pytest.fixture(scope="module")
 def open_clip_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Run directories of two real (tiny, CPU) open_clip_train runs, trained in parallel."""
     logs = tmp_path_factory.mktemp("open_clip_logs")
-    config = logs / f"{MICRO}.json"
-    config.write_text(json.dumps(MICRO_CONFIG))
+    config = write_micro_config(logs)
     procs = {name: _train(logs, name, config, spec["args"])
              for name, spec in (("run_a", RUN_A), ("run_b", RUN_B))}
     for name, proc in procs.items():

@@ -1,0 +1,126 @@
+"""Load-time filtering: keep a run's selected pairs while reading the *input* shards.
+
+``selection/manifest.parquet`` (written by :mod:`pipeline.stages.select`) lists, per input
+shard, the keys to keep. :class:`KeptKeys` turns it into a sample predicate for a WebDataset
+pipeline, so a loader can train on the kept pairs without the resharded copy::
+
+    keep = KeptKeys.from_run("runs/demo")
+    dataset = wds.WebDataset(urls, shardshuffle=False, handler=wds.reraise_exception).select(keep)
+
+A sample is kept iff its ``__key__`` is among the kept keys of its shard. The shard is found
+from the sample's ``__url__``: the manifest's URL itself, else the input shard with the same
+file stem (:func:`pipeline.io.layout.shard_stem`; a run's input stems are unique), so shards
+copied elsewhere (``s3://…`` → local) still match. A shard the manifest does not list (not an
+input of the run, or one that had no rows) raises :class:`UsageError` by default
+(``unknown="drop"`` drops its samples instead).
+
+Memory: the manifest's shard column (one string per input shard); the kept keys of one shard
+at a time, read when a sample of a new shard arrives (a Parquet filter on the shard column).
+Works on local paths and fsspec URLs (:func:`pipeline.io.storage.as_path`) and pickles, so
+DataLoader workers each hold their own cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import UsageError
+from pipeline.io.layout import RunLayout, shard_stem
+from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path
+from pipeline.stages.select import MANIFEST_FILE
+
+SHARD_COLUMN, KEYS_COLUMN = "shard", "keys"  # of MANIFEST_SCHEMA (pipeline.stages.select)
+UNKNOWN_SHARD = ("error", "drop")
+
+
+def _read_shards(manifest: StoragePath) -> list[str]:
+    """The manifest's input shard URLs (its shard column only), after a schema check."""
+    where, filesystem = arrow_source(manifest)
+    try:
+        schema = pq.read_schema(where, filesystem=filesystem)
+        missing = [n for n in (SHARD_COLUMN, KEYS_COLUMN) if n not in schema.names]
+        if missing:
+            raise UsageError(f"{manifest} is not a selection manifest (no column {missing[0]!r})")
+        table = pq.read_table(where, columns=[SHARD_COLUMN], filesystem=filesystem)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"cannot read manifest {manifest}: {exc}") from None
+    return table.column(SHARD_COLUMN).to_pylist()
+
+
+def _stem_index(shards: list[str], manifest: StoragePath) -> dict[str, str]:
+    """Input shard stem → manifest URL; a stem named twice is refused."""
+    by_stem: dict[str, str] = {}
+    for url in shards:
+        stem = shard_stem(url)
+        if stem in by_stem:
+            raise UsageError(f"manifest {manifest} names two shards with the file name {stem}: "
+                             f"{by_stem[stem]} and {url}")
+        by_stem[stem] = url
+    return by_stem
+
+
+@dataclass
+class KeptKeys:
+    """A WebDataset sample predicate: keep a sample iff the manifest keeps its key in its shard."""
+
+    manifest: str | os.PathLike  # selection/manifest.parquet (local or fsspec URL)
+    unknown: Literal["error", "drop"] = "error"
+    _shards: list[str] = field(init=False, repr=False)
+    _by_url: set[str] = field(init=False, repr=False)
+    _by_stem: dict[str, str] = field(init=False, repr=False)
+    _current: tuple[str, frozenset[str]] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.unknown not in UNKNOWN_SHARD:
+            raise UsageError(f"unknown={self.unknown!r}: expected one of {UNKNOWN_SHARD}")
+        self.manifest = as_path(self.manifest)
+        self._shards = _read_shards(self.manifest)
+        self._by_url, self._by_stem = set(self._shards), _stem_index(self._shards, self.manifest)
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, storage: StorageOptions | None = None,
+                 unknown: Literal["error", "drop"] = "error") -> "KeptKeys":
+        """The filter of run directory ``run_dir`` (local or fsspec URL; ``storage``: its options)."""
+        return cls(RunLayout.of(run_dir, storage).selection / MANIFEST_FILE, unknown)
+
+    @property
+    def shards(self) -> list[str]:
+        """The input shard URLs the manifest lists, in its (input) order."""
+        return list(self._shards)
+
+    def shard_of(self, url: str) -> str | None:
+        """The manifest's URL for input shard ``url`` (same URL, else same stem); None if unlisted."""
+        return url if url in self._by_url else self._by_stem.get(shard_stem(url))
+
+    def keys(self, url: str) -> frozenset[str]:
+        """The kept keys of input shard ``url`` (read once per run of samples from one shard)."""
+        shard = self.shard_of(url)
+        if shard is None:
+            raise UsageError(f"shard {url} is not in manifest {self.manifest} "
+                             "(not an input of the run, or it had no rows)")
+        if self._current is None or self._current[0] != shard:
+            self._current = (shard, self._read_keys(shard))
+        return self._current[1]
+
+    def _read_keys(self, shard: str) -> frozenset[str]:
+        where, filesystem = arrow_source(self.manifest)
+        table = pq.read_table(where, columns=[KEYS_COLUMN], filesystem=filesystem,
+                              filters=pc.field(SHARD_COLUMN) == shard)
+        return frozenset(key for keys in table.column(KEYS_COLUMN).to_pylist() for key in keys)
+
+    def __call__(self, sample: Mapping[str, Any]) -> bool:
+        """Whether to keep ``sample`` (a WebDataset sample with ``__key__`` and ``__url__``)."""
+        url, key = sample.get("__url__"), sample.get("__key__")
+        if url is None or key is None:
+            raise UsageError("a sample without __url__ / __key__: apply the filter to samples "
+                             "as WebDataset reads them (before renaming or to_tuple)")
+        if self.unknown == "drop" and self.shard_of(url) is None:
+            return False
+        return key in self.keys(url)
+
