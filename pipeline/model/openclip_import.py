@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import UsageError
 from pipeline.model.schedule import LRSchedule
-from pipeline.model.trajectory import CheckpointRef, Trajectory, load_checkpoint_state
+from pipeline.model.trajectory import CheckpointRef, Trajectory, checkpoint_location, load_checkpoint_state
 
 log = logging.getLogger(__name__)
 
@@ -449,14 +449,6 @@ def verify_saved_lr(ckpt: RunCheckpoint, schedule: LRSchedule, layout: EpochLayo
             f"{expected!r} of step {step}: the run's batch count differs from params.txt "
             "(fix with --world-size / --train-num-samples / --workers, or skip with --no-verify-lr)"
         )
-
-
-def checkpoint_location(path: Path, out_dir: Path) -> str:
-    """The path as stored in the manifest: relative to ``out_dir`` when inside it, else absolute."""
-    absolute, base = path.resolve(), out_dir.resolve()
-    if absolute.is_relative_to(base):
-        return absolute.relative_to(base).as_posix()
-    return str(absolute)
 
 
 # --------------------------------------------------------------------------- the import

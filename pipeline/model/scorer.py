@@ -207,16 +207,20 @@ class TrajectoryInfluence:
         workers preparing different checkpoints agree on the bank.
         """
         s = self.settings
+        ckpt = self.checkpoints[k]
+        precond = self._preconditioner(k) if s.adam else None
+        if s.adam and precond is None:
+            raise UsageError(f"score.adam needs the optimizer state (second moments) in every checkpoint; "
+                             f"the one at step {ckpt.step} has none (a released checkpoint never does)")
         bank_idx, target_idx = split_bank(target, s.bank_size, s.seed)
         objective = self._objective(target.images[bank_idx], [target.captions[i] for i in bank_idx])
-        ckpt = self.checkpoints[k]
         proxy_idx = rank_select(train, s.proxy_batches * s.proxy_batch_size, s.seed, f"proxy{ckpt.step}")
         with forward_mode_safe():
             prepared = prepare_checkpoint(objective, self.params[k], self._batches(target, target_idx),
                                           self._batches(train, proxy_idx, s.proxy_batch_size), s.hvp, s.eps,
                                           vectors_needed(s.components))
         log.info("prepared checkpoint step %d: target loss %.4f", ckpt.step, prepared.target_loss)
-        return prepared, (self._preconditioner(k) if s.adam else None)
+        return prepared, precond
 
     def prepare(self, target: PairTable, train: PairTable) -> PreparedTrajectory:
         """Prepare every checkpoint in this process (the pipeline runs one task per checkpoint),

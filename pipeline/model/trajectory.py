@@ -1,4 +1,4 @@
-"""Trajectories (DESIGN §2.5): a directory with ``trajectory.json`` and open_clip checkpoints.
+"""Trajectories: a directory with ``trajectory.json`` and open_clip checkpoints.
 
 ``trajectory.json``::
 
@@ -10,7 +10,7 @@
       "optimizer": {"name": "adamw", "lr": ..., "betas": [...], "eps": ..., "weight_decay": ...},
       "schedule": {LRSchedule fields},
       "checkpoints": [{"path": "checkpoints/step_00050.pt", "step": 50, "lr": 0.0009}, ...],
-      "source": {"kind": "proxy" | "open_clip", ...}
+      "source": {"kind": "proxy" | "open_clip" | "released", ...}
     }
 
 Checkpoint paths are relative to the trajectory directory (absolute paths and URLs allowed).
@@ -27,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
 
 FORMAT = "diffin-trajectory/1"
 MANIFEST = "trajectory.json"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -116,21 +119,30 @@ class Trajectory:
         return cls.from_dict(data, manifest.parent)
 
 
+def checkpoint_location(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """A checkpoint's path as a manifest in ``out_dir`` stores it: relative when inside, else absolute."""
+    absolute, base = Path(path).resolve(), Path(out_dir).resolve()
+    if absolute.is_relative_to(base):
+        return absolute.relative_to(base).as_posix()
+    return str(absolute)
+
+
 def load_checkpoint_state(path: str | os.PathLike, map_location: str = "cpu",
                           mmap: bool = False) -> dict[str, Any]:
     """Load an open_clip checkpoint safely (``weights_only=True``) and return the file's dict.
 
     Plain state dicts (no ``state_dict`` key) are wrapped as ``{"state_dict": sd}``; a
-    ``module.`` prefix from DistributedDataParallel is stripped. ``mmap=True`` maps the
+    ``module.`` prefix from DistributedDataParallel is stripped; a ``.safetensors`` file (as
+    open_clip also loads) is read as a plain state dict. ``mmap=True`` maps the
     tensors lazily instead of reading them (cheap when only metadata such as ``epoch`` is
     needed); files in torch's legacy non-zip format fall back to a full read. An unreadable
     or unsafe file raises a one-line ``UsageError``.
     """
     try:
-        obj = _torch_load(path, map_location, mmap)
+        obj = _read(path, map_location, mmap)
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {path}") from None
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(obj, dict):
@@ -141,6 +153,13 @@ def load_checkpoint_state(path: str | os.PathLike, map_location: str = "cpu",
     if sd and all(k.startswith("module.") for k in sd):
         obj["state_dict"] = {k[len("module."):]: v for k, v in sd.items()}
     return obj
+
+
+def _read(path: str | os.PathLike, map_location: str, mmap: bool) -> Any:
+    """The file's object: a safetensors state dict by suffix, else :func:`_torch_load`."""
+    if str(path).endswith(SAFETENSORS_SUFFIX):
+        return load_safetensors(path, device=map_location)
+    return _torch_load(path, map_location, mmap)
 
 
 def _torch_load(path: str | os.PathLike, map_location: str, mmap: bool) -> Any:
