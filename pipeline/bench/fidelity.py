@@ -35,13 +35,13 @@ from pipeline.bench.protocol import DatasetResult, bench_command
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
 from pipeline.influence.unrolled import UnrolledSettings
+from pipeline.influence.scores import ESTIMATE_COLUMNS, SCORE_COLUMNS
 from pipeline.model.scorer import InfluenceSettings
 
 log = logging.getLogger(__name__)
 
-METHODS = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam",
-           "clip_score", "random")
-ESTIMATES = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam")  # units of L_V
+METHODS = (*SCORE_COLUMNS, "random")
+ESTIMATES = ESTIMATE_COLUMNS  # in units of L_V (their magnitudes are compared too)
 DATASETS = ("openmoji", "digits")
 DEFAULT_OUT = "benchmarks/results/fidelity.json"
 DEFAULT_QUICK_OUT = "benchmarks/results/fidelity_quick.json"

@@ -31,6 +31,7 @@ from pipeline.data.shards import SIZES_FILE, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.objective import CLIPBankObjective, per_sample_loss
 from pipeline.influence.params import ParamDict
+from pipeline.influence.scores import SCORE_COLUMNS
 from pipeline.model.clip import build_clip, model_spec
 from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, TrajectoryInfluence, split_bank
 from pipeline.model.train import train_final, train_proxy
@@ -201,9 +202,7 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
     truth = measure_ground_truth(train.uids, base, without, settings.loo, settings.lds_subsets, settings.seed,
                                  "openmoji", renamed_loss=renamed, noise_count=settings.noise,
                                  lds_fraction=settings.lds_fraction)
-    methods = ("diffin_unrolled", "diffin_unrolled_adam", "diffin", "diffin_eq9", "tracin", "tracin_adam",
-               "clip_score")
-    by_uid = {m: dict(zip(train.uids, scores[m].tolist())) if m in scores else None for m in methods}
+    by_uid = {m: dict(zip(train.uids, scores[m].tolist())) if m in scores else None for m in SCORE_COLUMNS}
     variants = {name: dict(zip(train.uids, values.tolist())) for name, values in variant_scores.items()}
     meta = {
         "settings": _settings_dict(settings),

@@ -25,6 +25,7 @@ from torch.func import jvp, vmap
 from pipeline.influence.objective import (Batch, Context, Features, PerSampleObjective, decomposed_layer_norm,
                                           fused_layer_norm_jvp)
 from pipeline.influence.params import ParamDict, axpy, norm
+from pipeline.influence.scores import ADAM_TWINS
 
 CMode = Literal["exact", "fd"]
 
@@ -138,6 +139,14 @@ class Components:
     features: Features = ()
     a_pre: Tensor | None = None
     d: Tensor | None = None
+    computed: tuple[str, ...] = ()  # the component names this scorer computed (of COMPONENT_NAMES)
+
+    def named(self) -> dict[str, Tensor]:
+        """The computed components by their score-file names (``a_adam`` for ``a_pre``)."""
+        out = {name: getattr(self, name) for name in self.computed}
+        if self.a_pre is not None:
+            out[ADAM_TWINS["a"]] = self.a_pre
+        return out
 
 
 COMPONENT_NAMES = ("a", "b", "c", "d")
@@ -228,4 +237,4 @@ class CheckpointScorer:
             c = (a_shifted - a) * (self.g_norm / self.eps)
         else:
             c = loss_mixed(obj, self.params, batch, self.u, self.g, self.ctx2)
-        return Components(loss, a, b, c, features, first.get("pu"), first.get("d"))
+        return Components(loss, a, b, c, features, first.get("pu"), first.get("d"), self.components)

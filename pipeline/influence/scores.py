@@ -18,10 +18,12 @@ L_V(θ_T without z) − L_V(θ_T): positive means z helps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from pipeline.influence.unrolled import unrolled_scores
 
 COMPONENTS = ("a", "b", "c", "d", "a_adam", "d_adam")  # per-checkpoint lists in the score files
 COLUMN_COMPONENTS: dict[str, tuple[str, ...]] = {  # score column → the components it is computed from
@@ -34,6 +36,7 @@ COLUMN_COMPONENTS: dict[str, tuple[str, ...]] = {  # score column → the compon
     "clip_score": (),  # cosine of the pair's embeddings at the last checkpoint: always computed
 }
 SCORE_COLUMNS = tuple(COLUMN_COMPONENTS)  # the score files' float columns, in file order
+ESTIMATE_COLUMNS = tuple(c for c, needs in COLUMN_COMPONENTS.items() if needs)  # estimates of ΔL_V (units of L_V)
 METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {  # score.method → the components it computes
     "unrolled": ("d",),  # one JVP per checkpoint
     "tracin": ("a",),  # one JVP per checkpoint
@@ -69,22 +72,73 @@ class CheckpointWeights:
     lr: float
 
 
+@dataclass(frozen=True)
+class ScoreContext:
+    """The trajectory facts the score formulas weigh components with: per checkpoint (t, η_t),
+    N training samples, T total steps."""
+
+    checkpoints: Sequence[CheckpointWeights]
+    num_samples: int
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    def column(self, name: str) -> Tensor:
+        """[m, 1] float64 column of a per-checkpoint quantity (``step`` or ``lr``)."""
+        return torch.tensor([getattr(ck, name) for ck in self.checkpoints], dtype=torch.float64)[:, None]
+
+
+def _first_order(x: Tensor, ctx: ScoreContext) -> Tensor:
+    """Σ_t (T/(N·m)) η_t x_t: TracIn's weighting of a first-order component."""
+    m = len(ctx.checkpoints)
+    return (ctx.total_steps / (ctx.num_samples * m)) * (ctx.column("lr") * x).sum(0)
+
+
+def _eq9(comp: Mapping[str, Tensor], ctx: ScoreContext) -> Tensor:
+    """Σ_t −(t·η_t²/(N·m)) (b_t + c_t): the reference's Eq. 9."""
+    m, eta = len(ctx.checkpoints), ctx.column("lr")
+    return (-(ctx.column("step") * eta**2) / (ctx.num_samples * m) * (comp["b"] + comp["c"])).sum(0)
+
+
+def _unrolled(d: Tensor, ctx: ScoreContext) -> Tensor:
+    """(1/N) Σ_k d_k."""
+    return unrolled_scores(d, ctx.num_samples)
+
+
+# score column → its formula over float64 components [m, n] (the components of COLUMN_COMPONENTS)
+ColumnFormula = Callable[[Mapping[str, Tensor], ScoreContext], Tensor]
+COLUMN_FORMULAS: dict[str, ColumnFormula] = {
+    "diffin_unrolled": lambda comp, ctx: _unrolled(comp["d"], ctx),
+    "diffin": lambda comp, ctx: _first_order(comp["a"], ctx) + ctx.total_steps * _eq9(comp, ctx),
+    "diffin_eq9": _eq9,
+    "tracin": lambda comp, ctx: _first_order(comp["a"], ctx),
+    "diffin_unrolled_adam": lambda comp, ctx: _unrolled(comp["d_adam"], ctx),
+    "tracin_adam": lambda comp, ctx: _first_order(comp["a_adam"], ctx),
+}
+
+
+def compute_columns(components: Mapping[str, Tensor], ctx: ScoreContext) -> dict[str, Tensor]:
+    """Every score column (in file order) whose components are all given, in float64.
+
+    ``components``: name → [m, n] (checkpoint × sample). Columns without a formula here
+    (``clip_score``) are the scoring facade's.
+    """
+    m = len(ctx.checkpoints)
+    for name, value in components.items():
+        if value.shape[0] != m:
+            raise ValueError(f"component {name} must have {m} rows (one per checkpoint), got {value.shape[0]}")
+    comp = {name: value.to(torch.float64) for name, value in components.items()}
+    return {name: COLUMN_FORMULAS[name](comp, ctx) for name in columns_computed(tuple(comp))
+            if name in COLUMN_FORMULAS}
+
+
 def combine(a: Tensor, b: Tensor, c: Tensor, checkpoints: Sequence[CheckpointWeights],
             num_samples: int, total_steps: int, preconditioned_a: Tensor | None = None) -> dict[str, Tensor]:
-    """Scores for samples from components shaped [m, n] (checkpoint × sample), in float64.
-
-    ``preconditioned_a`` (optional, [m, n]: component ``a_adam`` = ⟨P_t u_t, G_z⟩) gives the
-    optimizer-aware first-order variant (``tracin_adam``).
-    """
-    m = len(checkpoints)
-    if a.shape[0] != m or b.shape[0] != m or c.shape[0] != m:
-        raise ValueError(f"components must have {m} rows (one per checkpoint), got {a.shape[0]}")
-    a, b, c = (x.to(torch.float64) for x in (a, b, c))
-    eta = torch.tensor([ck.lr for ck in checkpoints], dtype=torch.float64)[:, None]
-    t = torch.tensor([ck.step for ck in checkpoints], dtype=torch.float64)[:, None]
-    first = (total_steps / (num_samples * m)) * (eta * a).sum(0)
-    eq9 = (-(t * eta**2) / (num_samples * m) * (b + c)).sum(0)
-    scores = {"tracin": first, "diffin_eq9": eq9, "diffin": first + total_steps * eq9}
+    """``tracin``, ``diffin_eq9``, ``diffin`` (and ``tracin_adam`` from ``preconditioned_a``)
+    from components [m, n] (checkpoint × sample), in float64."""
+    components = {"a": a, "b": b, "c": c}
     if preconditioned_a is not None:
-        scores["tracin_adam"] = (total_steps / (num_samples * m)) * (eta * preconditioned_a.to(torch.float64)).sum(0)
-    return scores
+        components[ADAM_TWINS["a"]] = preconditioned_a
+    return compute_columns(components, ScoreContext(checkpoints, num_samples, total_steps))

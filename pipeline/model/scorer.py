@@ -21,8 +21,9 @@ from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp, 
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
 from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, prepare_unrolled
-from pipeline.influence.scores import METHOD_COMPONENTS, CheckpointWeights, combine, with_adam_twins
-from pipeline.influence.unrolled import AdamGeometry, UnrolledSettings, segment_updates, unrolled_scores
+from pipeline.influence.scores import (ADAM_TWINS, METHOD_COMPONENTS, CheckpointWeights, ScoreContext,
+                                        compute_columns, with_adam_twins)
+from pipeline.influence.unrolled import AdamGeometry, UnrolledSettings, segment_updates
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, normalize_images
 from pipeline.model.schedule import LRSchedule
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
@@ -177,6 +178,7 @@ class TrajectoryInfluence:
             self.params.append(checkpoint_params(obj["state_dict"], self.model, self.dtype, self.device))
             self.optimizer_states.append(obj.get("optimizer") or {})
         self.weights = [CheckpointWeights(c.step, c.lr) for c in self.checkpoints]
+        self._context = ScoreContext(self.weights, trajectory.num_samples, trajectory.total_steps)
         self._scorers: list[CheckpointScorer] | None = None
 
     @property
@@ -330,22 +332,16 @@ class TrajectoryInfluence:
         if any(p >= 0 for p in positions):
             batch = (images, tokens, torch.tensor(positions, device=images.device))
         with forward_mode_safe():
-            comps = [scorer(batch) for scorer in self._scorers]
+            per_checkpoint = [scorer(batch) for scorer in self._scorers]
             adam = [scorer(batch).d for scorer in self._adam_scorers]
-        a, b, c = (torch.stack([getattr(x, n) for x in comps]).double().cpu() for n in ("a", "b", "c"))
-        d = (torch.stack([x.d for x in comps]).double().cpu() if comps[0].d is not None
-             else torch.full_like(a, float("nan")))
-        a_pre = torch.stack([x.a_pre for x in comps]).double().cpu() if comps[0].a_pre is not None else None
-        n = self.trajectory.num_samples
-        scores = combine(a, b, c, self.weights, n, self.trajectory.total_steps, a_pre)
-        scores["diffin_unrolled"] = unrolled_scores(d, n)
-        twins = {"a_adam": a_pre} if a_pre is not None else {}
+        named = [x.named() for x in per_checkpoint]
+        components = {name: torch.stack([x[name] for x in named]).double().cpu() for name in named[0]}
         if adam:
-            twins["d_adam"] = torch.stack(adam).double().cpu()
-            scores["diffin_unrolled_adam"] = unrolled_scores(twins["d_adam"], n)
-        img, txt = comps[-1].features
+            components[ADAM_TWINS["d"]] = torch.stack(adam).double().cpu()
+        scores = compute_columns(components, self._context)
+        img, txt = per_checkpoint[-1].features
         scores["clip_score"] = (img * txt).sum(-1).double().cpu()
-        return {"a": a, "b": b, "c": c, "d": d, **twins, "loss": comps[-1].loss.double().cpu(), **scores}
+        return {**components, "loss": per_checkpoint[-1].loss.double().cpu(), **scores}
 
     def score_table(self, table: PairTable) -> dict[str, Tensor]:
         """Score every pair of an in-memory table (components [m, n], scores [n])."""

@@ -8,7 +8,8 @@ from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import forward_mode_safe
 from pipeline.influence.params import axpy, dot, norm, params_of, scale, sub
 from pipeline.influence.prepare import mean_loss_grad, prepare_checkpoint
-from pipeline.influence.scores import CheckpointWeights, combine
+from pipeline.influence.scores import (COLUMN_COMPONENTS, COLUMN_FORMULAS, COMPONENTS, CheckpointWeights,
+                                       ScoreContext, combine, compute_columns)
 from tests.influence.conftest import make_clip_case
 
 N, T = 1000, 90
@@ -25,6 +26,29 @@ def test_combine_formulas_and_identity() -> None:
     assert torch.allclose(s["tracin"], tracin, rtol=1e-14)
     assert torch.allclose(s["diffin_eq9"], eq9, rtol=1e-14)
     assert torch.allclose(s["diffin"], s["tracin"] + T * s["diffin_eq9"], rtol=1e-12)
+
+
+def test_every_column_has_one_formula_over_its_declared_components() -> None:
+    """The vocabulary is the one owner: each column's formula reads exactly its declared
+    components, and compute_columns gives a column iff all of them are present."""
+    gen = torch.Generator().manual_seed(1)
+    full = {name: torch.randn(2, 4, generator=gen, dtype=torch.float64) for name in COMPONENTS}
+    ctx = ScoreContext(CKPTS, N, T)
+    assert set(COLUMN_FORMULAS) == {c for c, needs in COLUMN_COMPONENTS.items() if needs}
+    for column, needs in COLUMN_COMPONENTS.items():
+        if not needs:
+            continue
+        only = compute_columns({n: full[n] for n in needs}, ctx)
+        assert torch.equal(only[column], compute_columns(full, ctx)[column])  # reads nothing else
+        for missing in needs:
+            partial = {n: full[n] for n in needs if n != missing}
+            assert column not in compute_columns(partial, ctx)
+    m = len(CKPTS)
+    unrolled = compute_columns({"d": full["d"], "d_adam": full["d_adam"]}, ctx)
+    assert torch.allclose(unrolled["diffin_unrolled"], full["d"].sum(0) / N, rtol=1e-15)
+    assert torch.allclose(unrolled["diffin_unrolled_adam"], full["d_adam"].sum(0) / N, rtol=1e-15)
+    adam = compute_columns({"a_adam": full["a_adam"]}, ctx)["tracin_adam"]
+    assert torch.allclose(adam, sum(T / (N * m) * ck.lr * full["a_adam"][i] for i, ck in enumerate(CKPTS)))
 
 
 def reference_eq9(objective, thetas, target, train, batch, eps: float = 1e-6) -> torch.Tensor:
