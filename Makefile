@@ -11,13 +11,14 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup apt test test-all demo clean-demo
+.PHONY: help setup apt test test-all demo clean-demo constraints
 
 help:
 	@echo "make setup     venv in $(VENV) + Debian packages (idempotent, fast when done)"
 	@echo "make demo      set up, build the OpenMoji corpus, run the pipeline into runs/demo/"
 	@echo "make test      the default test suite (slow tests excluded)"
 	@echo "make test-all  every test, slow ones included"
+	@echo "make constraints  rewrite constraints.txt from $(VENV) (after changing a version there)"
 
 setup: apt $(VENV)/.installed
 
@@ -31,10 +32,18 @@ apt:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml states compatible ranges; constraints.txt pins the exact versions that are tested.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
+
+# Every installed distribution at its version (local labels such as +cpu dropped: the CUDA
+# build of the same version satisfies the pin too).
+constraints:
+	@{ echo "# Exact versions tested (make setup, CI, docker/Dockerfile.*): pip install -c constraints.txt ..."; \
+	  echo "# Written by \`make constraints\` from $(VENV); pyproject.toml states the ranges."; \
+	  $(BIN)/python -m pip freeze --all --exclude pip --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > constraints.txt
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from jobs._common import run_cli
+from pipeline.extras import require
 
 BENCHMARKS = {
     "fidelity": "estimated vs actual effect of removing samples (leave-one-out, LDS) on real data",
@@ -23,13 +24,20 @@ def _module(name: str):
     return importlib.import_module(f"pipeline.bench.{name}")
 
 
+def _run(args: argparse.Namespace) -> int | None:
+    """The chosen benchmark, once the 'bench' extra is known to be installed (one-line error,
+    exit 2, if not: its modules are imported only where used, so the parser builds without)."""
+    require("bench", f"diffin bench {args.benchmark}")
+    return args.run_benchmark(args)
+
+
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, help_text in BENCHMARKS.items():
         bench = sub.add_parser(name, help=help_text, description=help_text)
         module = _module(name)
         module.add_arguments(bench)
-        bench.set_defaults(func=module.run)
+        bench.set_defaults(func=_run, run_benchmark=module.run)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -21,8 +21,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from pipeline.data.corpora.fashion_mnist import CAPTION_NOUNS, TEMPLATES
@@ -59,6 +57,8 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
     a, b = _vectors(x, y)
     if a.size < 2 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return None
+    from scipy.stats import rankdata  # the 'bench' extra: imported where used
+
     return pearson(rankdata(a), rankdata(b))
 
 
@@ -111,6 +111,8 @@ def noise_auc(noisy: np.ndarray, scores: np.ndarray) -> float:
     noisy = np.asarray(noisy, dtype=bool)
     if noisy.all() or not noisy.any():
         raise ValueError("noise AUC needs both noisy and clean pairs")
+    from sklearn.metrics import roc_auc_score  # the 'bench' extra: imported where used
+
     return float(roc_auc_score(noisy, -np.asarray(scores, dtype=np.float64)))
 
 

@@ -2,8 +2,8 @@
 
 No Docker engine, Kubernetes or cloud account is available where the tests run, so these tests
 read the files and check what can go wrong without one: structure, the entrypoints and configs
-they name, resources against the run config, versions against pyproject.toml, and that the
-images the cluster files use are the ones the docs tell to build.
+they name, resources against the run config, versions against constraints.txt (the exact
+versions tested), and that the images the cluster files use are the ones the docs tell to build.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ RAYJOB = DOCKER / "kuberay-rayjob.yaml"
 PVC = DOCKER / "kuberay-pvc.yaml"
 RAY_UP = DOCKER / "cluster.yaml"
 DOC = REPO / "docs" / "CLUSTER.md"
+CONSTRAINTS = REPO / "constraints.txt"
 DOCKERFILES = {"gpu": DOCKER / "Dockerfile.gpu", "cpu": DOCKER / "Dockerfile.cpu"}
 YAML_FILES = sorted(DOCKER.glob("*.yaml")) + sorted((REPO / "configs").glob("cluster-*.yaml"))
 JOB_COMMAND = re.compile(r"python -m (jobs\.[a-z_][a-z0-9_]*)([^\n`]*)")
@@ -61,13 +62,14 @@ def pyproject() -> dict[str, Any]:
 
 
 def pinned_versions() -> dict[str, str]:
-    """Canonical package name → version, for every ``==`` pin in pyproject's dependencies."""
+    """Canonical package name → version, for every ``name==version`` line of constraints.txt."""
     pins = {}
-    for text in pyproject()["project"]["dependencies"]:
-        req = Requirement(text)
-        exact = [s.version for s in req.specifier if s.operator == "=="]
-        if exact:
-            pins[canonicalize_name(req.name)] = exact[0]
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            [spec] = req.specifier
+            assert spec.operator == "==", f"constraints.txt: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = spec.version
     return pins
 
 
@@ -451,7 +453,7 @@ def pip_installs(kind: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
-def test_dockerfile_pins_match_pyproject(kind: str) -> None:
+def test_dockerfile_pins_match_the_constraints(kind: str) -> None:
     pins = pinned_versions()
     seen = {}
     for args in pip_installs(kind):
@@ -461,7 +463,24 @@ def test_dockerfile_pins_match_pyproject(kind: str) -> None:
                 seen[canonicalize_name(req.name)] = str(req.specifier).removeprefix("==")
     assert {"torch", "torchvision"} <= set(seen), f"torch/torchvision not pinned in {kind} image"
     for name, version in seen.items():
-        assert pins.get(name) == version, f"{kind}: {name}=={version}, pyproject pins {pins.get(name)}"
+        assert pins.get(name) == version, f"{kind}: {name}=={version}, constraints.txt pins {pins.get(name)}"
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dockerfile_installs_the_repo_with_the_constraints(kind: str) -> None:
+    """The package is installed with ``-c`` the copied constraints.txt, so the image holds the
+    tested versions (pyproject.toml alone allows ranges)."""
+    repo_installs = [a for a in pip_installs(kind)
+                     if re.sub(r"\[[a-z0-9,]+\]$", "", a[-1]) in (".", str(app_dir()))]
+    assert len(repo_installs) == 1, f"{kind}: expected one `pip install` of the repository"
+    args = repo_installs[0]
+    given = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--constraint")]
+    given += [a.split("=", 1)[1] for a in args if a.startswith("--constraint=")]
+    assert given, f"{kind}: the repository is installed without -c constraints.txt"
+    for path in given:
+        path = PurePosixPath(path)
+        path = path.relative_to(app_dir()) if path.is_absolute() else path
+        assert REPO / path == CONSTRAINTS, f"{kind}: -c {path} is not the repository's constraints.txt"
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
@@ -501,7 +520,7 @@ def test_dockerignore_keeps_what_the_build_needs() -> None:
     for excluded in (".git", ".venv/bin/python", "data/openmoji/00000.tar", "runs/demo/run_summary.json",
                      "pipeline/__pycache__/config.cpython-311.pyc"):
         assert dockerignored(excluded, patterns), f"{excluded} would be sent to the Docker daemon"
-    needed = ["pyproject.toml", "README.md", "pipeline/data/shards.py", "jobs/prune.py",
+    needed = ["pyproject.toml", "constraints.txt", "README.md", "pipeline/data/shards.py", "jobs/prune.py",
               *(str(p.relative_to(REPO)) for p in named_configs().values()),
               *(str(p.relative_to(REPO)) for p in (REPO / "configs" / "models").glob("*.json"))]
     for path in needed:

