@@ -35,6 +35,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
     if "scores" in summary:
         print(f"  scores: {summary['scores']}/  (scored now: {summary['shards_scored_now']} shards, "
               f"{summary['pairs_scored_now']} pairs; failed now: {summary['failed_now'] or 'none'})")
+    if summary.get("retried_shards"):
+        retried = summary["retried_shards"]
+        print(f"  retried after a worker (or its node) died: {len(retried)} shard(s), e.g. {retried[0]['shard']}")
     if "selection" in summary:
         sel = summary["selection"]
         print(f"  selection: {sel['dir']}/  scored ok {sel['scored_ok']}, failed {sel['failed']}, kept {sel['kept']}")

@@ -176,6 +176,9 @@ class SelectConfig(Section):
     stratify_by: str | None = Field(None, min_length=1,
                                     description="json field; score files carry json.<field>")
     failed: Literal["drop", "error"] = "drop"
+    max_rows_in_memory: PositiveInt = Field(
+        1_000_000, description="bounded reducer: rows it sorts at once (not stratify_by); "
+                               "does not change the outputs")
 
     @model_validator(mode="after")
     def _check_rule_fields(self) -> "SelectConfig":
@@ -207,7 +210,7 @@ class SelectConfig(Section):
         """The settings as applied: fields the rule does not use (e.g. the default
         ``fraction`` under ``top_k``, ``seed`` outside ``random``) are shown as null."""
         used = {"k"} if self.budget_is_count else _RULE_FIELDS[self.rule] - {"k"}
-        data = self.model_dump()
+        data = self.model_dump(exclude={"max_rows_in_memory"})  # how, not what: not a setting of the result
         for name in ("fraction", "k", "threshold"):
             if name not in used:
                 data[name] = None

@@ -10,6 +10,7 @@ class UsageError(Exception):
 
 
 class DataError(Exception):
-    """The data itself is inconsistent (e.g. a shard shorter than sizes.json says)."""
+    """The data, or where it lives, is wrong (e.g. a shard shorter than sizes.json says, a full
+    disk): one line, exit code 1."""
 
     exit_code = 1

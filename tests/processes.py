@@ -53,12 +53,41 @@ def processes_naming(text: str) -> set[int]:
             if e.name.isdigit() and text in cmdline(int(e.name)) and alive(int(e.name))}
 
 
-def stop_processes_naming(text: str, grace: float = 10.0) -> set[int]:
-    """SIGTERM every live process whose command line contains ``text``, SIGKILL what is left after
-    ``grace`` seconds; returns the pids that were signalled."""
+def open_paths(pid: int) -> list[str]:
+    """The paths of a process's open files (empty when it is gone or not ours to read)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return []
+    paths = []
+    for fd in fds:
+        try:
+            paths.append(os.readlink(fd))
+        except OSError:
+            pass
+    return paths
+
+
+def processes_using(text: str) -> set[int]:
+    """Live processes other than this one whose command line or any open file's path contains
+    ``text``: Ray's agents rename themselves (``ray::DashboardAgent``) but keep their session's
+    log files open."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        if alive(pid) and (text in cmdline(pid) or any(text in path for path in open_paths(pid))):
+            found.add(pid)
+    return found
+
+
+def stop_processes_naming(text: str, grace: float = 10.0, find=processes_naming) -> set[int]:
+    """SIGTERM every live process whose command line contains ``text`` (or that ``find(text)``
+    returns), SIGKILL what is left after ``grace`` seconds; returns the pids that were signalled."""
     signalled: set[int] = set()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = processes_naming(text)
+        pids = find(text)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -66,6 +95,6 @@ def stop_processes_naming(text: str, grace: float = 10.0) -> set[int]:
                 pass
         signalled |= pids
         deadline = time.monotonic() + wait
-        while processes_naming(text) and time.monotonic() < deadline:
+        while find(text) and time.monotonic() < deadline:
             time.sleep(0.2)
     return signalled

@@ -26,6 +26,9 @@ Reducer (``--parts reducer``)
     real score writer (seeded random scores, 0.1 % failed rows), once; then
     :func:`pipeline.stages.select.select` (top 30 % of ``tracin``) in a fresh Python
     process, reporting its wall time and ``VmHWM`` (and the ``VmHWM`` right after imports).
+    ``--reducer-strategy`` picks the in-memory or the bounded reducer; with ``bounded``,
+    ``--reducer-executor ray`` runs its per-file tasks on an embedded local Ray with the
+    plan's ``ray_cpus`` CPUs (1 a task) and reports every Ray worker's ``VmHWM`` too.
 
 Every measurement records the machine (CPU model, cores, memory) and the load average, since
 the rates depend on what else runs on the machine.
@@ -84,6 +87,8 @@ class ScalePlan:
     fraction: float = 0.3
     reducer_rows: int = 10_000_000
     reducer_files: int = 1000
+    reducer_strategy: str = "memory"  # memory | bounded
+    reducer_executor: str = "local"   # local | ray (bounded only)
     interval: float = 0.5
     seed: int = 0
 
@@ -323,21 +328,55 @@ def _synthetic_rows(rng: np.random.Generator, file_no: int, n: int) -> dict[str,
 
 
 def reducer_child(argv: list[str]) -> None:
-    """Body of the fresh reducer process: ``SCORES_DIR OUT_DIR FRACTION`` → one JSON line."""
+    """Body of the fresh reducer process: ``SCORES_DIR OUT_DIR FRACTION [STRATEGY EXECUTOR
+    RAY_CPUS]`` → one JSON line."""
     from pipeline.config import SelectConfig
+    from pipeline.runtime.executor import LocalExecutor, RayExecutor, Resources
     from pipeline.stages.select import select
 
-    baseline = proc_memory()
     scores_dir, out_dir, fraction = Path(argv[0]), Path(argv[1]), float(argv[2])
+    strategy, kind, ray_cpus = (argv[3], argv[4], float(argv[5])) if len(argv) > 3 else ("memory", "local", 1.0)
+    executor = RayExecutor(num_cpus=ray_cpus, num_gpus=0) if kind == "ray" else LocalExecutor()
+    baseline = proc_memory()
     files = sorted(scores_dir.glob("*.parquet"))
     start = time.perf_counter()
-    summary = select(files, SelectConfig(rule="top_fraction", fraction=fraction), out_dir)
-    seconds = time.perf_counter() - start
-    peak = proc_memory()
-    print(json.dumps({"select_s": round(seconds, 2), "files": len(files), "counts": summary["counts"],
+    try:
+        summary = select(files, SelectConfig(rule="top_fraction", fraction=fraction), out_dir,
+                         executor=executor, resources=Resources(num_cpus=1.0), strategy=strategy)
+        seconds = time.perf_counter() - start
+        peak, workers = proc_memory(), ray_worker_peaks()
+    finally:
+        executor.shutdown()
+    print(json.dumps({"select_s": round(seconds, 2), "strategy": strategy, "executor": kind,
+                      "files": len(files), "counts": summary["counts"],
                       "baseline_hwm_mb": round(baseline["VmHWM"] / MB, 1),
                       "peak_hwm_mb": round(peak["VmHWM"] / MB, 1),
-                      "above_baseline_mb": round((peak["VmHWM"] - baseline["VmHWM"]) / MB, 1)}))
+                      "above_baseline_mb": round((peak["VmHWM"] - baseline["VmHWM"]) / MB, 1),
+                      "worker_hwm_mb": sorted((round(w / MB, 1) for w in workers), reverse=True)}))
+
+
+def ray_worker_peaks() -> list[int]:
+    """``VmHWM`` (bytes) of every Ray worker process descended from this process (an
+    embedded local Ray's python workers, titled ``ray::<task>``; none without Ray)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, IndexError, ValueError):
+            continue
+    peaks, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        memory, name = proc_memory(pid), command.split(b"\0", 1)[0]
+        if memory and name.startswith(b"ray::") and not name.endswith(b"Agent"):  # ray::IDLE, ray::_apply
+            peaks.append(memory["VmHWM"])
+    return peaks
 
 
 def measure_reducer(plan: ScalePlan, work: Path) -> dict[str, Any]:
@@ -352,7 +391,8 @@ def measure_reducer(plan: ScalePlan, work: Path) -> dict[str, Any]:
     load_start = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, str(directory / "scores"), str(out_dir),
-                           repr(plan.fraction)], capture_output=True, text=True)
+                           repr(plan.fraction), plan.reducer_strategy, plan.reducer_executor,
+                           repr(plan.ray_cpus)], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"reducer process failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -363,6 +403,14 @@ def measure_reducer(plan: ScalePlan, work: Path) -> dict[str, Any]:
             "load_avg_start": [round(x, 2) for x in load_start],
             "load_avg_end": [round(x, 2) for x in os.getloadavg()],
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def reducer_key(plan: ScalePlan) -> str:
+    """A reducer entry's key: ``<rows>_rows`` (in-memory), ``_bounded`` / ``_bounded_ray`` added."""
+    key = f"{plan.reducer_rows}_rows"
+    if plan.reducer_strategy != "memory":
+        key += f"_{plan.reducer_strategy}" + ("_ray" if plan.reducer_executor == "ray" else "")
+    return key
 
 
 # ------------------------------------------------------------------------------ report
@@ -408,9 +456,10 @@ def format_table(results: dict[str, Any]) -> str:
             f"{label} ({snap['pairs']} pairs) driver {snap['driver']['hwm_mb']}, actors {snap['actor_hwm_max_mb']}"
             for label, snap in snaps) + f"; actors end/checkpoint {r['actor_hwm_end_over_checkpoint']}")
     for key, r in sorted(results.get("reducer", {}).items()):
-        lines.append(f"reducer {key}: {r['rows']} rows in {r['files']} files: select {r['select_s']} s, "
-                     f"peak {r['peak_hwm_mb']} MB (import baseline {r['baseline_hwm_mb']} MB, "
-                     f"+{r['above_baseline_mb']} MB); kept {r['counts']['kept']}")
+        workers = f", Ray workers' peaks {r['worker_hwm_mb']} MB" if r.get("worker_hwm_mb") else ""
+        lines.append(f"reducer {key}: {r['rows']} rows in {r['files']} files ({r.get('strategy', 'memory')}): "
+                     f"select {r['select_s']} s, peak {r['peak_hwm_mb']} MB (import baseline "
+                     f"{r['baseline_hwm_mb']} MB, +{r['above_baseline_mb']} MB){workers}; kept {r['counts']['kept']}")
     return "\n".join(lines)
 
 
@@ -434,6 +483,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reducer-rows", type=int, help=f"synthetic score rows (default {d.reducer_rows})")
     parser.add_argument("--reducer-files", type=int,
                         help=f"score files they are spread over (default {d.reducer_files})")
+    parser.add_argument("--reducer-strategy", choices=("memory", "bounded"),
+                        help=f"select strategy of the reducer run (default {d.reducer_strategy})")
+    parser.add_argument("--reducer-executor", choices=("local", "ray"),
+                        help="bounded reducer's tasks: in its process or on an embedded local Ray "
+                             f"(default {d.reducer_executor})")
     parser.add_argument("--parts", default="pipeline,reducer",
                         help="comma-separated: pipeline, reducer (default both)")
     parser.add_argument("--work-dir", help=f"corpora, trajectory, runs (default {DEFAULT_WORK}; reused)")
@@ -443,7 +497,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = {"pairs": "pairs", "checkpoint_pairs": "checkpoint_pairs", "shard_size": "shard_size",
               "method": "method", "batch_size": "batch_size", "bank_size": "bank_size", "actors": "actors",
-              "reducer_rows": "reducer_rows", "reducer_files": "reducer_files"}
+              "reducer_rows": "reducer_rows", "reducer_files": "reducer_files",
+              "reducer_strategy": "reducer_strategy", "reducer_executor": "reducer_executor"}
 
 
 def plan_from_args(args: argparse.Namespace) -> ScalePlan:
@@ -456,6 +511,8 @@ def plan_from_args(args: argparse.Namespace) -> ScalePlan:
     for name in ("pairs", "shard_size", "batch_size", "bank_size", "actors", "reducer_rows", "reducer_files"):
         if getattr(plan, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(plan, name)}")
+    if plan.reducer_executor == "ray" and plan.reducer_strategy != "bounded":
+        raise UsageError("--reducer-executor ray needs --reducer-strategy bounded")
     if plan.reducer_files > plan.reducer_rows:
         raise UsageError(f"--reducer-files ({plan.reducer_files}) exceeds --reducer-rows ({plan.reducer_rows})")
     return plan
@@ -505,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
         if "reducer" in parts:
             entry = measure_reducer(plan, work)
             entry["command"] = meta["command"]
-            new["reducer"][f"{plan.reducer_rows}_rows"] = entry
+            new["reducer"][reducer_key(plan)] = entry
     finally:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)

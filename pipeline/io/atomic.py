@@ -8,6 +8,7 @@ whole or not at all (a directory's files appear one by one, so write its marker 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import DataError
 from pipeline.io.storage import as_path, is_remote, upload
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -28,7 +32,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
 
     Works for files and directories. On failure the temporary is removed and ``path`` is
-    left as it was.
+    left as it was; a full disk (or quota) is reported as a one-line :class:`DataError` naming
+    ``path``.
     """
     if is_remote(path):
         with _remote_atomic_path(path) as tmp:
@@ -46,12 +51,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = out_of_space(exc, target.parent)  # before removing the temporary frees space
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        if full:
+            raise _no_space_error(target) from exc
         raise
+
+
+def out_of_space(exc: BaseException, directory: Path) -> bool:
+    """Whether ``exc``, raised while writing into ``directory``, means that its disk is full:
+    ENOSPC / EDQUOT anywhere in its chain, or, for writers that report a short write without an
+    errno (``torch.save``: "unexpected pos"), no free block left on that filesystem."""
+    if isinstance(exc, DataError):  # reported already (an inner atomic write), or not about space
+        return False
+    seen, chain = exc, set()
+    while seen is not None and id(seen) not in chain:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        chain.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(exc, Exception) or isinstance(exc, OSError):
+        return False
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _no_space_error(target: Any) -> DataError:
+    return DataError(f"no space left on device while writing {target} (its partial temporary was removed); "
+                     "free space there, then rerun: finished outputs are kept and reused")
 
 
 @contextlib.contextmanager
@@ -62,6 +95,10 @@ def _remote_atomic_path(path: Any) -> Iterator[Path]:
         tmp = scratch / target.name
         yield tmp
         upload(tmp, target)
+    except Exception as exc:
+        if out_of_space(exc, scratch):  # the local scratch disk (TMPDIR)
+            raise _no_space_error(f"{target} (its local copy in {scratch})") from exc
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -35,6 +35,7 @@ class Stage(Protocol):
 
 
 OnResult = Callable[[Any, Any], None]
+OnRetry = Callable[[Any, BaseException], None]  # (task, why its worker died): the task runs again
 
 
 class Executor(Protocol):
@@ -44,7 +45,7 @@ class Executor(Protocol):
         ...
 
     def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
-                  on_result: OnResult | None = None) -> list[Any]:
+                  on_result: OnResult | None = None, on_retry: OnRetry | None = None) -> list[Any]:
         ...
 
     def shutdown(self) -> None:
@@ -121,8 +122,9 @@ class LocalExecutor:
         return [fn(item) for item in items]
 
     def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
-                  on_result: OnResult | None = None) -> list[Any]:
-        """One in-process worker: ``setup()`` once, then every task in order."""
+                  on_result: OnResult | None = None, on_retry: OnRetry | None = None) -> list[Any]:
+        """One in-process worker: ``setup()`` once, then every task in order (nothing is retried:
+        an error here is the stage's own)."""
         if not tasks:
             return []
         stage.setup()
@@ -173,11 +175,16 @@ class RayExecutor:
         return _get(self._ray, [remote.remote(fn, item) for item in items])
 
     def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
-                  on_result: OnResult | None = None, max_task_retries: int = 3) -> list[Any]:
+                  on_result: OnResult | None = None, max_task_retries: int = 3,
+                  on_retry: OnRetry | None = None) -> list[Any]:
         """An actor pool: ``workers`` actors (the stage's resources each) take tasks until none
-        are left. An actor that dies is replaced and its task retried (up to
-        ``max_task_retries`` times per task); results come back in task order. The pool's
-        actors end when it returns or fails.
+        are left; results come back in task order.
+
+        An actor that dies (its process, or its whole node) is replaced and its task retried, up
+        to ``max_task_retries`` times per task; ``on_retry(task, error)`` is told of each retry.
+        A task waiting on a replacement that has not started yet (it may never start: a lost
+        node can leave no room for it) is moved to an actor that has run out of work, and the
+        replacement is given up. The pool's actors end when it returns or fails.
         """
         ray = self._ray
         if not tasks:
@@ -187,23 +194,47 @@ class RayExecutor:
         queue = list(range(len(tasks)))[::-1]
         results: list[Any] = [None] * len(tasks)
         attempts = [0] * len(tasks)
-        pending: dict[Any, tuple[Any, int]] = {}
+        running: dict[Any, tuple[Any, int]] = {}  # task ref -> (actor, task index)
+        starting: dict[Any, Any] = {}  # replacement actor -> its readiness ref, until known to be set up
+        idle: list[Any] = []
         actors: list[Any] = []
+        left = len(tasks)
 
         def new_actor() -> Any:
             actors.append(actor_cls.remote(stage))
             return actors[-1]
 
         def submit(actor: Any) -> None:
-            index = queue.pop()
-            pending[actor.process.remote(tasks[index])] = (actor, index)
+            """The next task to ``actor`` (run once it is set up), or ``actor`` waits idle."""
+            if queue:
+                index = queue.pop()
+                running[actor.process.remote(tasks[index])] = (actor, index)
+            else:
+                idle.append(actor)
+
+        def not_started(actor: Any) -> bool:
+            ready = starting.get(actor)
+            if ready is not None and ray.wait([ready], timeout=0)[0]:
+                del starting[actor]
+            return actor in starting
+
+        def move_waiting_tasks() -> None:
+            for ref, (actor, index) in list(running.items()):
+                if idle and not_started(actor):
+                    log.info("moving %r from a replacement actor that has not started to an idle one",
+                             tasks[index])
+                    del running[ref], starting[actor]
+                    ray.kill(actor, no_restart=True)
+                    queue.append(index)
+                    submit(idle.pop())
 
         try:
             for _ in range(min(workers, len(tasks))):
                 submit(new_actor())
-            while pending:
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                actor, index = pending.pop(ref)
+            while left:
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor, index = running.pop(ref)
+                starting.pop(actor, None)  # it started (or died): either way no longer waited on
                 try:
                     results[index] = _get(ray, ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
@@ -212,14 +243,22 @@ class RayExecutor:
                         raise RuntimeError(f"task {tasks[index]!r} failed {attempts[index]} times: {exc}") from exc
                     log.warning("worker died on %r (%s); replacing it and retrying", tasks[index],
                                 type(exc).__name__)
-                    queue.append(index)
+                    if on_retry is not None:
+                        on_retry(tasks[index], exc)
                     ray.kill(actor, no_restart=True)
-                    actor = new_actor()
+                    queue.append(index)
+                    while idle and queue:
+                        submit(idle.pop())
+                    if queue:
+                        replacement = new_actor()
+                        starting[replacement] = replacement.__ray_ready__.remote()
+                        submit(replacement)
                 else:
+                    left -= 1
                     if on_result is not None:
                         on_result(tasks[index], results[index])
-                if queue:
                     submit(actor)
+                move_waiting_tasks()
         finally:  # end the pool, also when a task failed: a failed stage holds no resources
             for actor in actors:
                 ray.kill(actor, no_restart=True)

@@ -113,6 +113,14 @@ def _quotas(eligible: np.ndarray, cfg: SelectConfig) -> np.ndarray:
     return np.asarray(quotas, dtype=np.int64)
 
 
+def kept_count(n_eligible: int, n_at_or_above: int, cfg: SelectConfig) -> int:
+    """Rows kept without strata: the budget of ``top_fraction`` / ``top_k`` / ``random`` over
+    ``n_eligible`` rows, or ``n_at_or_above`` (eligible rows with score >= threshold)."""
+    if cfg.rule == "threshold":
+        return n_at_or_above
+    return int(_quotas(np.array([n_eligible], np.int64), cfg).sum())
+
+
 def _position_in_group(groups: np.ndarray, n_groups: int) -> np.ndarray:
     """For a sequence of group codes, each element's 0-based position within its group."""
     perm = np.argsort(groups, kind="stable")

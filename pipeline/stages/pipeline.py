@@ -80,12 +80,15 @@ def _selection_fingerprint(config: RunConfig, score_files: Sequence[Path]) -> st
     from pipeline.io.scores import read_fingerprint
 
     files = [(p.name, read_fingerprint(p), p.stat().st_size) for p in score_files]
-    payload = json.dumps({"select": config.select.model_dump(mode="json"), "files": files}, sort_keys=True)
+    settings = config.select.model_dump(mode="json", exclude={"max_rows_in_memory"})  # no effect on outputs
+    payload = json.dumps({"select": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str]) -> dict[str, Any]:
-    """The reducer over all score files (in input-shard order) → ``<run>/selection/``.
+def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str],
+               executor: Executor | None = None) -> dict[str, Any]:
+    """The reducer over all score files (in input-shard order) → ``<run>/selection/``; its
+    per-file tasks run on ``executor`` (default: in this process).
 
     Skipped when ``selection/done.json`` records the same inputs (completion marker).
     """
@@ -97,7 +100,7 @@ def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str]) -> dict
     files = [layout.score_file(u) for u in urls]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; run the score stage first")
+        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; run `diffin score` (or `diffin run`: every stage) with this config and run dir first")
     out = layout.selection
     fingerprint = _selection_fingerprint(config, files)
     marker = out / "done.json"
@@ -106,7 +109,8 @@ def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str]) -> dict
         summary = json.loads((out / SUMMARY_FILE).read_text())
         recomputed = False
     else:
-        summary = select(files, config.select, out)
+        summary = select(files, config.select, out, executor=executor,
+                         resources=Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0))
         write_json_atomic(marker, {"fingerprint": fingerprint})
         recomputed = True
     return {"dir": str(out), **summary["counts"], "summary": str(out / SUMMARY_FILE), "recomputed": recomputed}
@@ -122,7 +126,7 @@ def run_reshard(config: RunConfig, run_dir: StoragePath, executor: Executor) -> 
     layout = RunLayout(run_dir)
     manifest = layout.selection / MANIFEST_FILE
     if not manifest.is_file():
-        raise UsageError(f"reshard: {manifest} not found; run the select stage first")
+        raise UsageError(f"reshard: {manifest} not found; run `diffin select` (or `diffin run`) with this config and run dir first")
     resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
     # The run's own shards follow its own selection: when a rerun changed the selection (a shard
     # that was unreadable now scored), the old output is replaced, never mixed.
@@ -135,7 +139,7 @@ def _existing_trajectory(config: RunConfig, run_dir: StoragePath):
 
     path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else RunLayout(run_dir).trajectory
     if not (path / "trajectory.json").is_file() and not path.name == "trajectory.json":
-        raise UsageError(f"no trajectory at {path}; run the trajectory (train) stage first")
+        raise UsageError(f"no trajectory at {path}; run `diffin run` with this config and run dir (it trains the proxy trajectory first), or name an existing one in trajectory.path")
     return load_trajectory(path, config.storage)
 
 
@@ -221,7 +225,7 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     if "score" in stages and scoring:
         prepared = layout.prepared
         if not (prepared / "bank.pt").is_file():
-            raise UsageError(f"no prepared vectors in {prepared}; run the prepare stage first")
+            raise UsageError(f"no prepared vectors in {prepared}; run `diffin prepare` (or `diffin run`) with this config and run dir first")
         results = timed("score", run_score, config, run_dir, trajectory, prepared,
                         prepare_fingerprint(config, trajectory), executor, urls, sizes, progress)
         failed: dict[str, int] = {}
@@ -229,9 +233,10 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
             for k, v in r.failed.items():
                 failed[k] = failed.get(k, 0) + v
         summary.update(scores=str(layout.scores), shards_scored_now=len(results),
-                       pairs_scored_now=sum(r.rows for r in results), failed_now=failed)
+                       pairs_scored_now=sum(r.rows for r in results), failed_now=failed,
+                       retried_shards=[{"shard": r.url, "retries": r.retries} for r in results if r.retries])
     if "select" in stages and (config.select is not None or not everything):
-        summary["selection"] = timed("select", run_select, config, run_dir, urls)
+        summary["selection"] = timed("select", run_select, config, run_dir, urls, executor)
     if "reshard" in stages and (config.reshard is not None or not everything):
         sizes_out = timed("reshard", run_reshard, config, run_dir, executor)
         summary["reshard"] = {"dir": str(layout.shards), "shards": len(sizes_out),

@@ -75,12 +75,13 @@ class ShardResult:
     peak_rss_mb: float = 0.0
     pid: int = 0
     host: str = ""
+    retries: int = 0  # earlier attempts whose worker died (set by the driver)
 
     def stats(self) -> dict[str, Any]:
         """The per-shard stats record."""
         return {"shard": self.url, "scores": self.path, "status": self.shard_status, "error": self.shard_error,
                 "expected": self.expected, "rows": self.rows, "ok": self.ok, "failed": self.failed,
-                "missing": self.missing, "seconds": round(self.seconds, 3),
+                "missing": self.missing, "retries": self.retries, "seconds": round(self.seconds, 3),
                 "pairs_per_s": round(self.rows / self.seconds, 1) if self.seconds > 0 else None,
                 "worker": {"pid": self.pid, "host": self.host, "peak_rss_mb": round(self.peak_rss_mb, 1)}}
 
@@ -203,9 +204,11 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     """Score every shard of ``urls`` (the run's resolved inputs, with their sizes.json counts)
     that has no score file of this configuration yet (resumable).
 
-    A shard recorded as ``unreadable`` is tried again on every run. When the scoring is
-    complete, the failed and missing pairs over all shards are checked against
-    ``data.max_failed_fraction`` (:func:`check_failed_fraction`).
+    A shard recorded as ``unreadable`` is tried again on every run. A shard whose worker died
+    (its process or its node) is scored again by another worker; its result and its stats file
+    record how many attempts were lost (``retries``). When the scoring is complete, the failed
+    and missing pairs over all shards are checked against ``data.max_failed_fraction``
+    (:func:`check_failed_fraction`).
     """
     from pipeline.stages.prepare import influence_settings, score_device, worker_threads
     from pipeline.runtime.progress import ShardProgress
@@ -236,8 +239,23 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
                        tuple(config.score.keep_json_fields), worker_threads(config), resources,
                        config.data.require_uid, dict(config.storage))
     total = sum(t.expected or 0 for t in todo) or None
+    retries: dict[str, int] = {}
+
+    def retried(task: ShardTask, error: BaseException) -> None:
+        retries[task.url] = retries.get(task.url, 0) + 1
+
     with ShardProgress(len(todo), total, enabled=progress) as bar:
-        results = executor.run_stage(stage, todo, config.resources.actors, on_result=bar.update)
+        def finished(task: ShardTask, result: ShardResult) -> None:
+            if task.url in retries:  # the worker could not know: record it in its stats file
+                result.retries = retries[task.url]
+                write_json_atomic(layout.stats_file(task.url), result.stats())
+            bar.update(task, result)
+
+        results = executor.run_stage(stage, todo, config.resources.actors, on_result=finished, on_retry=retried)
+    # Every task has returned: what is left was written by a worker that died mid-commit.
+    stale = sum(remove_stale_temporaries(d) for d in (layout.scores, layout.stats))
+    if stale:
+        log.info("score: removed %d temporary file(s) left by worker(s) that died", stale)
     for result in results:
         if result.shard_status != "ok":
             log.warning("shard %s: %s (%s)", result.url, result.shard_status, result.shard_error)

@@ -40,11 +40,18 @@ Outputs in ``out_dir`` (each written atomically; byte-identical for identical in
     scored-ok rows (linear interpolation), per-stratum counts, fingerprints, and the number
     of kept rows that repeat a uid.
 
-Memory: the driver holds 36 bytes per input row (two uint64 uid halves, score, file
-number, index, stratum; preallocated from the files' row counts), sort temporaries of
-about 24 bytes per row while deciding, then only the kept rows and their keys; keys of
-rows that are not kept are never held. Score files are read twice, only the needed
-columns, in record batches. Measured on 2 CPU cores: 1M rows in 100 files, top 30 %:
+Two strategies, byte-identical outputs (``select(..., strategy=)``)
+    ``bounded`` (default without ``stratify_by``): :mod:`pipeline.stages.reducer` — per-file
+    tasks on the executor, a search for the cut over histograms, k-way merges of per-file
+    parts; its memory does not grow with the row count (``select.max_rows_in_memory`` bounds
+    what it sorts at once). ``memory`` (always with ``stratify_by``): this module's passes
+    below, every eligible row in this process.
+
+Memory of the ``memory`` strategy: the driver holds 36 bytes per input row (two uint64 uid
+halves, score, file number, index, stratum; preallocated from the files' row counts), sort
+temporaries of about 24 bytes per row while deciding, then only the kept rows and their
+keys; keys of rows that are not kept are never held. Score files are read twice, only the
+needed columns, in record batches. Measured on 2 CPU cores: 1M rows in 100 files, top 30 %:
 ~1.2 s, ~160 MB above the import baseline; 10M rows in 1000 files: 14.6 s, 690 MB above
 the baseline (``diffin bench scale --parts reducer``, docs/SCALE.md).
 """
@@ -57,7 +64,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +76,7 @@ from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.scores import META_CONFIG, META_TRAJECTORY, read_shard_meta
 from pipeline.io.storage import arrow_source, as_path
+from pipeline.runtime.executor import Executor, LocalExecutor, Resources
 from pipeline.stages.keep_rule import ROW_DTYPES, Rows, keep_positions
 
 log = logging.getLogger(__name__)
@@ -347,10 +355,12 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-def _manifest_tables(files: Sequence[_FileStats], n_kept: np.ndarray,
-                     keys: Sequence[pa.Array]) -> Iterable[pa.Table]:
-    """Manifest rows (files without rows have no shard and are left out), ~1M keys a table."""
-    rows = [(stats, int(n_kept[i]), keys[i]) for i, stats in enumerate(files) if stats.shard is not None]
+def _manifest_tables(files: Sequence[_FileStats], n_kept: Sequence[int],
+                     keys: Callable[[int], pa.Array]) -> Iterable[pa.Table]:
+    """Manifest rows (files without rows have no shard and are left out), ~1M keys a table.
+
+    ``keys(i)``: file i's kept keys in shard order, asked for one table at a time."""
+    rows = [(stats, int(n_kept[i]), i) for i, stats in enumerate(files) if stats.shard is not None]
     start = 0
     while start < len(rows):
         stop, total = start, 0
@@ -359,7 +369,7 @@ def _manifest_tables(files: Sequence[_FileStats], n_kept: np.ndarray,
             stop += 1
         batch = rows[start:stop]
         offsets = np.concatenate([[0], np.cumsum([n for _, n, _ in batch])]).astype(np.int32)
-        values = pa.concat_arrays([k for _, _, k in batch]) if batch else pa.array([], pa.string())
+        values = pa.concat_arrays([keys(i) for _, _, i in batch]) if batch else pa.array([], pa.string())
         yield pa.table({
             "shard": pa.array([s.shard for s, _, _ in batch], pa.string()),
             "n_in": pa.array([s.n_in for s, _, _ in batch], pa.int64()),
@@ -370,7 +380,7 @@ def _manifest_tables(files: Sequence[_FileStats], n_kept: np.ndarray,
         start = stop
 
 
-def _kept_schema(stratum_column: str | None) -> pa.Schema:
+def kept_schema(stratum_column: str | None) -> pa.Schema:
     fields = [pa.field("uid", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
               pa.field("shard", pa.string(), nullable=False), pa.field("index", pa.int32(), nullable=False),
               pa.field("score", pa.float64(), nullable=False), pa.field("rank", pa.int64(), nullable=False)]
@@ -445,26 +455,28 @@ def _last_kept_score(rows: Rows, kept: np.ndarray) -> float | None:
     return float(rows.score[kept[-1]]) if len(kept) else None
 
 
-def _summary(cfg: SelectConfig, scan: _Scan, rows: Rows, kept: np.ndarray, strata: list[str | None],
-             n_in: np.ndarray, prints: tuple[str, str]) -> dict[str, Any]:
-    quantiles = (dict(zip((f"{q:g}" for q in QUANTILES),
-                          (float(v) for v in np.quantile(rows.score, QUANTILES))))
-                 if len(rows) else None)
-    summary: dict[str, Any] = {
+def quantile_dict(values: Sequence[float] | np.ndarray | None) -> dict[str, float] | None:
+    """The summary's ``score_quantiles``: the values at :data:`QUANTILES`, keyed by ``f"{q:g}"``."""
+    if values is None:
+        return None
+    return dict(zip((f"{q:g}" for q in QUANTILES), (float(v) for v in values)))
+
+
+def _summary(cfg: SelectConfig, scan: _Scan, n_in: int, n_ok: int, n_kept: int,
+             threshold_applied: float | None, quantiles: dict[str, float] | None,
+             prints: tuple[str, str]) -> dict[str, Any]:
+    """The summary's counts and settings (strata, duplicates and shards are added after)."""
+    return {
         "rule": cfg.rule, "column": cfg.column, "config": cfg.effective(),
-        "counts": {"in": int(n_in.sum()), "scored_ok": len(rows), "failed": scan.n_failed,
-                   "kept": len(kept)},
+        "counts": {"in": n_in, "scored_ok": n_ok, "failed": scan.n_failed, "kept": n_kept},
         "failed_by_status": dict(sorted(scan.failed_by_status.items())),
         "ok_without_score": {"null": scan.ok_without_score["null"],
                              "non_finite": scan.ok_without_score["non_finite"]},
-        "threshold_applied": _last_kept_score(rows, kept),
+        "threshold_applied": threshold_applied,
         "score_quantiles": quantiles,
         "score_files": len(scan.files),
         "fingerprints": {"config": prints[0], "trajectory": prints[1]},
     }
-    if cfg.stratify_by:
-        summary["strata"] = _strata_summary(rows, kept, strata, n_in)
-    return summary
 
 
 def _strata_summary(rows: Rows, kept: np.ndarray, values: list[str | None],
@@ -483,6 +495,19 @@ def _strata_summary(rows: Rows, kept: np.ndarray, values: list[str | None],
 def _count_duplicates(uids: np.ndarray) -> int:
     """Adjacent equal entries of a sorted uid array."""
     return int((uids[1:] == uids[:-1]).sum()) if len(uids) > 1 else 0
+
+
+def finish_summary(summary: dict[str, Any], paths: Sequence[str], duplicate_kept_uids: int,
+                   out: Any) -> dict[str, Any]:
+    """Add duplicates and the shard reconciliation, write ``summary.json`` (last), log."""
+    summary["duplicate_kept_uids"] = duplicate_kept_uids
+    summary["shards"] = shard_summary(paths)
+    summary["counts"]["missing"] = summary["shards"]["missing"]
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    counts = summary["counts"]
+    log.info("select: kept %d of %d pairs (%d scored ok, %d failed) by %s on %s", counts["kept"],
+             counts["in"], counts["scored_ok"], counts["failed"], summary["rule"], summary["column"])
+    return summary
 
 
 def shard_summary(paths: Sequence[str], limit: int = 1000) -> dict[str, Any]:
@@ -506,43 +531,69 @@ def shard_summary(paths: Sequence[str], limit: int = 1000) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- public API
 
 
-def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig,
-           out_dir: str | os.PathLike) -> dict[str, Any]:
+def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig, out_dir: str | os.PathLike,
+           executor: Executor | None = None, resources: Resources | None = None,
+           strategy: Literal["auto", "bounded", "memory"] = "auto") -> dict[str, Any]:
     """Select the pairs to keep from per-shard score files; write ``out_dir``'s outputs.
 
     ``score_files`` are the run's score files in input-shard order (that order is the
-    manifest's): local paths or remote path objects from :func:`pipeline.io.storage.as_path`. Returns the summary (also written as ``summary.json``). Raises
-    :class:`UsageError` for files of different runs, missing columns, bad uids, or failed
-    rows under ``failed: error``.
+    manifest's): local paths or remote path objects from :func:`pipeline.io.storage.as_path`.
+    ``strategy``: ``bounded`` (:mod:`pipeline.stages.reducer`: memory independent of the row
+    count, per-file work as ``executor`` tasks with ``resources``; no ``stratify_by``),
+    ``memory`` (every eligible row in this process), ``auto`` (bounded unless stratified).
+    Both write byte-identical outputs. Returns the summary (also written as
+    ``summary.json``). Raises :class:`UsageError` for files of different runs, missing
+    columns, bad uids, or failed rows under ``failed: error``.
     """
     paths = [as_path(p) for p in score_files]
+    if strategy not in ("auto", "bounded", "memory"):
+        raise ValueError(f"unknown select strategy {strategy!r}")
+    if strategy == "bounded" and cfg.stratify_by:
+        raise UsageError("select: the bounded reducer does not stratify; use strategy 'memory'")
+    if strategy == "memory" or cfg.stratify_by:
+        return _select_in_memory(paths, cfg, out_dir)
+    from pipeline.stages.reducer import select_bounded
+
+    return select_bounded(paths, cfg, as_path(out_dir), executor or LocalExecutor(),
+                          resources or Resources(num_cpus=1.0), _WRITE_BATCH_ROWS)
+
+
+def _select_in_memory(paths: list[str], cfg: SelectConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The reducer with every eligible row in this process (see the module docstring)."""
     prints, scan = _scan(paths, cfg)
     rows, strata, n_in = scan.rows()
     kept = keep_positions(rows, len(strata), cfg)
-    summary = _summary(cfg, scan, rows, kept, strata, n_in, prints)
+    quantiles = quantile_dict(np.quantile(rows.score, QUANTILES) if len(rows) else None)
+    summary = _summary(cfg, scan, int(n_in.sum()), len(rows), len(kept), _last_kept_score(rows, kept),
+                       quantiles, prints)
+    if cfg.stratify_by:
+        summary["strata"] = _strata_summary(rows, kept, strata, n_in)
     in_order, rank = _in_input_order(rows, kept)
     del rows, kept  # free the eligible rows before pass 2
     kept_rows, n_kept, per_file_keys = _collect_kept(paths, in_order, rank)
-    meta = {META_CONFIG: prints[0].encode(), META_TRAJECTORY: prints[1].encode(),
-            META_SELECT: json.dumps(cfg.effective(), sort_keys=True).encode()}
+    meta = selection_metadata(cfg, prints)
     out = as_path(out_dir)
     shards = pa.array([s.shard or "" for s in scan.files], pa.string())
-    schema = _kept_schema(cfg.stratum_column).with_metadata(meta)
+    schema = kept_schema(cfg.stratum_column).with_metadata(meta)
     _write_parquet(out / KEPT_FILE, schema,
                    kept_rows.tables(shards, pa.array(strata, pa.string()), schema), ["shard"])
     uids = kept_rows.uids()
     _write_npy(out / KEPT_UIDS_FILE, uids)
-    manifest = _manifest_tables(scan.files, n_kept, per_file_keys)
-    _write_parquet(out / MANIFEST_FILE, MANIFEST_SCHEMA.with_metadata(meta),
-                   (t.replace_schema_metadata(meta) for t in manifest), ["shard"])
-    summary["duplicate_kept_uids"] = _count_duplicates(uids)
-    summary["shards"] = shard_summary(paths)
-    summary["counts"]["missing"] = summary["shards"]["missing"]
-    write_json_atomic(out / SUMMARY_FILE, summary)
-    log.info("select: kept %d of %d pairs (%d scored ok, %d failed) by %s on %s",
-             summary["counts"]["kept"], summary["counts"]["in"], summary["counts"]["scored_ok"],
-             scan.n_failed, cfg.rule, cfg.column)
-    return summary
+    write_manifest(out / MANIFEST_FILE, meta, scan.files, n_kept, per_file_keys.__getitem__)
+    return finish_summary(summary, paths, _count_duplicates(uids), out)
+
+
+def selection_metadata(cfg: SelectConfig, prints: tuple[str, str]) -> dict[bytes, bytes]:
+    """File metadata of kept.parquet and manifest.parquet."""
+    return {META_CONFIG: prints[0].encode(), META_TRAJECTORY: prints[1].encode(),
+            META_SELECT: json.dumps(cfg.effective(), sort_keys=True).encode()}
+
+
+def write_manifest(path: Any, meta: dict[bytes, bytes], files: Sequence[_FileStats],
+                   n_kept: Sequence[int], keys: Callable[[int], pa.Array]) -> None:
+    """``manifest.parquet`` (see :func:`_manifest_tables`), atomically."""
+    _write_parquet(path, MANIFEST_SCHEMA.with_metadata(meta),
+                   (t.replace_schema_metadata(meta) for t in _manifest_tables(files, n_kept, keys)), ["shard"])
 
 
 def _scan(paths: list[str], cfg: SelectConfig) -> tuple[tuple[str, str], _Scan]:
@@ -554,3 +605,12 @@ def _scan(paths: list[str], cfg: SelectConfig) -> tuple[tuple[str, str], _Scan]:
     _check_failed(scan, cfg)
     _check_distinct_shards(scan.files)
     return prints, scan
+
+
+def scan_one_file(path: str, column: str) -> tuple[_Scan, Rows]:
+    """Pass 1 over one score file on its own (a task of the bounded reducer): its counts
+    and checks, and its eligible rows (``file`` 0, ``stratum`` 0)."""
+    where, filesystem = arrow_source(path)
+    scan = _Scan(column, None, _RowBuffer.allocate(pq.read_metadata(where, filesystem=filesystem).num_rows))
+    scan.scan_file(path)
+    return scan, scan.buffer.rows()

@@ -110,6 +110,12 @@ def test_bad_options_are_usage_errors() -> None:
         scale.plan_from_args(_args("--pairs", "0"))
     with pytest.raises(UsageError, match="--reducer-files"):
         scale.plan_from_args(_args("--reducer-rows", "5", "--reducer-files", "6"))
+    with pytest.raises(UsageError, match="needs --reducer-strategy bounded"):
+        scale.plan_from_args(_args("--reducer-executor", "ray"))
+    keys = [scale.reducer_key(scale.plan_from_args(_args("--reducer-rows", "9", "--reducer-files", "3", *extra)))
+            for extra in ([], ["--reducer-strategy", "bounded"],
+                          ["--reducer-strategy", "bounded", "--reducer-executor", "ray"])]
+    assert keys == ["9_rows", "9_rows_bounded", "9_rows_bounded_ray"]  # in-memory entries keep their key
     with pytest.raises(UsageError, match="--parts"):
         scale._parts("pipeline,bogus")
     with pytest.raises(UsageError, match="--checkpoint-pairs"):

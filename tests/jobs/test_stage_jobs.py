@@ -27,7 +27,7 @@ def test_stage_jobs_in_order(tmp_path: Path, capsys) -> None:
     from jobs import train
 
     assert train.main(["--config", str(config), "--out", str(tmp_path / "run" / "trajectory")]) == 0
-    assert score.main(args) == 2 and "run the prepare stage first" in capsys.readouterr().err
+    assert score.main(args) == 2 and "run `diffin prepare` (or `diffin run`)" in capsys.readouterr().err
     assert prepare.main(args) == 0
     assert select.main(args) == 2 and "not scored yet" in capsys.readouterr().err
     assert score.main(args) == 0

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io.atomic import write_bytes_atomic
-from pipeline.io.layout import shard_stem
+from pipeline.io.atomic import _temp_sibling, write_bytes_atomic
+from pipeline.io.layout import RunLayout, shard_stem
 from pipeline.stages.score import ScoreStage, ShardResult, ShardTask
 
 
@@ -25,11 +25,17 @@ class StallingScoreStage(ScoreStage):
     ``started-<stem>``, and sleeps so that the test can kill it mid-shard; if nobody does
     within ``stall_timeout`` seconds it raises, so a broken test fails instead of hanging.
     Later attempts (after ``started-<stem>`` exists) score normally.
+
+    Under Ray it also writes ``node-<stem>`` (the Ray node id it runs on) before
+    ``started-<stem>``. With ``partial_commit`` it stalls mid-commit: the shard's score file
+    is half written under the temporary name the atomic writer uses (a cut-off Parquet file),
+    as a worker killed while writing leaves it.
     """
 
     marker_dir: str = ""
     stall_stem: str = ""
     stall_timeout: float = 120.0
+    partial_commit: bool = False
 
     def process(self, task: ShardTask) -> ShardResult:
         stem = shard_stem(task.url)
@@ -38,6 +44,14 @@ class StallingScoreStage(ScoreStage):
             log.write(f"{os.getpid()}\n")
         if stem == self.stall_stem and not (markers / f"started-{stem}").exists():
             write_bytes_atomic(markers / f"pid-{stem}", str(os.getpid()).encode())
+            import ray
+
+            if ray.is_initialized():
+                write_bytes_atomic(markers / f"node-{stem}", ray.get_runtime_context().get_node_id().encode())
+            if self.partial_commit:
+                target = RunLayout.of(self.run_dir, self.storage).score_file(task.url)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _temp_sibling(target).write_bytes(b"PAR1" + bytes(100))  # no footer: cut off mid-write
             write_bytes_atomic(markers / f"started-{stem}", b"")
             time.sleep(self.stall_timeout)
             raise RuntimeError(f"shard {stem} stalled for {self.stall_timeout}s and was never killed")

@@ -1,0 +1,351 @@
+"""The bounded reducer's driver: plans the per-file tasks, finds the cut and the quantiles,
+merges the parts into the outputs (see :mod:`pipeline.stages.reducer`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import SelectConfig
+from pipeline.data.uids import u8u8_to_uids
+from pipeline.io.atomic import atomic_path
+from pipeline.io.storage import StoragePath, is_remote
+from pipeline.runtime.executor import Executor, LocalExecutor, Resources
+from pipeline.stages.keep_rule import kept_count
+from pipeline.stages.reducer.keys import (DIGITS, SCORE_WIDTHS, Search, dense, interpolate, lex_order, prefix_value,
+                                          quantile_positions, score_from_key, score_key)
+from pipeline.stages.reducer.merge import merge_sorted
+from pipeline.stages.reducer.tasks import (RANKS_FILE, RULE_MERGE_KEYS, UID_MERGE_KEYS, FileScan, FileTask,
+                                           KeptTask, RankTask, RefineTask, Request, ScanTask, attach_ranks,
+                                           final_keys, final_run, refine_file, rule_run, scan_file, write_kept)
+from pipeline.stages.select import (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, QUANTILES, UID_DTYPE, _check_distinct_shards,
+                                    _check_failed, _check_score_files, _read_columns, _RowBuffer, _Scan, _summary,
+                                    _write_parquet, finish_summary, kept_schema, quantile_dict, selection_metadata,
+                                    write_manifest)
+
+_HISTOGRAM_ROWS = 16384  # what one file's histogram result counts against the budget, in rows
+_MIN_WAVE = 8
+_MIN_RUN_BATCH, _MAX_RUN_BATCH = 16, 65536
+
+Target = tuple[str, int]  # (order, 0-based position)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where and how the per-file tasks run."""
+
+    executor: Executor
+    resources: Resources
+    budget: int  # rows sorted or buffered at once
+    files: list[FileTask]
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], fold: Callable[[Any], None],
+            wave: int | None = None) -> None:
+        """Run ``fn`` over ``tasks`` in waves of ``wave`` (all at once by default), folding each
+        wave's results in task order before the next starts."""
+        wave = wave or max(len(tasks), 1)
+        for start in range(0, len(tasks), wave):
+            for result in self.executor.map(fn, tasks[start:start + wave], self.resources):
+                fold(result)
+
+    @property
+    def wave(self) -> int:
+        """Tasks per wave when each returns histograms (at most 65,536 bins each)."""
+        return max(_MIN_WAVE, self.budget // _HISTOGRAM_ROWS)
+
+    def run_batch(self, runs: int) -> int:
+        """Rows a merge reads from a run at a time: all runs together buffer at most about
+        1.5 batches each, so about 3/8 of the budget."""
+        return int(np.clip(self.budget // (4 * max(runs, 1)), _MIN_RUN_BATCH, _MAX_RUN_BATCH))
+
+
+def select_bounded(paths: list[StoragePath], cfg: SelectConfig, out: StoragePath, executor: Executor,
+                   resources: Resources, write_rows: int) -> dict[str, Any]:
+    """The reducer with memory independent of the row count; outputs byte-identical to the
+    in-memory reducer's. ``write_rows``: rows per row group of ``kept.parquet``."""
+    prints, _ = _check_score_files(paths, [*_read_columns(cfg.column, None), "key"])
+    executor = LocalExecutor() if is_remote(out) else executor  # parts live on a local disk
+    meta = selection_metadata(cfg, prints)
+    with _scratch(out) as parts:
+        plan = _Plan(executor, resources, cfg.max_rows_in_memory,
+                     [FileTask(p, i, cfg.column, cfg.rule, cfg.seed, parts) for i, p in enumerate(paths)])
+        totals = _scan(plan, cfg)
+        scan, eligible = totals.scan, [s.n_eligible for s in totals.scan.files]
+        n_ok = int(sum(eligible))
+        n_kept = kept_count(n_ok, totals.at_or_above, cfg)
+        found = _find(plan, eligible, _searches(n_ok, n_kept, totals.histograms))
+        cut, last_score = found[("rule", n_kept - 1)] if n_kept else (None, None)
+        summary = _summary(cfg, scan, sum(s.n_in for s in scan.files), n_ok, n_kept, last_score,
+                           _quantiles(n_ok, found), prints)
+        per_file = _write_parts(plan, eligible, cut)
+        _rank(plan, per_file, parts)
+        shards = pa.array([s.shard or "" for s in scan.files], pa.string())
+        duplicates = _write_kept(out, parts, per_file, shards,
+                                 kept_schema(None).with_metadata(meta), write_rows)
+        write_manifest(out / MANIFEST_FILE, meta, scan.files, per_file,
+                       lambda i: final_keys(parts, i, per_file[i]))
+    return finish_summary(summary, paths, duplicates, out)
+
+
+# --------------------------------------------------------------------------- pass 1: scan
+
+
+@dataclass
+class _Totals:
+    """The scan's results merged in file order: counts (as the in-memory scan keeps them),
+    top-digit histograms, rows at or above the threshold."""
+
+    scan: _Scan
+    histograms: dict[str, np.ndarray] = field(
+        default_factory=lambda: {"rule": np.zeros(DIGITS, np.int64), "score": np.zeros(DIGITS, np.int64)})
+    at_or_above: int = 0
+
+    def add(self, result: FileScan) -> None:
+        scan = self.scan
+        scan.files.append(result.stats)
+        scan.failed_by_status.update(result.failed_by_status)
+        scan.ok_without_score.update(result.ok_without_score)
+        scan.first_failed = scan.first_failed or result.first_failed
+        self.at_or_above += result.at_or_above
+        for kind, histogram in result.histograms.items():
+            self.histograms[kind] += dense([histogram])
+
+
+def _scan(plan: _Plan, cfg: SelectConfig) -> _Totals:
+    """Scan every file; refuse failed rows under ``failed: error`` and shards scored twice."""
+    totals = _Totals(_Scan(cfg.column, None, _RowBuffer.allocate(0)))
+    threshold = cfg.threshold if cfg.rule == "threshold" else None
+    plan.map(scan_file, [ScanTask(f, threshold) for f in plan.files], totals.add, plan.wave)
+    _check_failed(totals.scan, cfg)
+    _check_distinct_shards(totals.scan.files)
+    return totals
+
+
+# ------------------------------------------------------------- pass 2: the cut, quantiles
+
+
+def _searches(n_ok: int, n_kept: int, histograms: dict[str, np.ndarray]) -> dict[Target, Search]:
+    """The positions to find: the last kept row in the rule's order, and the neighbours of
+    every quantile in score order — each already narrowed by the scan's histogram."""
+    targets: list[Target] = [("rule", n_kept - 1)] if n_kept else []
+    if n_ok:
+        lower, upper, _ = quantile_positions(n_ok, QUANTILES)
+        targets += [("score", int(k)) for k in sorted(set(lower.tolist()) | set(upper.tolist()))]
+    return {t: Search(t[0], t[1], (), n_ok).descend(histograms[t[0]]) for t in targets}
+
+
+def _find(plan: _Plan, eligible: list[int], searches: dict[Target, Search]) -> dict[Target, Any]:
+    """Narrow every search until its bin fits the budget, then sort the bin: the rule target
+    gives (its key, its score), a score target its score."""
+    found: dict[Target, Any] = {}
+    pending = dict(searches)
+    while pending:
+        for target, search in list(pending.items()):
+            if search.kind == "score" and search.complete:  # every row of the bin has this score
+                found[target] = score_from_key(prefix_value(SCORE_WIDTHS, search.prefix)[0])
+                del pending[target]
+        if not pending:
+            break
+        results = _refine(plan, eligible, _requests(pending.values(), plan.budget))
+        for target, search in list(pending.items()):
+            action, result = results.get(search.bin, (None, None))
+            if action == "histogram":
+                pending[target] = search.descend(result)
+            elif action == "gather":
+                found[target] = _pick(search, result)
+                del pending[target]
+    return found
+
+
+def _requests(searches: Iterable[Search], budget: int) -> list[Request]:
+    """One request per bin: its next digit's histogram when it holds more than ``budget``
+    rows, else its rows — as many bins as fit the budget together."""
+    bins = sorted({s.bin: s.count for s in searches}.items())
+    requests, gathered = [], 0
+    for (kind, prefix), count in bins:
+        if count > budget:
+            requests.append(Request("histogram", kind, prefix))
+        elif gathered + count <= budget:
+            requests.append(Request("gather", kind, prefix))
+            gathered += count
+    return requests
+
+
+def _refine(plan: _Plan, eligible: list[int],
+            requests: list[Request]) -> dict[tuple[str, tuple[int, ...]], tuple[str, Any]]:
+    """One pass over the files with eligible rows: per bin, its action and the result (a
+    dense histogram, or the bin's rows)."""
+    histograms = {i: np.zeros(DIGITS, np.int64) for i, r in enumerate(requests) if r.action == "histogram"}
+    gathered: dict[int, list[Any]] = {i: [] for i, r in enumerate(requests) if r.action == "gather"}
+
+    def fold(result: list[Any]) -> None:
+        for i, value in enumerate(result):
+            if i in histograms:
+                histograms[i] += dense([value])
+            else:
+                gathered[i].append(value)
+
+    tasks = [RefineTask(f, tuple(requests)) for f, n in zip(plan.files, eligible) if n]
+    plan.map(refine_file, tasks, fold, plan.wave)
+    results = {i: _concatenate(requests[i].kind, parts) for i, parts in gathered.items()}
+    results.update(histograms)
+    return {(r.kind, r.prefix): (r.action, results[i]) for i, r in enumerate(requests)}
+
+
+def _concatenate(kind: str, parts: list[Any]) -> Any:
+    """A gathered bin's rows from the files' parts: scores, or (key columns, scores)."""
+    if kind == "score":
+        return np.concatenate(parts)
+    columns = [np.concatenate([p[0][c] for p in parts]) for c in range(len(parts[0][0]))]
+    return columns, np.concatenate([p[1] for p in parts])
+
+
+def _pick(search: Search, rows: Any) -> Any:
+    """Position ``search.k`` of a gathered bin."""
+    if search.kind == "score":
+        return float(rows[np.argsort(score_key(rows), kind="stable")[search.k]])
+    columns, scores = rows
+    row = lex_order(columns)[search.k]
+    return tuple(int(c[row]) for c in columns), float(scores[row])
+
+
+def _quantiles(n_ok: int, found: dict[Target, Any]) -> dict[str, float] | None:
+    if not n_ok:
+        return None
+    lower, upper, gamma = quantile_positions(n_ok, QUANTILES)
+    values = [np.array([found[("score", int(k))] for k in side], np.float64) for side in (lower, upper)]
+    return quantile_dict(interpolate(values[0], values[1], gamma))
+
+
+# ------------------------------------------------------------------ pass 3: parts, ranks
+
+
+@contextlib.contextmanager
+def _scratch(out: StoragePath) -> Iterator[Path]:
+    """A temporary directory for the parts, removed at the end: beside ``out`` when local
+    (every worker must see it: a shared filesystem on a multi-node cluster), else in the
+    system's temporary directory."""
+    base = None if is_remote(out) else Path(out).parent
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{Path(str(out)).name}-parts-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_parts(plan: _Plan, eligible: list[int], cut: tuple[int, ...] | None) -> list[int]:
+    """Every file's kept rows (rule key <= cut) as parts; the kept count per file."""
+    per_file = [0] * len(plan.files)
+    if cut is None:
+        return per_file
+    tasks = [KeptTask(f, cut) for f, n in zip(plan.files, eligible) if n]
+    counts: list[int] = []
+    plan.map(write_kept, tasks, counts.append)
+    for task, count in zip(tasks, counts):
+        per_file[task.file.file_no] = count
+    return per_file
+
+
+def _rank(plan: _Plan, per_file: list[int], parts: Path) -> None:
+    """Merge the rule parts in the rule's order to number the kept rows (``ranks.i64``, each
+    file's ranks together), then attach them to the files' kept rows (``final-`` parts)."""
+    files = [i for i, n in enumerate(per_file) if n]
+    offsets = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)
+    batch_rows = plan.run_batch(len(files))
+    with open(parts / RANKS_FILE, "wb") as handle:
+        handle.truncate(int(offsets[-1]) * 8)
+        _write_ranks(handle.fileno(), offsets, merge_sorted(
+            (rule_run(parts, i, per_file[i], batch_rows) for i in files), RULE_MERGE_KEYS))
+    tasks = [RankTask(i, parts, int(offsets[i]), per_file[i], batch_rows) for i in files]
+    plan.map(attach_ranks, tasks, lambda _: None)
+
+
+def _write_ranks(fd: int, offsets: np.ndarray, batches: Iterable[pa.RecordBatch]) -> None:
+    """Number the merged rows 1, 2, … and write each file's run of them at its place."""
+    done = 0
+    for batch in batches:
+        file = batch.column("file").to_numpy().astype(np.int64)
+        position = batch.column("position").to_numpy().astype(np.int64)
+        rank = np.arange(done + 1, done + 1 + len(file), dtype=np.int64)
+        done += len(file)
+        by_file = np.argsort(file, kind="stable")  # each file's rows: consecutive positions
+        starts = np.flatnonzero(np.diff(file[by_file], prepend=-1))
+        for start, stop in zip(starts, [*starts[1:], len(file)]):
+            rows = by_file[start:stop]
+            os.pwrite(fd, rank[rows].tobytes(), int(offsets[file[rows[0]]] + position[rows[0]]) * 8)
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def _write_kept(out: StoragePath, parts: Path, per_file: list[int], shards: pa.Array,
+                schema: pa.Schema, write_rows: int) -> int:
+    """``kept.parquet`` and ``kept_uids.npy`` from the merge of the final parts in uid order;
+    return the number of kept rows that repeat the uid before them."""
+    files = [i for i, n in enumerate(per_file) if n]
+    merged = merge_sorted((final_run(parts, i) for i in files), UID_MERGE_KEYS)
+    duplicates = _Duplicates()
+    with atomic_path(out / KEPT_UIDS_FILE) as tmp, open(tmp, "wb") as uids:
+        header = np.lib.format.header_data_from_array_1_0(np.empty(0, UID_DTYPE))
+        np.lib.format.write_array_header_1_0(uids, {**header, "shape": (sum(per_file),)})
+
+        def tables() -> Iterator[pa.Table]:
+            for batch in _row_groups(merged, write_rows):
+                hi, lo = batch.column("hi").to_numpy(), batch.column("lo").to_numpy()
+                pairs = np.empty(len(hi), UID_DTYPE)
+                pairs["f0"], pairs["f1"] = hi, lo
+                uids.write(pairs.tobytes())
+                duplicates.add(hi, lo)
+                yield _kept_table(batch, hi, lo, shards, schema)
+
+        _write_parquet(out / KEPT_FILE, schema, tables(), ["shard"])
+    return duplicates.count
+
+
+def _row_groups(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows of ``batches`` re-cut into batches of exactly ``rows`` (the last shorter)."""
+    held: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        held.append(batch)
+        size += batch.num_rows
+        while size >= rows:
+            whole, held = pa.concat_batches(held), []  # the pieces are freed before the yield
+            held, size = [whole.slice(rows)], size - rows
+            yield whole.slice(0, rows)
+            del whole
+    if size:
+        whole, held = pa.concat_batches(held), []
+        yield whole
+
+
+def _kept_table(batch: pa.RecordBatch, hi: np.ndarray, lo: np.ndarray, shards: pa.Array,
+                schema: pa.Schema) -> pa.Table:
+    return pa.table({"uid": u8u8_to_uids(hi, lo), "key": batch.column("key"),
+                     "shard": shards.take(batch.column("file")), "index": batch.column("index"),
+                     "score": batch.column("score"), "rank": batch.column("rank")}, schema=schema)
+
+
+@dataclass
+class _Duplicates:
+    """Counts uids equal to the one before them, over a stream of sorted batches."""
+
+    count: int = 0
+    last: tuple[int, int] | None = None
+
+    def add(self, hi: np.ndarray, lo: np.ndarray) -> None:
+        if not len(hi):
+            return
+        self.count += int(((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])).sum())
+        self.count += int(self.last == (int(hi[0]), int(lo[0])))
+        self.last = (int(hi[-1]), int(lo[-1]))
