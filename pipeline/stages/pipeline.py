@@ -100,7 +100,8 @@ def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str],
     files = [layout.score_file(u) for u in urls]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; run `diffin score` (or `diffin run`: every stage) with this config and run dir first")
+        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; "
+                         "run `diffin score` (or `diffin run`: every stage) with this config and run dir first")
     out = layout.selection
     fingerprint = _selection_fingerprint(config, files)
     marker = out / "done.json"
@@ -126,7 +127,8 @@ def run_reshard(config: RunConfig, run_dir: StoragePath, executor: Executor) -> 
     layout = RunLayout(run_dir)
     manifest = layout.selection / MANIFEST_FILE
     if not manifest.is_file():
-        raise UsageError(f"reshard: {manifest} not found; run `diffin select` (or `diffin run`) with this config and run dir first")
+        raise UsageError(f"reshard: {manifest} not found; "
+                         "run `diffin select` (or `diffin run`) with this config and run dir first")
     resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
     # The run's own shards follow its own selection: when a rerun changed the selection (a shard
     # that was unreadable now scored), the old output is replaced, never mixed.
@@ -139,7 +141,8 @@ def _existing_trajectory(config: RunConfig, run_dir: StoragePath):
 
     path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else RunLayout(run_dir).trajectory
     if not (path / "trajectory.json").is_file() and not path.name == "trajectory.json":
-        raise UsageError(f"no trajectory at {path}; run `diffin run` with this config and run dir (it trains the proxy trajectory first), or name an existing one in trajectory.path")
+        raise UsageError(f"no trajectory at {path}; run `diffin run` with this config and run dir (it trains "
+                         "the proxy trajectory first), or name an existing one in trajectory.path")
     return load_trajectory(path, config.storage)
 
 
@@ -225,7 +228,8 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
     if "score" in stages and scoring:
         prepared = layout.prepared
         if not (prepared / "bank.pt").is_file():
-            raise UsageError(f"no prepared vectors in {prepared}; run `diffin prepare` (or `diffin run`) with this config and run dir first")
+            raise UsageError(f"no prepared vectors in {prepared}; "
+                             "run `diffin prepare` (or `diffin run`) with this config and run dir first")
         results = timed("score", run_score, config, run_dir, trajectory, prepared,
                         prepare_fingerprint(config, trajectory), executor, urls, sizes, progress)
         failed: dict[str, int] = {}
