@@ -38,6 +38,13 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"))
 
 
+# The sections that make write_config's run go through every stage (trajectory to reshard), small.
+EVERY_STAGE = {"target": {"holdout_fraction": 0.25, "max_pairs": 8, "bank_size": 3, "seed": 0},
+               "score": {"batch_size": 8, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 3}},
+               "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
+               "reshard": {"shard_size": 8}}
+
+
 def write_config(path: Path, corpus: Path, **train) -> Path:
     """A small valid run config over ``corpus`` (train settings overridable)."""
     import yaml

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.extras import EXTRAS as EXTRAS_TABLE
-from tests.conftest import write_config
+from tests.conftest import EVERY_STAGE, write_config
 from tests.install.deps import extras_only_modules
 
 EXTRAS = ("data", "bench", "s3", "test")
@@ -67,10 +67,7 @@ def test_prune_and_report_run_without_the_extras(blocked: frozenset[str], tiny_c
                                                  tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.yaml", tiny_corpus)
     settings = yaml.safe_load(config.read_text())  # every stage: trajectory to reshard
-    settings |= {"target": {"holdout_fraction": 0.25, "max_pairs": 8, "bank_size": 3, "seed": 0},
-                 "score": {"batch_size": 8, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 3}},
-                 "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
-                 "reshard": {"shard_size": 8}}
+    settings |= EVERY_STAGE
     config.write_text(yaml.safe_dump(settings))
     run_dir = tmp_path / "run"
     repo = Path(__file__).resolve().parents[2]

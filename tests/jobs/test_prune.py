@@ -11,7 +11,7 @@ import pytest
 
 from jobs import prune
 from pipeline.model.trajectory import Trajectory
-from tests.conftest import write_config
+from tests.conftest import EVERY_STAGE, write_config
 
 
 @pytest.mark.ray
@@ -175,10 +175,7 @@ def test_absent_local_shard_is_data_and_a_rerun_scores_it_alone(tiny_corpus: Pat
     settings = yaml.safe_load(config.read_text())
     settings["data"]["shards"] = str(corpus / "{00000..00002}.tar")  # a brace list: 00001 is named
     settings["data"]["max_failed_fraction"] = 0.5  # 16 of 48 promised pairs are missing
-    settings |= {"target": {"holdout_fraction": 0.25, "max_pairs": 8, "bank_size": 3, "seed": 0},
-                 "score": {"batch_size": 8, "proxy_batch_size": 8, "unrolled": {"lanczos_steps": 3}},
-                 "select": {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5},
-                 "reshard": {"shard_size": 8}}
+    settings |= EVERY_STAGE
     config.write_text(yaml.safe_dump(settings))
     run_dir = tmp_path / "run"
     args = ["--config", str(config), "--run-dir", str(run_dir), "--executor", "local", "--no-progress"]

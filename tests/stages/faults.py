@@ -7,6 +7,7 @@ they unpickle the stage.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +63,10 @@ def attempts(marker_dir: Path, stem: str) -> list[int]:
     """The pids that started ``stem``, in order."""
     path = marker_dir / f"attempts-{stem}"
     return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def reuse_prepared(reference: Path, run_dir: Path) -> None:
+    """Copy a finished run's trajectory and prepared vectors into ``run_dir`` (same
+    configuration: the stages reuse them, so only scoring runs)."""
+    for part in ("trajectory", "prepared"):
+        shutil.copytree(reference / part, run_dir / part)

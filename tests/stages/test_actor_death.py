@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ from pipeline.config import parse_config
 from pipeline.runtime.executor import LocalExecutor, RayExecutor, stage_actor_pids
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
-from tests.stages.faults import StallingScoreStage, attempts
+from tests.stages.faults import StallingScoreStage, attempts, reuse_prepared
 from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
@@ -78,8 +77,7 @@ class ActorKiller(threading.Thread):
 def test_sigkilled_actor_is_replaced_and_its_shard_retried(undisturbed, tmp_path: Path, monkeypatch) -> None:
     config, reference = undisturbed
     run_dir = tmp_path / "run"
-    for part in ("trajectory", "prepared"):  # same configuration: reused, so only scoring runs on Ray
-        shutil.copytree(reference / part, run_dir / part)
+    reuse_prepared(reference, run_dir)  # only scoring runs on Ray
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setattr(score_module, "ScoreStage", functools.partial(

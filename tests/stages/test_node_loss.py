@@ -28,7 +28,7 @@ from pipeline.runtime.executor import LocalExecutor, RayExecutor
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
 from tests.processes import alive, processes_using, stop_processes_naming
-from tests.stages.faults import StallingScoreStage, attempts
+from tests.stages.faults import StallingScoreStage, attempts, reuse_prepared
 from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
@@ -173,8 +173,7 @@ def test_lost_node_mid_commit_its_shard_is_retried_on_the_survivor(undisturbed, 
     temporary gone, and the retry recorded in stats/00001.json and run_summary.json."""
     config, reference = undisturbed
     run_dir = tmp_path / "run"
-    for part in ("trajectory", "prepared"):  # same configuration: reused, so only scoring runs on Ray
-        shutil.copytree(reference / part, run_dir / part)
+    reuse_prepared(reference, run_dir)  # only scoring runs on Ray
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setattr(score_module, "ScoreStage", functools.partial(
