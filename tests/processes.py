@@ -82,12 +82,13 @@ def processes_using(text: str) -> set[int]:
     return found
 
 
-def stop_processes_naming(text: str, grace: float = 10.0, find=processes_naming) -> set[int]:
-    """SIGTERM every live process whose command line contains ``text`` (or that ``find(text)``
-    returns), SIGKILL what is left after ``grace`` seconds; returns the pids that were signalled."""
+def stop_processes_naming(text: str, grace: float = 10.0) -> set[int]:
+    """SIGTERM every live process whose command line or open files name ``text`` (a cluster's
+    --temp-dir: :func:`processes_using` also finds Ray's self-renamed agents), SIGKILL what is
+    left after ``grace`` seconds; returns the pids that were signalled."""
     signalled: set[int] = set()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = find(text)
+        pids = processes_using(text)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -95,6 +96,6 @@ def stop_processes_naming(text: str, grace: float = 10.0, find=processes_naming)
                 pass
         signalled |= pids
         deadline = time.monotonic() + wait
-        while find(text) and time.monotonic() < deadline:
+        while processes_using(text) and time.monotonic() < deadline:
             time.sleep(0.2)
     return signalled

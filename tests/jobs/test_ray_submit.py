@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from tests.conftest import make_tiny_corpus
-from tests.processes import processes_naming, stop_processes_naming
+from tests.processes import processes_using, stop_processes_naming
 from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
@@ -75,7 +75,8 @@ def test_ray_job_submit_prune(tmp_path: Path) -> None:
         rows = sum(pq.read_table(f).num_rows for f in (run_dir / "scores").glob("*.parquet"))
         assert rows == 96
     finally:
-        stopped = stop_processes_naming(temp_dir)  # only this cluster's processes (never `ray stop`: it ends every Ray)
-        assert not processes_naming(temp_dir)
+        # Only this cluster's processes (never `ray stop`: it ends every Ray on the host), found by its --temp-dir.
+        stopped = stop_processes_naming(temp_dir)
+        assert not processes_using(temp_dir)
         assert stopped or started.returncode != 0, "no process of the started cluster names its --temp-dir"
         shutil.rmtree(temp_dir, ignore_errors=True)

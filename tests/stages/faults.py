@@ -6,6 +6,7 @@ they unpickle the stage.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from pipeline.io.atomic import _temp_sibling, write_bytes_atomic
 from pipeline.io.layout import RunLayout, shard_stem
+from pipeline.stages import score as score_module
 from pipeline.stages.score import ScoreStage, ShardResult, ShardTask
 
 
@@ -70,3 +72,15 @@ def reuse_prepared(reference: Path, run_dir: Path) -> None:
     configuration: the stages reuse them, so only scoring runs)."""
     for part in ("trajectory", "prepared"):
         shutil.copytree(reference / part, run_dir / part)
+
+
+def stalled_rerun(reference: Path, tmp_path: Path, monkeypatch, **stall) -> tuple[Path, Path]:
+    """A run dir that reuses ``reference``'s trajectory and prepared vectors, with the score
+    stage replaced by :class:`StallingScoreStage` (``stall``: its settings) writing its markers
+    under ``tmp_path/markers``; returns (run_dir, markers)."""
+    run_dir, markers = tmp_path / "run", tmp_path / "markers"
+    reuse_prepared(reference, run_dir)  # only scoring runs on Ray
+    markers.mkdir()
+    monkeypatch.setattr(score_module, "ScoreStage",
+                        functools.partial(StallingScoreStage, marker_dir=str(markers), **stall))
+    return run_dir, markers

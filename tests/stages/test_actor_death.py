@@ -3,7 +3,6 @@ the run ends with exactly one score file per shard, byte-identical to an undistu
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.stages.score as score_module
 from pipeline.config import parse_config
 from pipeline.runtime.executor import LocalExecutor, RayExecutor, stage_actor_pids
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
-from tests.stages.faults import StallingScoreStage, attempts, reuse_prepared
+from tests.stages.faults import attempts, stalled_rerun
 from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
@@ -76,12 +74,8 @@ class ActorKiller(threading.Thread):
 
 def test_sigkilled_actor_is_replaced_and_its_shard_retried(undisturbed, tmp_path: Path, monkeypatch) -> None:
     config, reference = undisturbed
-    run_dir = tmp_path / "run"
-    reuse_prepared(reference, run_dir)  # only scoring runs on Ray
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    monkeypatch.setattr(score_module, "ScoreStage", functools.partial(
-        StallingScoreStage, marker_dir=str(markers), stall_stem=VICTIM, stall_timeout=60.0))
+    run_dir, markers = stalled_rerun(reference, tmp_path, monkeypatch, stall_stem=VICTIM,
+                                     stall_timeout=60.0)
     executor = RayExecutor(num_cpus=2, num_gpus=0)
     try:
         import ray

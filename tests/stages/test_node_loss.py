@@ -11,7 +11,6 @@ ends, and the surviving actor must take the lost shard.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import tempfile
@@ -22,13 +21,12 @@ from typing import Any, Callable
 
 import pytest
 
-import pipeline.stages.score as score_module
 from pipeline.config import parse_config
 from pipeline.runtime.executor import LocalExecutor, RayExecutor
 from pipeline.stages.pipeline import run_pipeline
 from tests.conftest import make_tiny_corpus
 from tests.processes import alive, processes_using, stop_processes_naming
-from tests.stages.faults import StallingScoreStage, attempts, reuse_prepared
+from tests.stages.faults import attempts, stalled_rerun
 from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
@@ -103,7 +101,7 @@ class LocalCluster:
             if self.cluster is not None:
                 self.cluster.shutdown()
         finally:
-            leftover = stop_processes_naming(self.temp_dir, grace=5.0, find=processes_using)
+            leftover = stop_processes_naming(self.temp_dir, grace=5.0)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return leftover
 
@@ -172,12 +170,8 @@ def test_lost_node_mid_commit_its_shard_is_retried_on_the_survivor(undisturbed, 
     00000 done on node A. A takes 00001 over; the run ends with every shard scored once, the
     temporary gone, and the retry recorded in stats/00001.json and run_summary.json."""
     config, reference = undisturbed
-    run_dir = tmp_path / "run"
-    reuse_prepared(reference, run_dir)  # only scoring runs on Ray
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    monkeypatch.setattr(score_module, "ScoreStage", functools.partial(
-        StallingScoreStage, marker_dir=str(markers), stall_stem=VICTIM, stall_timeout=120.0, partial_commit=True))
+    run_dir, markers = stalled_rerun(reference, tmp_path, monkeypatch, stall_stem=VICTIM,
+                                     stall_timeout=120.0, partial_commit=True)
     executor = RayExecutor(address=two_node_cluster.address)
     try:
         import ray
