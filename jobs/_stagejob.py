@@ -58,15 +58,16 @@ class StageJob:
     def run(self, args: argparse.Namespace) -> int:
         from pipeline.config import load_config
         from pipeline.runtime.executor import make_executor
-        from pipeline.stages.pipeline import resolve_inputs, run_pipeline
+        from pipeline.stages.context import RunContext
+        from pipeline.stages.pipeline import run_pipeline
 
         config = load_config(args.config)
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)  # a path or an fsspec URL
-        inputs = resolve_inputs(config, args.config)  # bad shard lists fail here, before Ray starts
+        context = RunContext.resolve(config, run_dir, args.config)  # bad inputs fail here, before Ray starts
         executor = make_executor(args.executor, config.resources.address)
         try:
             summary = run_pipeline(config, run_dir, executor, progress=not args.no_progress, stages=self.stages,
-                                   inputs=inputs)
+                                   context=context)
         finally:
             executor.shutdown()
         print_summary(summary, run_dir)

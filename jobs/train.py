@@ -30,12 +30,15 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.model.train import read_uid_list
     from pipeline.model.trajectory import MANIFEST
     from pipeline.runtime.executor import make_executor
-    from pipeline.stages.trajectory import check_train_model, train_trajectory
+    from pipeline.stages.context import RunContext
+    from pipeline.stages.trajectory import train_trajectory
 
     config = load_config(args.config)
     if config.trajectory.train is None:
         raise UsageError(f"{args.config}: trajectory.train: required by `diffin train` (the config names an existing trajectory)")
-    check_train_model(config, args.config)  # before --overwrite removes anything
+    # inputs and model checked before --overwrite removes anything (the context's run directory
+    # is --out: only its inputs and settings are used)
+    ctx = RunContext.resolve(config, args.out, args.config)
     out = as_path(args.out, config.storage)
     if args.exclude_uids and not Path(args.exclude_uids).is_file():
         raise UsageError(f"--exclude-uids: file not found: {args.exclude_uids}")
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     executor = make_executor(args.executor, config.resources.address)
     start = time.perf_counter()
     try:
-        traj = train_trajectory(config, out, executor, exclude)  # a finished one of this configuration is reused
+        traj = train_trajectory(ctx, out, executor, exclude)  # a finished one of this configuration is reused
     finally:
         executor.shutdown()
     print(f"trajectory: {out / 'trajectory.json'}  ({len(traj.checkpoints)} checkpoints, "

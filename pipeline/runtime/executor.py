@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 from pipeline.errors import DataError, UsageError
 
@@ -24,28 +24,38 @@ class Resources:
     num_gpus: float = 0.0
 
 
-class Stage(Protocol):
-    """A unit of pipeline work: heavy state loaded once in ``setup()``, then ``process(task)``."""
+TaskT = TypeVar("TaskT")
+ResultT = TypeVar("ResultT")
+TaskIn = TypeVar("TaskIn", contravariant=True)
+ResultOut = TypeVar("ResultOut", covariant=True)
+
+
+class Stage(Protocol[TaskIn, ResultOut]):
+    """A unit of pipeline work: resources as a plain field, heavy state loaded once in
+    ``setup()`` (once per worker), then ``process(task)`` for each task. Every stage of the
+    pipeline has this shape; the executor decides where it runs."""
 
     resources: Resources
 
     def setup(self) -> None: ...
 
-    def process(self, task: Any) -> Any: ...
+    def process(self, task: TaskIn) -> ResultOut: ...
 
 
-OnResult = Callable[[Any, Any], None]
+OnResult = Callable[[Any, Any], None]  # (task, its result), in completion order
 OnRetry = Callable[[Any, BaseException], None]  # (task, why its worker died): the task runs again
 
 
 class Executor(Protocol):
-    """Runs functions or stages somewhere and returns their results in input order."""
+    """Runs a stage's tasks somewhere and returns their results in task order.
 
-    def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
-        ...
+    ``workers=None``: one task each (a Ray task per task, the stage set up in it: for stages
+    whose setup is light or whose tasks are few); ``workers=n``: a pool of ``n`` long-lived
+    workers, each set up once, taking tasks until none are left.
+    """
 
-    def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
-                  on_result: OnResult | None = None, on_retry: OnRetry | None = None) -> list[Any]:
+    def run_stage(self, stage: Stage[TaskT, ResultT], tasks: Sequence[TaskT], workers: int | None = None,
+                  on_result: OnResult | None = None, on_retry: OnRetry | None = None) -> list[ResultT]:
         ...
 
     def shutdown(self) -> None:
@@ -62,20 +72,21 @@ def configure_worker_logging(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
 
 
-def _apply(fn: Callable[..., Any], item: Any) -> Any:
-    """Ray task body: call ``fn`` (any picklable callable, e.g. a stage's bound method)."""
+def _run_one(stage: Stage[TaskT, ResultT], task: TaskT) -> ResultT:
+    """Ray task body: set the stage up in this worker, then process one task."""
     configure_worker_logging()
-    return fn(item)
+    stage.setup()
+    return stage.process(task)
 
 
-class StageActor:
+class StageActor(Generic[TaskT, ResultT]):
     """Ray actor body: holds one stage instance, set up once.
 
     An exception in ``setup()`` is kept and raised by ``process()``: it is the stage's error
     (bad input, a missing file), reported as such — not an actor death to retry.
     """
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage[TaskT, ResultT]) -> None:
         configure_worker_logging()
         self.stage = stage
         self.setup_error: Exception | None = None
@@ -84,7 +95,7 @@ class StageActor:
         except Exception as exc:
             self.setup_error = exc
 
-    def process(self, task: Any) -> Any:
+    def process(self, task: TaskT) -> ResultT:
         if self.setup_error is not None:
             raise self.setup_error
         return self.stage.process(task)
@@ -116,15 +127,12 @@ def _get(ray: Any, refs: Any) -> Any:
 
 
 class LocalExecutor:
-    """Runs every call in the current process, one after another."""
+    """Runs every task in the current process, one after another."""
 
-    def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
-        return [fn(item) for item in items]
-
-    def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
-                  on_result: OnResult | None = None, on_retry: OnRetry | None = None) -> list[Any]:
-        """One in-process worker: ``setup()`` once, then every task in order (nothing is retried:
-        an error here is the stage's own)."""
+    def run_stage(self, stage: Stage[TaskT, ResultT], tasks: Sequence[TaskT], workers: int | None = None,
+                  on_result: OnResult | None = None, on_retry: OnRetry | None = None) -> list[ResultT]:
+        """One in-process worker, whatever ``workers`` says: ``setup()`` once, then every task in
+        order (nothing is retried: an error here is the stage's own)."""
         if not tasks:
             return []
         stage.setup()
@@ -169,14 +177,28 @@ class RayExecutor:
             log.info("Ray %s at %s; dashboard: %s", ray.__version__,
                      context.address_info.get("address"), f"http://{url}" if url else "not running")
 
-    def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
-        remote = self._ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                  max_retries=2)(_apply)
-        return _get(self._ray, [remote.remote(fn, item) for item in items])
+    def run_stage(self, stage: Stage[TaskT, ResultT], tasks: Sequence[TaskT], workers: int | None = None,
+                  on_result: OnResult | None = None, on_retry: OnRetry | None = None,
+                  max_task_retries: int = 3) -> list[ResultT]:
+        """``workers=None``: one Ray task per task (the stage's resources each; Ray retries a task
+        whose worker died). Otherwise an actor pool (:meth:`_run_pool`). Results in task order."""
+        if workers is None:
+            return self._run_tasks(stage, tasks, on_result)
+        return self._run_pool(stage, tasks, workers, on_result, on_retry, max_task_retries)
 
-    def run_stage(self, stage: Stage, tasks: Sequence[Any], workers: int,
-                  on_result: OnResult | None = None, max_task_retries: int = 3,
-                  on_retry: OnRetry | None = None) -> list[Any]:
+    def _run_tasks(self, stage: Stage[TaskT, ResultT], tasks: Sequence[TaskT],
+                   on_result: OnResult | None) -> list[ResultT]:
+        remote = self._ray.remote(num_cpus=stage.resources.num_cpus, num_gpus=stage.resources.num_gpus,
+                                  max_retries=2)(_run_one)
+        stage_ref = self._ray.put(stage)  # shipped once, not once per task
+        results = _get(self._ray, [remote.remote(stage_ref, task) for task in tasks])
+        if on_result is not None:
+            for task, result in zip(tasks, results):
+                on_result(task, result)
+        return results
+
+    def _run_pool(self, stage: Stage[TaskT, ResultT], tasks: Sequence[TaskT], workers: int,
+                  on_result: OnResult | None, on_retry: OnRetry | None, max_task_retries: int) -> list[ResultT]:
         """An actor pool: ``workers`` actors (the stage's resources each) take tasks until none
         are left; results come back in task order.
 
@@ -184,7 +206,9 @@ class RayExecutor:
         to ``max_task_retries`` times per task; ``on_retry(task, error)`` is told of each retry.
         A task waiting on a replacement that has not started yet (it may never start: a lost
         node can leave no room for it) is moved to an actor that has run out of work, and the
-        replacement is given up. The pool's actors end when it returns or fails.
+        replacement is given up. The pool has at most as many actors as the cluster has room for
+        (:meth:`_room_for`): more could never all start, and their tasks would wait forever.
+        The pool's actors end when it returns or fails.
         """
         ray = self._ray
         if not tasks:
@@ -229,7 +253,7 @@ class RayExecutor:
                     submit(idle.pop())
 
         try:
-            for _ in range(min(workers, len(tasks))):
+            for _ in range(min(workers, len(tasks), self._room_for(stage.resources, workers))):
                 submit(new_actor())
             while left:
                 [ref], _ = ray.wait(list(running), num_returns=1)
@@ -263,6 +287,19 @@ class RayExecutor:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
         return results
+
+    def _room_for(self, resources: Resources, workers: int) -> int:
+        """How many actors of ``resources`` the cluster holds in all (at least 1), with a warning
+        when that is fewer than the ``workers`` asked for."""
+        total = self._ray.cluster_resources()
+        room = [total.get(name, 0.0) / amount + 1e-9
+                for name, amount in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)) if amount > 0]
+        fits = int(min(room)) if room else workers
+        if fits < workers:
+            log.warning("%d workers of %s asked for, but the cluster has room for %d (CPU %s, GPU %s): "
+                        "running %d", workers, resources, fits, total.get("CPU", 0), total.get("GPU", 0),
+                        max(fits, 1))
+        return max(fits, 1)
 
     def shutdown(self) -> None:
         if self._owns_ray:

@@ -1,27 +1,40 @@
 """The whole run, stage after stage, under any executor (each stage resumable on its own).
 
 ``run_pipeline(..., stages=STAGES)`` runs every stage (``diffin run``); a stage's own job
-runs just that stage and requires the outputs of the stages before it.
+runs just that stage and requires the outputs of the stages before it. Each stage lives in
+its own module with the same shape — a task type, a stage object (resources as fields,
+``setup()``, ``process(task)``) and a driver-side ``run_<stage>(ctx, ...)`` that plans the
+tasks still to do and hands them to the executor:
+
+=========== ============================== ========================== ======================
+stage       module                         task → result              driver
+=========== ============================== ========================== ======================
+trajectory  :mod:`pipeline.stages.trajectory` ``TrainTask`` → directory  ``ensure_trajectory``
+prepare     :mod:`pipeline.stages.prepare`    ``PrepareTask`` → file     ``run_prepare``
+score       :mod:`pipeline.stages.score`      ``ShardTask`` → result     ``run_score``
+select      :mod:`pipeline.stages.select`     ``ScanTask``… (reducer)    ``run_select``
+reshard     :mod:`pipeline.stages.reshard`    ``ReshardTask`` → count    ``run_reshard``
+=========== ============================== ========================== ======================
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.config import RunConfig
-from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
-from pipeline.io.layout import RunLayout, check_unique_stems
-from pipeline.io.storage import StoragePath, as_path
-from pipeline.runtime.executor import Executor, Resources
+from pipeline.runtime.executor import Executor
+from pipeline.stages.context import RunContext
+from pipeline.stages.prepare import prepare_fingerprint, prepared_target_losses, run_prepare
+from pipeline.stages.reshard import run_reshard
+from pipeline.stages.score import run_score
+from pipeline.stages.select import run_select
+from pipeline.stages.trajectory import ensure_trajectory, existing_trajectory, trajectory_location
 
 log = logging.getLogger(__name__)
 STAGES = ("trajectory", "prepare", "score", "select", "reshard")
@@ -51,101 +64,6 @@ def target_loss_warning(losses: Sequence[float], min_drop: float = TARGET_LOSS_M
             f"(trajectory.train.save_steps, score.checkpoints).")
 
 
-def prepared_target_losses(config: RunConfig, run_dir: StoragePath, trajectory) -> dict[int, float]:
-    """L_V per trajectory checkpoint index, from ``<run>/prepared/ckpt_XXX.pt`` (written by the
-    prepare stage); checkpoints not prepared (yet, or under another configuration) are absent."""
-    import torch
-
-    from pipeline.io.storage import is_remote, read_torch
-    from pipeline.stages.prepare import influence_settings, prepare_fingerprint
-
-    settings = influence_settings(config)
-    indices = settings.checkpoints or tuple(range(len(trajectory.checkpoints)))
-    fingerprint = prepare_fingerprint(config, trajectory)
-    losses: dict[int, float] = {}
-    for k, index in enumerate(indices):
-        path = RunLayout(run_dir).prepared_checkpoint(k)
-        if not path.is_file():
-            continue
-        # memory-mapped when local: only the scalar is read, not u, g, w
-        obj = read_torch(path) if is_remote(path) else torch.load(path, map_location="cpu",
-                                                                   weights_only=True, mmap=True)
-        if obj.get("fingerprint") == fingerprint and obj.get("target_loss") is not None:
-            losses[index] = float(obj["target_loss"])
-    return losses
-
-
-def _selection_fingerprint(config: RunConfig, score_files: Sequence[Path]) -> str:
-    """Inputs of the reducer: the select settings and each score file's identity."""
-    from pipeline.io.scores import read_fingerprint
-
-    files = [(p.name, read_fingerprint(p), p.stat().st_size) for p in score_files]
-    settings = config.select.model_dump(mode="json", exclude={"max_rows_in_memory"})  # no effect on outputs
-    payload = json.dumps({"select": settings, "files": files}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def run_select(config: RunConfig, run_dir: StoragePath, urls: list[str],
-               executor: Executor | None = None) -> dict[str, Any]:
-    """The reducer over all score files (in input-shard order) → ``<run>/selection/``; its
-    per-file tasks run on ``executor`` (default: in this process).
-
-    Skipped when ``selection/done.json`` records the same inputs (completion marker).
-    """
-    from pipeline.stages.select import SUMMARY_FILE, select
-
-    if config.select is None:
-        raise UsageError("select: this run's config has no select section")
-    layout = RunLayout(run_dir)
-    files = [layout.score_file(u) for u in urls]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; "
-                         "run `diffin score` (or `diffin run`: every stage) with this config and run dir first")
-    out = layout.selection
-    fingerprint = _selection_fingerprint(config, files)
-    marker = out / "done.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        log.info("selection in %s is complete for these scores; reusing it", out)
-        summary = json.loads((out / SUMMARY_FILE).read_text())
-        recomputed = False
-    else:
-        summary = select(files, config.select, out, executor=executor,
-                         resources=Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0))
-        write_json_atomic(marker, {"fingerprint": fingerprint})
-        recomputed = True
-    return {"dir": str(out), **summary["counts"], "summary": str(out / SUMMARY_FILE), "recomputed": recomputed}
-
-
-def run_reshard(config: RunConfig, run_dir: StoragePath, executor: Executor) -> dict[str, int]:
-    """Copy the kept pairs into new shards (``<run>/shards/``), one task per output shard."""
-    from pipeline.stages.reshard import reshard
-    from pipeline.stages.select import MANIFEST_FILE
-
-    if config.reshard is None:
-        raise UsageError("reshard: this run's config has no reshard section")
-    layout = RunLayout(run_dir)
-    manifest = layout.selection / MANIFEST_FILE
-    if not manifest.is_file():
-        raise UsageError(f"reshard: {manifest} not found; "
-                         "run `diffin select` (or `diffin run`) with this config and run dir first")
-    resources = Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
-    # The run's own shards follow its own selection: when a rerun changed the selection (a shard
-    # that was unreadable now scored), the old output is replaced, never mixed.
-    return reshard(manifest, layout.shards, config.reshard, executor, resources, config.storage,
-                   replace_stale=True)
-
-
-def _existing_trajectory(config: RunConfig, run_dir: StoragePath):
-    from pipeline.stages.trajectory import load_trajectory
-
-    path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else RunLayout(run_dir).trajectory
-    if not (path / "trajectory.json").is_file() and not path.name == "trajectory.json":
-        raise UsageError(f"no trajectory at {path}; run `diffin run` with this config and run dir (it trains "
-                         "the proxy trajectory first), or name an existing one in trajectory.path")
-    return load_trajectory(path, config.storage)
-
-
 def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn: bool) -> None:
     """Put L_V into the summary's checkpoint entries (None where not prepared) and the rule's
     verdict into ``target_loss_warning``; log the warning when ``warn``."""
@@ -159,48 +77,23 @@ def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn:
         log.warning("%s", warning)
 
 
-@dataclass(frozen=True)
-class RunInputs:
-    """The input shards of a run, resolved once: URLs (in order) and sizes.json counts."""
-
-    urls: list[str]
-    sizes: dict[str, int] | None
-
-
-def resolve_inputs(config: RunConfig, source: str = "config") -> RunInputs:
-    """Expand ``data.shards`` and read ``data.sizes``; refuse shards whose score files would
-    collide; check the proxy-training model. Cheap, touches no Ray: jobs call it before
-    starting an executor."""
-    from pipeline.stages.trajectory import check_train_model
-
-    check_train_model(config, source)
-    urls = expand_shards(config.data.shards)
-    check_unique_stems(urls)
-    return RunInputs(urls, load_sizes(config.data.sizes, config.storage) if config.data.sizes else None)
-
-
-def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
+def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Executor,
                  progress: bool = True, stages: Sequence[str] = STAGES,
-                 inputs: RunInputs | None = None) -> dict[str, Any]:
+                 context: RunContext | None = None) -> dict[str, Any]:
     """Run ``stages`` (in pipeline order) into ``run_dir``; returns (and writes) the summary.
 
     Stages whose config section is absent are skipped when running everything; asking for
-    such a stage explicitly is a usage error. ``inputs`` (from :func:`resolve_inputs`) is
-    resolved here when not given.
+    such a stage explicitly is a usage error. ``context`` (:meth:`RunContext.resolve` of
+    ``config`` and ``run_dir``: jobs resolve it before starting an executor) is resolved here
+    when not given.
     """
-    from pipeline.stages.prepare import prepare_fingerprint, run_prepare
-    from pipeline.stages.score import run_score
-    from pipeline.stages.trajectory import ensure_trajectory, trajectory_location
-
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     everything = tuple(stages) == STAGES
-    layout = RunLayout.of(run_dir, config.storage)
-    run_dir = layout.root
+    ctx = context or RunContext.resolve(config, run_dir)  # before anything is trained or scored
+    layout = ctx.layout
     start = time.perf_counter()
-    inputs = inputs or resolve_inputs(config)  # before anything is trained or scored
-    urls, sizes = inputs.urls, inputs.sizes
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -210,28 +103,24 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
         return result
 
     if "trajectory" in stages:
-        trajectory = timed("trajectory", ensure_trajectory, config, run_dir, executor)
+        trajectory = timed("trajectory", ensure_trajectory, ctx, executor)
     else:
-        trajectory = _existing_trajectory(config, run_dir)
+        trajectory = existing_trajectory(ctx)
     summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "stages": list(stages), "shards": len(urls),
-        "pairs_in": sum(sizes.get(u.rsplit("/", 1)[-1], 0) for u in urls) if sizes else None,
+        "run_dir": str(layout.root), "stages": list(stages), "shards": len(ctx.urls),
+        "pairs_in": ctx.pairs_in,
         "trajectory": trajectory_location(trajectory) + "/trajectory.json",
         "checkpoints": [{"step": c.step, "lr": c.lr} for c in trajectory.checkpoints],
         "train_pairs": trajectory.num_samples,
     }
     scoring = config.target is not None or not everything
     if "prepare" in stages and scoring:
-        timed("prepare", run_prepare, config, run_dir, trajectory, executor)
+        timed("prepare", run_prepare, ctx, trajectory, executor)
     if scoring and config.target is not None:
-        _record_target_loss(summary, prepared_target_losses(config, run_dir, trajectory), warn="prepare" in stages)
+        _record_target_loss(summary, prepared_target_losses(ctx, trajectory), warn="prepare" in stages)
     if "score" in stages and scoring:
-        prepared = layout.prepared
-        if not (prepared / "bank.pt").is_file():
-            raise UsageError(f"no prepared vectors in {prepared}; "
-                             "run `diffin prepare` (or `diffin run`) with this config and run dir first")
-        results = timed("score", run_score, config, run_dir, trajectory, prepared,
-                        prepare_fingerprint(config, trajectory), executor, urls, sizes, progress)
+        results = timed("score", run_score, ctx, trajectory, prepare_fingerprint(config, trajectory),
+                        executor, progress)
         failed: dict[str, int] = {}
         for r in results:
             for k, v in r.failed.items():
@@ -240,9 +129,9 @@ def run_pipeline(config: RunConfig, run_dir: str | Path, executor: Executor,
                        pairs_scored_now=sum(r.rows for r in results), failed_now=failed,
                        retried_shards=[{"shard": r.url, "retries": r.retries} for r in results if r.retries])
     if "select" in stages and (config.select is not None or not everything):
-        summary["selection"] = timed("select", run_select, config, run_dir, urls, executor)
+        summary["selection"] = timed("select", run_select, ctx, executor)
     if "reshard" in stages and (config.reshard is not None or not everything):
-        sizes_out = timed("reshard", run_reshard, config, run_dir, executor)
+        sizes_out = timed("reshard", run_reshard, ctx, executor)
         summary["reshard"] = {"dir": str(layout.shards), "shards": len(sizes_out),
                               "pairs": sum(sizes_out.values())}
     summary["seconds"] = round(time.perf_counter() - start, 1)

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -24,51 +24,17 @@ from pipeline.data.pairs import PairTable, in_holdout, load_pairs, sample_pairs
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.prepare import PreparedCheckpoint
-from pipeline.influence.scores import METHOD_COMPONENTS
-from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.io.atomic import atomic_path
-from pipeline.io.layout import BANK_FILE, UNROLLED_FILE, RunLayout, prepared_checkpoint_name
+from pipeline.io.layout import BANK_FILE, UNROLLED_FILE, prepared_checkpoint_name
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, read_torch
 from pipeline.model.clip import resolve_model_config
-from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, UnrolledPrepared, segment_lrs, split_bank
+from pipeline.model.scorer import PreparedTrajectory, UnrolledPrepared, segment_lrs, split_bank
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import Executor, Resources
+from pipeline.stages.context import RunContext, influence_settings, require_target
 from pipeline.stages.trajectory import load_trajectory, trajectory_location
 
 log = logging.getLogger(__name__)
-
-
-def influence_settings(config: RunConfig) -> InfluenceSettings:
-    """The scoring settings of a run (score + target sections)."""
-    score, target = config.score, require_target(config)
-    return InfluenceSettings(
-        c_mode=score.c_mode, hvp=score.hvp, eps=score.eps, bank_size=target.bank_size,
-        proxy_batches=score.proxy_batches, proxy_batch_size=score.proxy_batch_size,
-        batch_size=score.batch_size, seed=target.seed, components=METHOD_COMPONENTS[score.method],
-        unrolled=UnrolledSettings(score.unrolled.lanczos_steps, score.unrolled.f, score.unrolled.proxy_batches),
-        adam=score.adam, dtype=score.dtype, compile=score.compile,
-        checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None)
-
-
-def require_target(config: RunConfig):
-    if config.target is None:
-        raise UsageError("target: required to score (give target.shards or target.holdout_fraction)")
-    return config.target
-
-
-def score_device(config: RunConfig) -> str:
-    """Device from the config, never from probing the driver: cuda iff the actor has GPUs."""
-    if config.score.device != "auto":
-        return config.score.device
-    return "cuda" if config.resources.num_gpus > 0 else "cpu"
-
-
-def worker_threads(config: RunConfig) -> int:
-    """torch threads per worker: ``resources.threads`` or ceil(num_cpus) — fixed by the config,
-    so float reductions (and hence scores) are the same under every executor."""
-    import math
-
-    return config.resources.threads or max(1, math.ceil(config.resources.num_cpus))
 
 
 def _image_size(trajectory: Trajectory) -> int:
@@ -77,29 +43,27 @@ def _image_size(trajectory: Trajectory) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def load_target(config: RunConfig, image_size: int) -> PairTable:
-    """The target set's pairs (own shards, or the held-out pairs of the corpus)."""
+def load_target(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None) -> PairTable:
+    """The target set's pairs: its own shards, or the held-out pairs of the input shards
+    ``urls`` (with their ``sizes.json`` counts ``sizes``)."""
     target = require_target(config)
     if target.shards is not None:
-        sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
-        return load_pairs(expand_shards(target.shards), image_size, sizes=sizes,
+        target_sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
+        return load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
                           max_samples=target.max_pairs, seed=target.seed, storage=config.storage)
-    urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
-    return sample_pairs(urls, image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage)
 
 
-def load_proxy_pool(config: RunConfig, image_size: int) -> PairTable:
-    """Training pairs from which each checkpoint's proxy batches are drawn (never target pairs)."""
+def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None) -> PairTable:
+    """Training pairs of ``urls`` from which each checkpoint's proxy batches are drawn (never
+    target pairs)."""
     settings = influence_settings(config)
     target = require_target(config)
-    urls = expand_shards(config.data.shards)
-    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
     keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
         if target.holdout_fraction is not None else None
     count = 4 * max(settings.proxy_batches, settings.unrolled.proxy_batches) * settings.proxy_batch_size
-    return sample_pairs(urls, image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
 
 
 def _not_holdout(uid: str, fraction: float, seed: int) -> bool:
@@ -122,43 +86,58 @@ class PrepareTask:
     index: int
 
 
+@dataclass(frozen=True)
+class UnrolledTask:
+    """Compute the unrolled directions of all (selected) checkpoints."""
+
+
 @dataclass
 class PrepareStage:
-    """Computes one checkpoint's shared vectors; resources come from the config."""
+    """Computes the shared vectors: one checkpoint's (:class:`PrepareTask`) or the unrolled
+    directions of all (:class:`UnrolledTask`). ``setup`` loads the checkpoints, the target set
+    and the proxy pool once per worker."""
 
     config: RunConfig
+    urls: tuple[str, ...]
+    sizes: dict[str, int] | None
     trajectory_dir: str
     out_dir: str
     fingerprint: str
     device: str
+    threads: int
     resources: Resources
 
-    def process(self, task: PrepareTask) -> str:
+    def setup(self) -> None:
         from pipeline.model.scorer import TrajectoryInfluence
 
-        torch.set_num_threads(worker_threads(self.config))
+        if getattr(self, "_influence", None) is not None:
+            return
+        torch.set_num_threads(self.threads)
         trajectory = load_trajectory(self.trajectory_dir, self.config.storage)
-        influence = TrajectoryInfluence(trajectory, influence_settings(self.config), self.device)
-        size = influence.image_size
-        prepared, precond = influence.prepare_checkpoint(task.index, load_target(self.config, size),
-                                                         load_proxy_pool(self.config, size))
-        path = as_path(self.out_dir, self.config.storage) / prepared_checkpoint_name(task.index)
+        self._influence = TrajectoryInfluence(trajectory, influence_settings(self.config), self.device)
+        size = self._influence.image_size
+        self._target = load_target(self.config, size, self.urls, self.sizes)
+        self._pool = load_proxy_pool(self.config, size, self.urls, self.sizes)
+
+    def process(self, task: PrepareTask | UnrolledTask) -> str:
+        """Compute and write the task's file (atomically); return its path."""
+        if isinstance(task, UnrolledTask):
+            return self._write_unrolled()
+        return self._write_checkpoint(task.index)
+
+    def _write_checkpoint(self, index: int) -> str:
+        prepared, precond = self._influence.prepare_checkpoint(index, self._target, self._pool)
+        path = as_path(self.out_dir, self.config.storage) / prepared_checkpoint_name(index)
         with atomic_path(path) as tmp:
-            torch.save({"fingerprint": self.fingerprint, "step": influence.checkpoints[task.index].step,
+            torch.save({"fingerprint": self.fingerprint, "step": self._influence.checkpoints[index].step,
                         "u": _cpu(prepared.u), "g": _cpu(prepared.g), "w": _cpu(prepared.w),
                         "precond": _cpu(precond),
                         "target_loss": prepared.target_loss, "hvp": prepared.hvp}, tmp)
         return str(path)
 
-    def process_unrolled(self, task: "UnrolledTask") -> str:
+    def _write_unrolled(self) -> str:
         """The unrolled directions of every checkpoint (one sequential task) → ``unrolled.pt``."""
-        from pipeline.model.scorer import TrajectoryInfluence
-
-        torch.set_num_threads(worker_threads(self.config))
-        trajectory = load_trajectory(self.trajectory_dir, self.config.storage)
-        influence = TrajectoryInfluence(trajectory, influence_settings(self.config), self.device)
-        size = influence.image_size
-        unrolled = influence.prepare_unrolled(load_target(self.config, size), load_proxy_pool(self.config, size))
+        unrolled = self._influence.prepare_unrolled(self._target, self._pool)
         path = as_path(self.out_dir, self.config.storage) / UNROLLED_FILE
         with atomic_path(path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "directions": [_cpu(d) for d in unrolled.directions],
@@ -167,11 +146,6 @@ class PrepareStage:
                         # timings vary between runs: logged, not stored (the file is byte-deterministic)
                         "diagnostics": {k: v for k, v in unrolled.diagnostics.items() if k != "seconds"}}, tmp)
         return str(path)
-
-
-@dataclass(frozen=True)
-class UnrolledTask:
-    """Compute the unrolled directions of all (selected) checkpoints."""
 
 
 def _cpu(params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -184,12 +158,12 @@ def _stamp(path: StoragePath) -> str | None:
     return read_torch(path).get("fingerprint")
 
 
-def run_prepare(config: RunConfig, run_dir: str | Path, trajectory: Trajectory,
-                executor: Executor) -> StoragePath:
-    """Write (or reuse) ``<run>/prepared/``: the bank, then one task per checkpoint."""
-    out = RunLayout.of(run_dir, config.storage).prepared
+def plan_prepare(ctx: RunContext, trajectory: Trajectory) -> tuple[list[PrepareTask], UnrolledTask | None]:
+    """The checkpoints still to prepare (and the unrolled task, when its file is due); writes
+    the bank first when missing. Files of another configuration are refused with one line."""
+    config, out = ctx.config, ctx.layout.prepared
     fingerprint = prepare_fingerprint(config, trajectory)
-    settings = influence_settings(config)
+    settings = ctx.influence_settings()
     count = len(settings.checkpoints or trajectory.checkpoints)
     if settings.checkpoints and max(settings.checkpoints) >= len(trajectory.checkpoints):
         raise UsageError(f"score.checkpoints: index {max(settings.checkpoints)} out of range "
@@ -200,29 +174,67 @@ def run_prepare(config: RunConfig, run_dir: str | Path, trajectory: Trajectory,
         raise UsageError(f"{out} holds prepared vectors of another configuration ({sorted(stale)[0]} != "
                          f"{fingerprint}); use a new --run-dir or delete it")
     if stamps[0] is None:
-        target = load_target(config, _image_size(trajectory))
-        bank_idx, _ = split_bank(target, settings.bank_size, settings.seed)
-        with atomic_path(out / BANK_FILE) as tmp:
-            torch.save({"fingerprint": fingerprint, "uids": [target.uids[i] for i in bank_idx],
-                        "images": target.images[bank_idx].clone(),
-                        "captions": [target.captions[i] for i in bank_idx],
-                        "target_pairs": len(target) - len(bank_idx)}, tmp)
+        _write_bank(ctx, trajectory, fingerprint)
+    unrolled = None
     if "d" in settings.components:
         segment_lrs(trajectory, [trajectory.checkpoints[k].step for k in (settings.checkpoints or range(count))])
         unrolled_stamp = _stamp(out / UNROLLED_FILE)
         if unrolled_stamp not in (None, fingerprint):
             raise UsageError(f"{out / UNROLLED_FILE} was prepared under another configuration; "
                              "use a new --run-dir or delete it")
-    todo = [PrepareTask(k) for k in range(count) if stamps[k + 1] is None]
-    resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
-    stage = PrepareStage(config, trajectory_location(trajectory), str(out), fingerprint, score_device(config),
-                         resources)
+        unrolled = UnrolledTask() if unrolled_stamp is None else None
+    return [PrepareTask(k) for k in range(count) if stamps[k + 1] is None], unrolled
+
+
+def _write_bank(ctx: RunContext, trajectory: Trajectory, fingerprint: str) -> None:
+    """``prepared/bank.pt``: the negative bank's uids, uint8 images and captions."""
+    settings = ctx.influence_settings()
+    target = load_target(ctx.config, _image_size(trajectory), ctx.urls, ctx.sizes)
+    bank_idx, _ = split_bank(target, settings.bank_size, settings.seed)
+    with atomic_path(ctx.layout.bank_file()) as tmp:
+        torch.save({"fingerprint": fingerprint, "uids": [target.uids[i] for i in bank_idx],
+                    "images": target.images[bank_idx].clone(),
+                    "captions": [target.captions[i] for i in bank_idx],
+                    "target_pairs": len(target) - len(bank_idx)}, tmp)
+
+
+def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> StoragePath:
+    """Write (or reuse) ``<run>/prepared/``: the bank, then the checkpoints still to prepare on
+    a pool of ``resources.actors`` workers (each loads the model, the target set and the proxy
+    pool once), then the unrolled directions (every checkpoint in one task)."""
+    out = ctx.layout.prepared
+    todo, unrolled = plan_prepare(ctx, trajectory)
+    stage = PrepareStage(config=ctx.config, urls=ctx.urls, sizes=ctx.sizes,
+                         trajectory_dir=trajectory_location(trajectory), out_dir=str(out),
+                         fingerprint=prepare_fingerprint(ctx.config, trajectory), device=ctx.device,
+                         threads=ctx.threads, resources=ctx.model_resources)
     if todo:
-        executor.map(stage.process, todo, resources)
-    if "d" in settings.components and not (out / UNROLLED_FILE).is_file():
-        executor.map(stage.process_unrolled, [UnrolledTask()], resources)
-    log.info("prepared %d checkpoints in %s (%d computed now)", count, out, len(todo))
+        executor.run_stage(stage, todo, workers=min(len(todo), ctx.config.resources.actors))
+    if unrolled is not None:
+        executor.run_stage(stage, [unrolled], workers=1)
+    log.info("prepared %d checkpoints in %s (%d computed now)",
+             len(ctx.influence_settings().checkpoints or trajectory.checkpoints), out, len(todo))
     return out
+
+
+def prepared_target_losses(ctx: RunContext, trajectory: Trajectory) -> dict[int, float]:
+    """L_V per trajectory checkpoint index, from ``<run>/prepared/ckpt_XXX.pt`` (written by this
+    stage); checkpoints not prepared (yet, or under another configuration) are absent."""
+    from pipeline.io.storage import is_remote
+
+    indices = ctx.influence_settings().checkpoints or tuple(range(len(trajectory.checkpoints)))
+    fingerprint = prepare_fingerprint(ctx.config, trajectory)
+    losses: dict[int, float] = {}
+    for k, index in enumerate(indices):
+        path = ctx.layout.prepared_checkpoint(k)
+        if not path.is_file():
+            continue
+        # memory-mapped when local: only the scalar is read, not u, g, w
+        obj = read_torch(path) if is_remote(path) else torch.load(path, map_location="cpu",
+                                                                   weights_only=True, mmap=True)
+        if obj.get("fingerprint") == fingerprint and obj.get("target_loss") is not None:
+            losses[index] = float(obj["target_loss"])
+    return losses
 
 
 def load_prepared_dir(directory: str | StoragePath, count: int,

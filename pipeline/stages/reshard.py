@@ -38,6 +38,7 @@ from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path, open_input
 from pipeline.runtime.executor import Executor, Resources
+from pipeline.stages.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,23 @@ def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions |
     return len(copied)
 
 
-def write_output_shard(task: ReshardTask) -> int:
-    """Write one output shard (temporary name, renamed when complete); return its count."""
-    path = as_path(task.out_dir, task.storage) / task.shard.name
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
-            count = sum(_copy_source(out, source, task.storage) for source in task.shard.sources)
-    log.info("reshard: wrote %s (%d pairs)", task.shard.name, count)
-    return count
+@dataclass
+class ReshardStage:
+    """Writes output shards: each task one shard, copied member by member from its sources."""
+
+    resources: Resources = Resources()
+
+    def setup(self) -> None:
+        """Nothing to load ahead: each task streams its own input shards."""
+
+    def process(self, task: ReshardTask) -> int:
+        """Write one output shard (temporary name, renamed when complete); return its count."""
+        path = as_path(task.out_dir, task.storage) / task.shard.name
+        with atomic_path(path) as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
+                count = sum(_copy_source(out, source, task.storage) for source in task.shard.sources)
+        log.info("reshard: wrote %s (%d pairs)", task.shard.name, count)
+        return count
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -254,9 +264,25 @@ def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, 
     todo = [ReshardTask(str(out), shard, dict(storage or {})) for shard in plan if not (out / shard.name).is_file()]
     log.info("reshard: %d output shards (%d already done), %d pairs",
              len(plan), len(plan) - len(todo), sum(s.count for s in plan))
-    for task, count in zip(todo, executor.map(write_output_shard, todo, resources)):
+    for task, count in zip(todo, executor.run_stage(ReshardStage(resources), todo)):
         if count != task.shard.count:
             raise DataError(f"output shard {task.shard.name} holds {count} pairs, planned {task.shard.count}")
     sizes = {shard.name: shard.count for shard in plan}
     write_json_atomic(out / SIZES_FILE, sizes)
     return sizes
+
+
+def run_reshard(ctx: RunContext, executor: Executor) -> dict[str, int]:
+    """Copy the run's kept pairs into new shards (``<run>/shards/``), one task per output shard."""
+    from pipeline.stages.select import MANIFEST_FILE
+
+    if ctx.config.reshard is None:
+        raise UsageError("reshard: this run's config has no reshard section")
+    manifest = ctx.layout.selection / MANIFEST_FILE
+    if not manifest.is_file():
+        raise UsageError(f"reshard: {manifest} not found; "
+                         "run `diffin select` (or `diffin run`) with this config and run dir first")
+    # The run's own shards follow its own selection: when a rerun changed the selection (a shard
+    # that was unreadable now scored), the old output is replaced, never mixed.
+    return reshard(manifest, ctx.layout.shards, ctx.config.reshard, executor, ctx.io_resources, ctx.storage,
+                   replace_stale=True)

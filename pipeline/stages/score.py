@@ -17,8 +17,7 @@ import resource
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from pipeline.io.storage import StoragePath
 from pipeline.io.layout import RunLayout
 from pipeline.io.scores import META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, write_scores
 from pipeline.runtime.executor import Executor, Resources
+from pipeline.stages.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -198,30 +198,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: Path, prepare_fp: str,
-              executor: Executor, urls: Sequence[str], sizes: dict[str, int] | None,
-              progress: bool = True) -> list[ShardResult]:
-    """Score every shard of ``urls`` (the run's resolved inputs, with their sizes.json counts)
-    that has no score file of this configuration yet (resumable).
-
-    A shard recorded as ``unreadable`` is tried again on every run. A shard whose worker died
-    (its process or its node) is scored again by another worker; its result and its stats file
-    record how many attempts were lost (``retries``). When the scoring is complete, the failed
-    and missing pairs over all shards are checked against ``data.max_failed_fraction``
-    (:func:`check_failed_fraction`).
-    """
-    from pipeline.stages.prepare import influence_settings, score_device, worker_threads
-    from pipeline.runtime.progress import ShardProgress
-    from pipeline.stages.trajectory import trajectory_location
-
-    layout = RunLayout.of(run_dir, config.storage)
-    fingerprint = score_fingerprint(prepare_fp, config)
-    stale = sum(remove_stale_temporaries(d) for d in (layout.scores, layout.stats))
-    if stale:
-        log.info("score: removed %d temporary file(s) left by an interrupted run", stale)
+def plan_score(ctx: RunContext, fingerprint: str) -> tuple[list[ShardTask], int]:
+    """The shards with no score file of this configuration yet, and how many are done. A shard
+    recorded as ``unreadable`` is planned again; a score file of another configuration is
+    refused with one line."""
     todo, done = [], 0
-    for url in urls:
-        path = layout.score_file(url)
+    for url in ctx.urls:
+        path = ctx.layout.score_file(url)
         if path.is_file():
             meta = read_file_metadata(path) or {}  # one read: fingerprint and shard record
             found = (meta.get(META_CONFIG) or b"").decode() or None
@@ -231,13 +214,38 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
             if json.loads(meta.get(META_SHARD, b"{}")).get("status") != "unreadable":
                 done += 1
                 continue
-        todo.append(ShardTask(url, expected_count(url, sizes)))
-    log.info("score: %d shards, %d already done, %d to score", len(urls), done, len(todo))
-    resources = Resources(config.resources.num_cpus, config.resources.num_gpus)
-    stage = ScoreStage(trajectory_location(trajectory), str(prepared_dir), influence_settings(config), score_device(config),
-                       str(layout.root), fingerprint, trajectory.fingerprint(),
-                       tuple(config.score.keep_json_fields), worker_threads(config), resources,
-                       config.data.require_uid, dict(config.storage))
+        todo.append(ShardTask(url, expected_count(url, ctx.sizes)))
+    return todo, done
+
+
+def run_score(ctx: RunContext, trajectory, prepare_fp: str, executor: Executor,
+              progress: bool = True) -> list[ShardResult]:
+    """Score every input shard of ``ctx`` that has no score file of this configuration yet
+    (resumable, :func:`plan_score`) on a pool of ``resources.actors`` workers.
+
+    A shard whose worker died (its process or its node) is scored again by another worker; its
+    result and its stats file record how many attempts were lost (``retries``). When the
+    scoring is complete, the failed and missing pairs over all shards are checked against
+    ``data.max_failed_fraction`` (:func:`check_failed_fraction`).
+    """
+    from pipeline.runtime.progress import ShardProgress
+    from pipeline.stages.trajectory import trajectory_location
+
+    config, layout = ctx.config, ctx.layout
+    if not layout.bank_file().is_file():
+        raise UsageError(f"no prepared vectors in {layout.prepared}; "
+                         "run `diffin prepare` (or `diffin run`) with this config and run dir first")
+    fingerprint = score_fingerprint(prepare_fp, config)
+    stale = sum(remove_stale_temporaries(d) for d in (layout.scores, layout.stats))
+    if stale:
+        log.info("score: removed %d temporary file(s) left by an interrupted run", stale)
+    todo, done = plan_score(ctx, fingerprint)
+    log.info("score: %d shards, %d already done, %d to score", len(ctx.urls), done, len(todo))
+    stage = ScoreStage(trajectory_dir=trajectory_location(trajectory), prepared_dir=str(layout.prepared),
+                       settings=ctx.influence_settings(), device=ctx.device, run_dir=str(layout.root),
+                       fingerprint=fingerprint, trajectory_fingerprint=trajectory.fingerprint(),
+                       keep_json_fields=tuple(config.score.keep_json_fields), threads=ctx.threads,
+                       resources=ctx.model_resources, require_uid=config.data.require_uid, storage=ctx.storage)
     total = sum(t.expected or 0 for t in todo) or None
     retries: dict[str, int] = {}
 
@@ -259,7 +267,7 @@ def run_score(config: RunConfig, run_dir: str | Path, trajectory, prepared_dir: 
     for result in results:
         if result.shard_status != "ok":
             log.warning("shard %s: %s (%s)", result.url, result.shard_status, result.shard_error)
-    check_failed_fraction([layout.score_file(u) for u in urls], config.data.max_failed_fraction)
+    check_failed_fraction([layout.score_file(u) for u in ctx.urls], config.data.max_failed_fraction)
     return results
 
 

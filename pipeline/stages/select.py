@@ -59,6 +59,7 @@ the baseline (``diffin bench scale --parts reducer``, docs/SCALE.md).
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -75,8 +76,9 @@ from pipeline.data.uids import u8u8_to_uids, uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.scores import META_CONFIG, META_TRAJECTORY, read_shard_meta
-from pipeline.io.storage import arrow_source, as_path
+from pipeline.io.storage import StoragePath, arrow_source, as_path
 from pipeline.runtime.executor import Executor, LocalExecutor, Resources
+from pipeline.stages.context import RunContext
 from pipeline.stages.keep_rule import ROW_DTYPES, Rows, keep_positions
 
 log = logging.getLogger(__name__)
@@ -556,6 +558,47 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig, out_dir:
 
     return select_bounded(paths, cfg, as_path(out_dir), executor or LocalExecutor(),
                           resources or Resources(num_cpus=1.0), _WRITE_BATCH_ROWS)
+
+
+DONE_FILE = "done.json"  # the selection's completion marker: its inputs' fingerprint
+
+
+def selection_fingerprint(cfg: SelectConfig, score_files: Sequence[StoragePath]) -> str:
+    """Inputs of the reducer: the select settings and each score file's identity."""
+    from pipeline.io.scores import read_fingerprint
+
+    files = [(p.name, read_fingerprint(p), p.stat().st_size) for p in score_files]
+    settings = cfg.model_dump(mode="json", exclude={"max_rows_in_memory"})  # no effect on outputs
+    payload = json.dumps({"select": settings, "files": files}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_select(ctx: RunContext, executor: Executor | None = None) -> dict[str, Any]:
+    """The reducer over the run's score files (in input-shard order) → ``<run>/selection/``;
+    its per-file tasks run on ``executor`` (default: in this process).
+
+    Skipped when ``selection/done.json`` records the same inputs (completion marker).
+    """
+    cfg = ctx.config.select
+    if cfg is None:
+        raise UsageError("select: this run's config has no select section")
+    files = [ctx.layout.score_file(u) for u in ctx.urls]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; "
+                         "run `diffin score` (or `diffin run`: every stage) with this config and run dir first")
+    out = ctx.layout.selection
+    fingerprint = selection_fingerprint(cfg, files)
+    marker = out / DONE_FILE
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        log.info("selection in %s is complete for these scores; reusing it", out)
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        recomputed = False
+    else:
+        summary = select(files, cfg, out, executor=executor, resources=ctx.io_resources)
+        write_json_atomic(marker, {"fingerprint": fingerprint})
+        recomputed = True
+    return {"dir": str(out), **summary["counts"], "summary": str(out / SUMMARY_FILE), "recomputed": recomputed}
 
 
 def _select_in_memory(paths: list[str], cfg: SelectConfig, out_dir: str | os.PathLike) -> dict[str, Any]:

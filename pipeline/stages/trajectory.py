@@ -13,16 +13,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RunConfig, TrainConfig
-from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
-from pipeline.io.layout import RunLayout
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, download_dir, is_remote
 from pipeline.model.trajectory import MANIFEST, Trajectory
 from pipeline.runtime.executor import Executor, Resources
+
+if TYPE_CHECKING:
+    from pipeline.stages.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class TrainStage:
     """Trains a proxy CLIP; runs wherever the executor puts it, with these resources."""
 
     resources: Resources = Resources(num_cpus=1.0)
+
+    def setup(self) -> None:
+        """Nothing to load ahead: a task trains from its own shards."""
 
     def process(self, task: TrainTask) -> str:
         """Train and return the trajectory directory."""
@@ -75,44 +79,58 @@ def check_train_model(config: RunConfig, source: str = "config") -> None:
         raise UsageError(f"{source}: trajectory.train.model: {exc}") from None
 
 
-def ensure_trajectory(config: RunConfig, run_dir: str | Path, executor: Executor) -> Trajectory:
+def ensure_trajectory(ctx: RunContext, executor: Executor) -> Trajectory:
     """Return the run's trajectory, training the proxy one first if needed (resumable)."""
-    if config.trajectory.path is not None:
-        return load_trajectory(config.trajectory.path, config.storage)
-    return train_trajectory(config, RunLayout.of(run_dir, config.storage).trajectory, executor)
+    if ctx.config.trajectory.path is not None:
+        return load_trajectory(ctx.config.trajectory.path, ctx.storage)
+    return train_trajectory(ctx, ctx.layout.trajectory, executor)
 
 
-def train_trajectory(config: RunConfig, out_dir: StoragePath, executor: Executor,
-                     exclude: frozenset[str] = frozenset()) -> Trajectory:
-    """Train the proxy trajectory of ``config`` into ``out_dir``, or reuse a complete one.
+def existing_trajectory(ctx: RunContext) -> Trajectory:
+    """The run's trajectory when a stage after it runs alone: the one the config names, or
+    the one ``diffin run`` trained into the run directory (one line if there is none)."""
+    config = ctx.config
+    path = as_path(config.trajectory.path, config.storage) if config.trajectory.path else ctx.layout.trajectory
+    if not (path / MANIFEST).is_file() and not path.name == MANIFEST:
+        raise UsageError(f"no trajectory at {path}; run `diffin run` with this config and run dir (it trains "
+                         "the proxy trajectory first), or name an existing one in trajectory.path")
+    return load_trajectory(path, config.storage)
 
-    The one way a proxy trajectory is trained (``diffin run`` and ``diffin train``): the
-    held-out target pairs are left out, the storage options apply, and the fingerprint
-    (shards, sizes, hold-out, exclusions, training settings) decides reuse. A trajectory of
-    another configuration in ``out_dir`` is refused with one line.
-    """
+
+def plan_training(ctx: RunContext, out_dir: StoragePath, exclude: frozenset[str] = frozenset()) -> TrainTask | None:
+    """The training task of ``ctx``'s proxy trajectory into ``out_dir``, or None when a complete
+    one of this configuration is there (its fingerprint: shards, sizes, hold-out, exclusions,
+    training settings). A trajectory of another configuration is refused with one line."""
     from pipeline.model.train import proxy_fingerprint
 
-    check_train_model(config)
-    cfg = config.trajectory.train
+    cfg = ctx.config.trajectory.train
     if cfg is None:
         raise UsageError("trajectory.train: required to train a proxy trajectory (the config names an existing one)")
-    urls = tuple(expand_shards(config.data.shards))
-    sizes = load_sizes(config.data.sizes, config.storage) if config.data.sizes else None
-    holdout = holdout_of(config)
-    fingerprint = proxy_fingerprint(urls, cfg, sizes, exclude, holdout=holdout)
+    holdout = holdout_of(ctx.config)
+    fingerprint = proxy_fingerprint(ctx.urls, cfg, ctx.sizes, exclude, holdout=holdout)
     if (out_dir / MANIFEST).is_file():
-        existing = load_trajectory(out_dir, config.storage)
+        existing = load_trajectory(out_dir, ctx.storage)
         if existing.source.get("fingerprint") == fingerprint:
             log.info("trajectory %s is complete for this configuration; reusing it", out_dir)
-            return existing
+            return None
         raise UsageError(
             f"{out_dir} holds a trajectory from a different configuration "
             f"({existing.source.get('fingerprint')} != {fingerprint}); use a new --run-dir or delete it")
-    resources = Resources(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus)
-    task = TrainTask(urls, cfg, str(out_dir), sizes, exclude, holdout, dict(config.storage))
-    executor.map(TrainStage(resources).process, [task], resources)
-    return load_trajectory(out_dir, config.storage)
+    return TrainTask(ctx.urls, cfg, str(out_dir), ctx.sizes, exclude, holdout, ctx.storage)
+
+
+def train_trajectory(ctx: RunContext, out_dir: StoragePath, executor: Executor,
+                     exclude: frozenset[str] = frozenset()) -> Trajectory:
+    """Train the proxy trajectory of ``ctx`` into ``out_dir``, or reuse a complete one.
+
+    The one way a proxy trajectory is trained (``diffin run`` and ``diffin train``): the
+    held-out target pairs are left out, the storage options apply, and the fingerprint
+    decides reuse (:func:`plan_training`).
+    """
+    task = plan_training(ctx, out_dir, exclude)
+    if task is not None:
+        executor.run_stage(TrainStage(ctx.model_resources), [task])
+    return load_trajectory(out_dir, ctx.storage)
 
 
 def trajectory_location(trajectory: Trajectory) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import parse_config
 from pipeline.runtime.executor import LocalExecutor, RayExecutor, Resources
-from pipeline.stages.prepare import score_device
+from pipeline.stages.context import score_device
 
 
 @dataclass
@@ -49,6 +49,21 @@ def test_ray_actor_pool_honours_declared_logical_gpus() -> None:
     assert len(pids) == 2 and os.getpid() not in pids  # two actors, not the driver
     assert {r[2] for r in results} == {("0",), ("1",)}  # one distinct GPU per actor
     assert {r[3] for r in results} == {1}  # setup once per actor
+
+
+@pytest.mark.ray
+def test_ray_pool_larger_than_the_cluster_finishes(caplog) -> None:
+    """Four workers of one CPU on a two-CPU cluster: two can never start; before the pool was
+    capped at the cluster's room, their tasks waited on them forever (the run hung)."""
+    executor = RayExecutor(num_cpus=2, num_gpus=0)
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.runtime.executor"):
+            results = executor.run_stage(WhereStage(Resources(num_cpus=1.0)), list(range(8)), workers=4)
+    finally:
+        executor.shutdown()
+    assert [r[0] for r in results] == list(range(8))
+    assert len({r[1] for r in results}) <= 2
+    assert "4 workers of" in caplog.text and "room for 2" in caplog.text
 
 
 def test_device_comes_from_the_config_not_the_driver(tmp_path) -> None:

@@ -48,8 +48,17 @@ class ProcessFails:
         return task
 
 
-def bad_input(item: int) -> int:
-    raise UsageError(f"item {item}: no such file")
+@dataclass
+class BadInput:
+    """Every task names a missing file (a stage run one Ray task per task)."""
+
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, item: int) -> int:
+        raise UsageError(f"item {item}: no such file")
 
 
 @pytest.fixture(scope="module")
@@ -89,5 +98,5 @@ def test_stage_error_keeps_its_type_and_one_line(executor) -> None:
 
 def test_task_error_keeps_its_type_and_one_line(executor) -> None:
     with pytest.raises(UsageError) as info:
-        executor.map(bad_input, [7], Resources(num_cpus=0.5))
+        executor.run_stage(BadInput(), [7])  # workers=None: Ray tasks, not an actor pool
     assert type(info.value) is UsageError and str(info.value) == "item 7: no such file"

@@ -15,6 +15,30 @@ def corpus(tmp_path_factory) -> Path:
     return make_tiny_corpus(tmp_path_factory.mktemp("corpus20"), n=160, shard_size=8)
 
 
+@pytest.fixture(scope="session")
+def ray_runs(corpus: Path, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """The same config run twice on one real local Ray with two scoring actors (20 shards; top
+    30 % by diffin_unrolled; reshard into shards of 16): (first run dir, its summary, second run
+    dir). The end-to-end tests read the first, the determinism tests compare both (read-only)."""
+    from pipeline.config import parse_config
+    from pipeline.runtime.executor import RayExecutor
+    from pipeline.stages.pipeline import run_pipeline
+    from tests.stages.test_pipeline import pipeline_config
+
+    config = pipeline_config(corpus)
+    config["select"] = {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.3}
+    config["reshard"] = {"shard_size": 16}
+    config = parse_config(config)
+    root = tmp_path_factory.mktemp("ray_runs")
+    executor = RayExecutor(num_cpus=2, num_gpus=0)
+    try:
+        summary = run_pipeline(config, root / "first", executor, progress=False)
+        run_pipeline(config, root / "second", executor, progress=False)
+    finally:
+        executor.shutdown()
+    return root / "first", summary, root / "second"
+
+
 PRUNED_KEPT = 12  # pairs kept by the pruned_run fixture (top_k), in output shards of 5: 5 + 5 + 2
 
 

@@ -15,11 +15,6 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import parse_config
-from pipeline.runtime.executor import RayExecutor
-from pipeline.stages.pipeline import run_pipeline
-from tests.conftest import make_tiny_corpus
-from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
 
@@ -29,20 +24,9 @@ VOLATILE_KEYS = {"seconds", "stage_seconds", "pairs_per_s", "worker"}
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus_det"), n=64, shard_size=8)
-    config = pipeline_config(corpus)
-    config["select"] = {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.5}
-    config["reshard"] = {"shard_size": 10}
-    config = parse_config(config)
-    root = tmp_path_factory.mktemp("det")
-    executor = RayExecutor(num_cpus=2, num_gpus=0)
-    try:
-        for name in ("first", "second"):
-            run_pipeline(config, root / name, executor, progress=False)
-    finally:
-        executor.shutdown()
-    return root / "first", root / "second"
+def two_runs(ray_runs):
+    """The two runs of the same config on one Ray (``tests/stages/conftest.py``)."""
+    return ray_runs[0], ray_runs[2]
 
 
 def _files(run_dir: Path) -> list[str]:
@@ -73,7 +57,7 @@ def test_same_files_in_both_runs(two_runs) -> None:
                  "selection/manifest.parquet", "selection/summary.json", "shards/sizes.json",
                  "trajectory/trajectory.json", "prepared/bank.pt"):
         assert part in names, part
-    assert len([n for n in names if n.startswith("scores/")]) == 8
+    assert len([n for n in names if n.startswith("scores/")]) == 20
     assert any(n.startswith("shards/") and n.endswith(".tar") for n in names)
 
 

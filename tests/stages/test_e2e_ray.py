@@ -11,11 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import parse_config
 from pipeline.data.uids import uid_to_u8u8
-from pipeline.runtime.executor import RayExecutor
-from pipeline.stages.pipeline import run_pipeline
-from tests.stages.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.ray
 
@@ -26,17 +22,9 @@ def _members(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ray_run(corpus: Path, tmp_path_factory):
-    config = pipeline_config(corpus)
-    config["select"] = {"column": "diffin_unrolled", "rule": "top_fraction", "fraction": 0.3}
-    config["reshard"] = {"shard_size": 16}
-    run_dir = tmp_path_factory.mktemp("ray_run")
-    executor = RayExecutor(num_cpus=2, num_gpus=0)
-    try:
-        summary = run_pipeline(parse_config(config), run_dir, executor, progress=False)
-    finally:
-        executor.shutdown()
-    return run_dir, summary
+def ray_run(ray_runs):
+    """The first of the two Ray runs (``tests/stages/conftest.py``): run dir and summary."""
+    return ray_runs[0], ray_runs[1]
 
 
 def test_rows_files_and_uids(ray_run) -> None:

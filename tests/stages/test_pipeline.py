@@ -17,7 +17,8 @@ from pipeline.model.scorer import TrajectoryInfluence
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import LocalExecutor
 from pipeline.stages.pipeline import run_pipeline
-from pipeline.stages.prepare import influence_settings, load_prepared_dir
+from pipeline.stages.context import influence_settings
+from pipeline.stages.prepare import load_prepared_dir
 
 
 def pipeline_config(corpus: Path, **score) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -77,9 +77,9 @@ class RecordingExecutor(LocalExecutor):
     def __init__(self) -> None:
         self.items: list[Any] = []
 
-    def map(self, fn: Callable[..., Any], items: Sequence[Any], resources: Resources) -> list[Any]:
-        self.items.extend(items)
-        return super().map(fn, items, resources)
+    def run_stage(self, stage: Any, tasks: Sequence[Any], workers: int | None = None, **kwargs: Any) -> list[Any]:
+        self.items.extend(tasks)
+        return super().run_stage(stage, tasks, workers, **kwargs)
 
 
 def check_output(selection: Path, out: Path, sizes: dict[str, int], shard_size: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 from jobs import train
 from pipeline.config import load_config
 from pipeline.errors import UsageError
-from pipeline.stages.pipeline import resolve_inputs
+from pipeline.stages.context import RunContext
 from pipeline.stages.trajectory import check_train_model
 from tests.conftest import write_config
 
@@ -17,7 +17,8 @@ from tests.conftest import write_config
 def test_unknown_model_named_in_one_line(tiny_corpus: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path / "run.yaml", tiny_corpus, model="no-such-model")
     config = load_config(path)
-    for check in (check_train_model, resolve_inputs):  # resolve_inputs: what jobs call before Ray
+    resolve = lambda config, source: RunContext.resolve(config, tmp_path / "run", source)  # noqa: E731
+    for check in (check_train_model, resolve):  # RunContext.resolve: what jobs call before Ray
         with pytest.raises(UsageError) as info:
             check(config, str(path))
         assert str(info.value).startswith(f"{path}: trajectory.train.model: unknown model 'no-such-model'")

@@ -24,8 +24,8 @@ from pipeline.stages.reducer.keys import (DIGITS, SCORE_WIDTHS, Search, dense, i
                                           quantile_positions, score_from_key, score_key)
 from pipeline.stages.reducer.merge import merge_sorted
 from pipeline.stages.reducer.tasks import (RANKS_FILE, RULE_MERGE_KEYS, UID_MERGE_KEYS, FileScan, FileTask,
-                                           KeptTask, RankTask, RefineTask, Request, ScanTask, attach_ranks,
-                                           final_keys, final_run, refine_file, rule_run, scan_file, write_kept)
+                                           KeptTask, RankTask, ReducerStage, ReducerTask, RefineTask, Request,
+                                           ScanTask, final_keys, final_run, rule_run)
 from pipeline.stages.select import (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, QUANTILES, UID_DTYPE, _check_distinct_shards,
                                     _check_failed, _check_score_files, _read_columns, _RowBuffer, _Scan, _summary,
                                     _write_parquet, finish_summary, kept_schema, quantile_dict, selection_metadata,
@@ -47,13 +47,13 @@ class _Plan:
     budget: int  # rows sorted or buffered at once
     files: list[FileTask]
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], fold: Callable[[Any], None],
-            wave: int | None = None) -> None:
-        """Run ``fn`` over ``tasks`` in waves of ``wave`` (all at once by default), folding each
-        wave's results in task order before the next starts."""
+    def run(self, tasks: Sequence[ReducerTask], fold: Callable[[Any], None], wave: int | None = None) -> None:
+        """Run ``tasks`` (one Ray task each) in waves of ``wave`` (all at once by default),
+        folding each wave's results in task order before the next starts."""
         wave = wave or max(len(tasks), 1)
+        stage = ReducerStage(self.resources)
         for start in range(0, len(tasks), wave):
-            for result in self.executor.map(fn, tasks[start:start + wave], self.resources):
+            for result in self.executor.run_stage(stage, tasks[start:start + wave]):
                 fold(result)
 
     @property
@@ -123,7 +123,7 @@ def _scan(plan: _Plan, cfg: SelectConfig) -> _Totals:
     """Scan every file; refuse failed rows under ``failed: error`` and shards scored twice."""
     totals = _Totals(_Scan(cfg.column, None, _RowBuffer.allocate(0)))
     threshold = cfg.threshold if cfg.rule == "threshold" else None
-    plan.map(scan_file, [ScanTask(f, threshold) for f in plan.files], totals.add, plan.wave)
+    plan.run([ScanTask(f, threshold) for f in plan.files], totals.add, plan.wave)
     _check_failed(totals.scan, cfg)
     _check_distinct_shards(totals.scan.files)
     return totals
@@ -194,7 +194,7 @@ def _refine(plan: _Plan, eligible: list[int],
                 gathered[i].append(value)
 
     tasks = [RefineTask(f, tuple(requests)) for f, n in zip(plan.files, eligible) if n]
-    plan.map(refine_file, tasks, fold, plan.wave)
+    plan.run(tasks, fold, plan.wave)
     results = {i: _concatenate(requests[i].kind, parts) for i, parts in gathered.items()}
     results.update(histograms)
     return {(r.kind, r.prefix): (r.action, results[i]) for i, r in enumerate(requests)}
@@ -250,7 +250,7 @@ def _write_parts(plan: _Plan, eligible: list[int], cut: tuple[int, ...] | None) 
         return per_file
     tasks = [KeptTask(f, cut) for f, n in zip(plan.files, eligible) if n]
     counts: list[int] = []
-    plan.map(write_kept, tasks, counts.append)
+    plan.run(tasks, counts.append)
     for task, count in zip(tasks, counts):
         per_file[task.file.file_no] = count
     return per_file
@@ -267,7 +267,7 @@ def _rank(plan: _Plan, per_file: list[int], parts: Path) -> None:
         _write_ranks(handle.fileno(), offsets, merge_sorted(
             (rule_run(parts, i, per_file[i], batch_rows) for i in files), RULE_MERGE_KEYS))
     tasks = [RankTask(i, parts, int(offsets[i]), per_file[i], batch_rows) for i in files]
-    plan.map(attach_ranks, tasks, lambda _: None)
+    plan.run(tasks, lambda _: None)
 
 
 def _write_ranks(fd: int, offsets: np.ndarray, batches: Iterable[pa.RecordBatch]) -> None:

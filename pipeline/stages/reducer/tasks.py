@@ -1,4 +1,4 @@
-"""The bounded reducer's per-file tasks (run by an executor: in process or as Ray tasks) and
+"""The bounded reducer's per-file tasks (:class:`ReducerStage`, run by an executor: in process or as Ray tasks) and
 the temporary parts they write. Each task reads one score file (or its parts) and holds
 only that file's rows.
 
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StoragePath
+from pipeline.runtime.executor import Resources
 from pipeline.stages.keep_rule import Rows
 from pipeline.stages.reducer.keys import (RULE_WIDTHS, SCORE_WIDTHS, digits, lex_le, lex_order,
                                           prefix_mask, rule_columns, rule_key, score_key, sparse_histogram)
@@ -231,6 +232,28 @@ def attach_ranks(task: RankTask) -> None:
 
 
 # ----------------------------------------------------------------- reading parts (driver)
+
+
+ReducerTask = ScanTask | RefineTask | KeptTask | RankTask
+
+
+@dataclass
+class ReducerStage:
+    """The reducer's per-file work as a stage: each task is one file's share of one pass."""
+
+    resources: Resources
+
+    def setup(self) -> None:
+        """Nothing to load ahead: each task reads its own file or parts."""
+
+    def process(self, task: ReducerTask) -> Any:
+        """Run the pass the task belongs to (:func:`scan_file`, :func:`refine_file`,
+        :func:`write_kept`, :func:`attach_ranks`)."""
+        return _PASSES[type(task)](task)
+
+
+_PASSES: dict[type, Callable[[Any], Any]] = {ScanTask: scan_file, RefineTask: refine_file,
+                                             KeptTask: write_kept, RankTask: attach_ranks}
 
 
 def rule_run(parts: Path, file_no: int, count: int, batch_rows: int) -> Iterator[pa.RecordBatch]:
