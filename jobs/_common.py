@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline.env import apply_defaults
 
@@ -77,3 +78,17 @@ class SimpleJob:
     def main(self, argv: Sequence[str] | None = None) -> int:
         """Entry point of ``python -m jobs.<module>``."""
         return standalone(self.add_arguments, self.run, self.description, argv)
+
+
+def bench_command(name: str, args: argparse.Namespace, out: str, optional: Sequence[tuple[str, Any]]) -> str:
+    """The canonical ``diffin bench NAME …`` command that reproduces ``args`` (``--quick``,
+    ``--out``, ``--data-dir``, ``--threads``, then ``optional``: (flag, value) pairs added when
+    the value is set; True: a switch without value)."""
+    parts = ["diffin", "bench", name] + (["--quick"] if args.quick else [])
+    parts += ["--out", out, "--data-dir", args.data_dir, "--threads", str(args.threads)]
+    for flag, value in optional:
+        if value is True:  # a switch
+            parts.append(flag)
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)

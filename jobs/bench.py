@@ -21,12 +21,15 @@ BENCHMARKS = {
 
 
 def _module(name: str):
-    return importlib.import_module(f"pipeline.bench.{name}")
+    """``jobs.bench_<name>``: its options (``add_arguments``) and ``run(args)``. Imported when the
+    parser is built; it imports :mod:`pipeline.bench` modules, which import the 'bench' extra's
+    packages only where used, so the parser builds without them."""
+    return importlib.import_module(f"jobs.bench_{name}")
 
 
 def _run(args: argparse.Namespace) -> int | None:
     """The chosen benchmark, once the 'bench' extra is known to be installed (one-line error,
-    exit 2, if not: its modules are imported only where used, so the parser builds without)."""
+    exit 2, if not)."""
     require("bench", f"diffin bench {args.benchmark}")
     return args.run_benchmark(args)
 

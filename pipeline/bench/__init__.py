@@ -1,7 +1,9 @@
 """The benchmarks behind ``diffin bench``: fidelity, speed, quality and scale.
 
-``fidelity``, ``speed``, ``quality`` and ``scale`` each expose ``add_arguments(parser)`` and
-``run(args) -> int`` (wired in :mod:`jobs.bench`); ``digits``, ``openmoji_clip``,
-``protocol`` and ``metrics`` are their parts. Results and the commands that reproduce them
-are in ``benchmarks/results/`` and ``docs/``.
+``fidelity``, ``speed``, ``quality`` and ``scale`` each expose typed settings, a
+``settings_for(...)`` / ``plan_for(...)`` preset builder and ``run_benchmark(...)``, which
+measures, writes the result file and returns the report; the command line (options, printing,
+exit codes) is in :mod:`jobs.bench` and ``jobs/bench_<name>.py``. ``digits``,
+``openmoji_clip``, ``protocol``, ``metrics`` and ``sampler`` are their parts. Results and the
+commands that reproduce them are in ``benchmarks/results/`` and ``docs/``.
 """

@@ -15,7 +15,6 @@ does not apply), plus ``_meta`` with the settings, counts, timings and the comma
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 from pipeline.bench.digits import DigitsSettings, MLPConfig, run_digits
 from pipeline.bench.metrics import method_metrics
 from pipeline.bench.openmoji_clip import OpenMojiSettings, run_openmoji
-from pipeline.bench.protocol import DatasetResult, bench_command
+from pipeline.bench.protocol import DatasetResult
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
 from pipeline.influence.unrolled import UnrolledSettings
@@ -163,61 +162,28 @@ def _one_line(metrics: dict[str, dict[str, float | None]]) -> str:
     return "; ".join(f"{m} ρ={fmt(v['spearman_loo'])} lds={fmt(v['lds'])}" for m, v in metrics.items())
 
 
-def settings_from_args(args: argparse.Namespace) -> FidelitySettings:
-    """The preset chosen by ``--quick``, with the command-line overrides applied."""
-    settings = quick_settings() if args.quick else full_settings()
-    if args.seed is not None:
-        settings = _with_seed(settings, args.seed)
-    if args.lds_fraction is not None or args.loo is not None or args.no_sweep:
+def settings_for(quick: bool = False, seed: int | None = None, datasets: Sequence[str] | None = None,
+                 threads: int = 1, digits_steps: int | None = None, lds_fraction: float | None = None,
+                 loo: int | None = None, sweep: bool = True) -> FidelitySettings:
+    """The quick or full preset with these overrides (None: the preset's value).
+
+    ``seed`` sets every seed (splits, order, init, bank, subsets); ``lds_fraction``, ``loo``
+    and ``sweep`` (False: skip the unrolled variants) apply to OpenMoji, ``digits_steps`` to
+    the digits MLP; ``datasets`` empty or None: the preset's.
+    """
+    settings = quick_settings() if quick else full_settings()
+    if seed is not None:
+        settings = _with_seed(settings, seed)
+    if lds_fraction is not None or loo is not None or not sweep:
         om = settings.openmoji
         settings = dataclasses.replace(settings, openmoji=dataclasses.replace(
-            om, lds_fraction=args.lds_fraction if args.lds_fraction is not None else om.lds_fraction,
-            loo=args.loo if args.loo is not None else om.loo, sweep=om.sweep and not args.no_sweep))
-    if args.digits_steps is not None:
-        mlp = dataclasses.replace(settings.digits.mlp, steps=args.digits_steps)
+            om, lds_fraction=lds_fraction if lds_fraction is not None else om.lds_fraction,
+            loo=loo if loo is not None else om.loo, sweep=om.sweep and sweep))
+    if digits_steps is not None:
+        mlp = dataclasses.replace(settings.digits.mlp, steps=digits_steps)
         settings = dataclasses.replace(settings, digits=dataclasses.replace(settings.digits, mlp=mlp))
-    datasets = tuple(args.datasets.split(",")) if args.datasets else settings.datasets
-    return dataclasses.replace(settings, datasets=datasets, threads=args.threads)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``diffin bench fidelity``."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run (fewer leave-one-out samples, subsets and steps; both datasets)")
-    parser.add_argument("--out", default=None, metavar="PATH",
-                        help=f"JSON report (default {DEFAULT_OUT}; with --quick {DEFAULT_QUICK_OUT})")
-    parser.add_argument("--data-dir", default="data", metavar="DIR",
-                        help="where the OpenMoji corpus is reused from or built into (DIR/openmoji; default data)")
-    parser.add_argument("--datasets", default=None, metavar="LIST",
-                        help=f"comma-separated subset of {','.join(DATASETS)} (default: both)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch threads (default 1: fastest for these tiny models on a shared 2-core machine)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of splits, training, bank and subsets (default 0)")
-    parser.add_argument("--digits-steps", type=int, default=None, metavar="T",
-                        help="override the MLP's number of SGD steps (horizon study)")
-    parser.add_argument("--lds-fraction", type=float, default=None, metavar="F",
-                        help="OpenMoji: share of the training pairs each LDS subset removes (default 0.5)")
-    parser.add_argument("--loo", type=int, default=None, metavar="N", help="OpenMoji: leave-one-out count")
-    parser.add_argument("--no-sweep", action="store_true", help="OpenMoji: skip the unrolled variants")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``diffin bench fidelity``."""
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    out = args.out or (DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT)
-    report = run_benchmark(settings_from_args(args), out, args.data_dir, command_line(args, out))
-    print(format_table(report))
-    print(f"wrote {out} ({report['_meta']['seconds_total']:.0f} s)")
-    return 0
-
-
-def command_line(args: argparse.Namespace, out: str) -> str:
-    """The canonical ``diffin bench fidelity …`` command that reproduces ``args``."""
-    return bench_command("fidelity", args, out, (("--datasets", args.datasets), ("--seed", args.seed),
-                                                  ("--digits-steps", args.digits_steps),
-                                                  ("--lds-fraction", args.lds_fraction), ("--loo", args.loo),
-                                                  ("--no-sweep", True if args.no_sweep else None)))
+    return dataclasses.replace(settings, datasets=tuple(datasets) if datasets else settings.datasets,
+                               threads=threads)
 
 
 def format_table(report: dict) -> str:

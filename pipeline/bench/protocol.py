@@ -8,13 +8,11 @@ retraining with the same settings (the caller supplies ``retrained_loss``).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -172,15 +170,3 @@ def load_shard_dir(directory: Path, size: int) -> PairTable:
     sizes = load_sizes(directory / SIZES_FILE)
     return load_pairs(expand_shards(str(directory / "*.tar")), size, sizes=sizes, threads=1)
 
-
-def bench_command(name: str, args: argparse.Namespace, out: str, optional: Sequence[tuple[str, Any]]) -> str:
-    """The canonical ``diffin bench NAME …`` command that reproduces ``args`` (``optional``:
-    (flag, value) pairs added when the value is set; True: a switch without value)."""
-    parts = ["diffin", "bench", name] + (["--quick"] if args.quick else [])
-    parts += ["--out", out, "--data-dir", args.data_dir, "--threads", str(args.threads)]
-    for flag, value in optional:
-        if value is True:  # a switch
-            parts.append(flag)
-        elif value is not None:
-            parts += [flag, str(value)]
-    return shlex.join(parts)

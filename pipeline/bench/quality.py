@@ -33,7 +33,6 @@ over seeds; a standard deviation is null with one seed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -56,7 +55,7 @@ from torch import Tensor, nn
 
 from pipeline import __version__
 from pipeline.bench.metrics import class_prompts, noise_auc, retrieval_recall, unique_caption_order, zero_shot_accuracy
-from pipeline.bench.protocol import bench_command, load_shard_dir, ranked
+from pipeline.bench.protocol import load_shard_dir, ranked
 from pipeline.config import SelectConfig, TrainConfig
 from pipeline.data.corpora.common import CORPUS_FILE
 from pipeline.data.corpora.fashion_mnist import build_fashion_mnist
@@ -154,6 +153,23 @@ def quick_settings() -> QualitySettings:
         openclipart=DatasetSettings(num_train=120, num_target=64, num_eval=40, train=train,
                                     influence=influence, corpus_limit=260),
         seeds=(0,))
+
+
+def settings_for(quick: bool = False, seeds: int | None = None, workers: int | None = None,
+                 datasets: Sequence[str] | None = None, threads: int = 1) -> QualitySettings:
+    """The quick or full preset with these overrides (None or empty: the preset's value);
+    ``seeds``: run seeds 0..seeds-1."""
+    settings = quick_settings() if quick else full_settings()
+    changes: dict[str, Any] = {"threads": threads}
+    if seeds is not None:
+        if seeds < 1:
+            raise UsageError(f"--seeds must be >= 1, got {seeds}")
+        changes["seeds"] = tuple(range(seeds))
+    if workers is not None:
+        changes["workers"] = workers
+    if datasets:
+        changes["datasets"] = tuple(datasets)
+    return dataclasses.replace(settings, **changes)
 
 
 def _check_settings(settings: QualitySettings) -> None:
@@ -543,7 +559,7 @@ def _meta(settings: QualitySettings, datasets: dict[str, DatasetData], cells: li
     }
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- tables
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -570,51 +586,3 @@ def format_table(report: dict[str, Any]) -> str:
 def _fmt(entry: dict[str, float | None], metric: str) -> str:
     mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-
-
-def settings_from_args(args: argparse.Namespace) -> QualitySettings:
-    """The preset chosen by ``--quick``, with the command-line overrides applied."""
-    settings = quick_settings() if args.quick else full_settings()
-    changes: dict[str, Any] = {"threads": args.threads}
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-        changes["seeds"] = tuple(range(args.seeds))
-    if args.workers is not None:
-        changes["workers"] = args.workers
-    if args.datasets:
-        changes["datasets"] = tuple(args.datasets.split(","))
-    return dataclasses.replace(settings, **changes)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``diffin bench quality``."""
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny data, one seed: checks the machinery, not the outcome (< 3 min)")
-    parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help="run seeds 0..N-1 (default 3; 1 with --quick)")
-    parser.add_argument("--out", default=None, metavar="PATH",
-                        help=f"JSON report (default {DEFAULT_OUT}; with --quick {DEFAULT_QUICK_OUT})")
-    parser.add_argument("--data-dir", default="data", metavar="DIR",
-                        help="where the corpora are reused from or built into (default data)")
-    parser.add_argument("--datasets", default=None, metavar="LIST",
-                        help=f"comma-separated subset of {','.join(DATASETS)} (default: both)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="(dataset, seed) cells run in N processes (default 2; 1 with --quick)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch threads per process (default 1)")
-
-
-def command_line(args: argparse.Namespace, out: str) -> str:
-    """The canonical ``diffin bench quality …`` command that reproduces ``args``."""
-    return bench_command("quality", args, out, (("--seeds", args.seeds), ("--workers", args.workers),
-                                                 ("--datasets", args.datasets)))
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``diffin bench quality``."""
-    out = args.out or (DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT)
-    report = run_benchmark(settings_from_args(args), out, args.data_dir, command_line(args, out))
-    print(format_table(report))
-    print(f"wrote {out} ({report['_meta']['seconds']['total']:.0f} s)")
-    return 0

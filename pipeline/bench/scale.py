@@ -36,7 +36,7 @@ the rates depend on what else runs on the machine.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import logging
 import os
@@ -48,7 +48,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -63,6 +63,7 @@ DEFAULT_OUT = "benchmarks/results/scale.json"
 QUICK_OUT = "benchmarks/results/scale_quick.json"
 DEFAULT_WORK = "runs/bench_scale"
 TRAIN_SEED, TARGET_SEED, CORPUS_SEED = 1, 2, 0
+PARTS = ("pipeline", "reducer")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ def ensure_trajectory(plan: ScalePlan, work: Path, executor) -> tuple[Path, floa
     """The proxy trajectory (tiny model, 2 checkpoints, trained on a small separate corpus)."""
     from pipeline.config import parse_config
     from pipeline.model.trajectory import MANIFEST
+    from pipeline.stages.context import RunContext
     from pipeline.stages.trajectory import ensure_trajectory as ensure
 
     train = ensure_corpus(work / f"train-{plan.train_pairs}-{plan.image_size}px", plan.train_pairs,
@@ -155,7 +157,7 @@ def ensure_trajectory(plan: ScalePlan, work: Path, executor) -> tuple[Path, floa
     run_dir = work / f"proxy-{plan.train_pairs}-{plan.train_steps}"
     existed = (run_dir / "trajectory" / MANIFEST).is_file()
     start = time.perf_counter()
-    trajectory = ensure(config, run_dir, executor)
+    trajectory = ensure(RunContext.resolve(config, run_dir), executor)
     return Path(trajectory.root), None if existed else round(time.perf_counter() - start, 1)
 
 
@@ -193,8 +195,9 @@ def _scored_pairs_counter(scores_dir: Path, sizes: dict[str, int]) -> Callable[[
 def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict[str, Any]:
     """Run prepare → score → select → reshard over ``plan.pairs`` synthetic pairs; time and memory."""
     from pipeline.data.shards import load_sizes
-    from pipeline.runtime.executor import RayExecutor
+    from pipeline.runtime.executor import RayExecutor, stage_actor_pids
     from pipeline.stages.pipeline import run_pipeline
+    from pipeline.stages.score import ScoreStage
 
     corpus = ensure_corpus(work / f"corpus-{plan.pairs}-{plan.image_size}px-{plan.shard_size}",
                            plan.pairs, plan.image_size, plan.shard_size, CORPUS_SEED)
@@ -208,7 +211,8 @@ def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict
         config = scale_config(plan, corpus, target, trajectory)
         sampler = RssSampler(_scored_pairs_counter(run_dir / "scores", load_sizes(corpus["sizes"])),
                              plan.checkpoint_pairs, plan.interval, progress_path=run_dir / "scale_progress.json",
-                             expected_actors=plan.actors)
+                             expected_actors=plan.actors,
+                             find_actors=functools.partial(stage_actor_pids, stage=ScoreStage.__name__))
         driver_reset = reset_peak()
         load_start = os.getloadavg()
         sampler.start()
@@ -463,49 +467,27 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------- run
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``diffin bench scale``."""
-    d = ScalePlan()
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run ({QUICK.pairs} pairs, {QUICK.reducer_rows} reducer rows) in a temporary dir")
-    parser.add_argument("--pairs", type=int, help=f"synthetic pairs to score (default {d.pairs})")
-    parser.add_argument("--checkpoint-pairs", type=_int_list, metavar="N[,N...]",
-                        help="also record peak RSS when scoring passes these pair counts (default "
-                             + ",".join(map(str, d.checkpoint_pairs)) + ")")
-    parser.add_argument("--shard-size", type=int, help=f"pairs per shard (default {d.shard_size})")
-    parser.add_argument("--method", choices=tuple(METHOD_COMPONENTS), help=f"score.method (default {d.method})")
-    parser.add_argument("--batch-size", type=int, help=f"scoring batch (default {d.batch_size})")
-    parser.add_argument("--bank-size", type=int, help=f"negative bank (default {d.bank_size})")
-    parser.add_argument("--actors", type=int, help=f"scoring actors, one thread each (default {d.actors})")
-    parser.add_argument("--reducer-rows", type=int, help=f"synthetic score rows (default {d.reducer_rows})")
-    parser.add_argument("--reducer-files", type=int,
-                        help=f"score files they are spread over (default {d.reducer_files})")
-    parser.add_argument("--reducer-strategy", choices=("memory", "bounded"),
-                        help=f"select strategy of the reducer run (default {d.reducer_strategy})")
-    parser.add_argument("--reducer-executor", choices=("local", "ray"),
-                        help="bounded reducer's tasks: in its process or on an embedded local Ray "
-                             f"(default {d.reducer_executor})")
-    parser.add_argument("--parts", default="pipeline,reducer",
-                        help="comma-separated: pipeline, reducer (default both)")
-    parser.add_argument("--work-dir", help=f"corpora, trajectory, runs (default {DEFAULT_WORK}; reused)")
-    parser.add_argument("--out", help=f"results JSON, merged into (default {DEFAULT_OUT}; {QUICK_OUT} with --quick)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar while scoring")
+def plan_for(quick: bool = False, *, pairs: int | None = None, checkpoint_pairs: tuple[int, ...] | None = None,
+             shard_size: int | None = None, method: str | None = None, batch_size: int | None = None,
+             bank_size: int | None = None, actors: int | None = None, reducer_rows: int | None = None,
+             reducer_files: int | None = None, reducer_strategy: str | None = None,
+             reducer_executor: str | None = None) -> ScalePlan:
+    """The quick or full plan with these fields overridden (None: the preset's), checked by
+    :func:`check_plan`."""
+    overrides = {"pairs": pairs, "checkpoint_pairs": checkpoint_pairs, "shard_size": shard_size,
+                 "method": method, "batch_size": batch_size, "bank_size": bank_size, "actors": actors,
+                 "reducer_rows": reducer_rows, "reducer_files": reducer_files,
+                 "reducer_strategy": reducer_strategy, "reducer_executor": reducer_executor}
+    plan = replace(QUICK if quick else ScalePlan(), **{k: v for k, v in overrides.items() if v is not None})
+    check_plan(plan)
+    return plan
 
 
-_OVERRIDES = {"pairs": "pairs", "checkpoint_pairs": "checkpoint_pairs", "shard_size": "shard_size",
-              "method": "method", "batch_size": "batch_size", "bank_size": "bank_size", "actors": "actors",
-              "reducer_rows": "reducer_rows", "reducer_files": "reducer_files",
-              "reducer_strategy": "reducer_strategy", "reducer_executor": "reducer_executor"}
-
-
-def plan_from_args(args: argparse.Namespace) -> ScalePlan:
-    """The plan: quick or full defaults, with the options given on the command line."""
-    base = QUICK if args.quick else ScalePlan()
-    plan = replace(base, **{field: getattr(args, opt) for opt, field in _OVERRIDES.items()
-                            if getattr(args, opt) is not None})
+def check_plan(plan: ScalePlan) -> None:
+    """A UsageError (naming the command-line option) for a plan that cannot run."""
     if not plan.checkpoint_pairs or min(plan.checkpoint_pairs) < 1:
         raise UsageError(f"--checkpoint-pairs must be positive counts, got {plan.checkpoint_pairs}")
     for name in ("pairs", "shard_size", "batch_size", "bank_size", "actors", "reducer_rows", "reducer_files"):
@@ -515,48 +497,27 @@ def plan_from_args(args: argparse.Namespace) -> ScalePlan:
         raise UsageError("--reducer-executor ray needs --reducer-strategy bounded")
     if plan.reducer_files > plan.reducer_rows:
         raise UsageError(f"--reducer-files ({plan.reducer_files}) exceeds --reducer-rows ({plan.reducer_rows})")
-    return plan
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def run_benchmark(plan: ScalePlan, out: str | Path, work_dir: str | Path | None = None,
+                  parts: Sequence[str] = PARTS, command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Measure ``parts`` (of :data:`PARTS`), merge the entries into the results JSON ``out``
+    (created if missing) and return the merged results.
 
-
-def _parts(text: str) -> list[str]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parts if p not in ("pipeline", "reducer")]
-    if bad or not parts:
-        raise UsageError(f"--parts: expected pipeline and/or reducer, got {text!r}")
-    return parts
-
-
-def _command(args: argparse.Namespace) -> str:
-    words = ["diffin bench scale"] + (["--quick"] if args.quick else [])
-    for opt in _OVERRIDES:
-        value = getattr(args, opt)
-        if value is not None:
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            words.append(f"--{opt.replace('_', '-')} {text}")
-    if args.parts != "pipeline,reducer":
-        words.append(f"--parts {args.parts}")
-    return " ".join(words)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``diffin bench scale``."""
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    plan, parts = plan_from_args(args), _parts(args.parts)
-    temp = tempfile.mkdtemp(prefix="diffin-scale-") if args.quick and not args.work_dir else None
-    work = Path(args.work_dir or temp or DEFAULT_WORK).resolve()
-    out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
+    ``work_dir``: where corpora, trajectory and runs are built and reused; None: a temporary
+    directory, removed at the end. ``progress``: a progress bar while scoring.
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"parts must be some of {PARTS}, got {list(parts)}")
+    temp = tempfile.mkdtemp(prefix="diffin-scale-") if not work_dir else None
+    work = Path(work_dir or temp).resolve()
+    out = Path(out)
     new: dict[str, dict[str, Any]] = {"pipeline": {}, "reducer": {}}
     try:
-        meta = {"command": _command(args), "machine": machine_info(), "work_dir": str(work)}
+        meta = {"command": command, "machine": machine_info(), "work_dir": str(work)}
         if "pipeline" in parts:
-            entry = measure_pipeline(plan, work, progress=not args.no_progress)
+            entry = measure_pipeline(plan, work, progress=progress)
             entry["command"] = meta["command"]
             new["pipeline"][f"{plan.method}_{plan.pairs}"] = entry
         if "reducer" in parts:
@@ -572,6 +533,4 @@ def run(args: argparse.Namespace) -> int:
     _add_extrapolations(results)
     results["_meta"] = meta
     write_json_atomic(out, results)
-    print(format_table(results))
-    print(f"wrote {out}")
-    return 0
+    return results

@@ -21,13 +21,13 @@ unrolled direction (K Lanczos Hessian–vector products on the proxy batch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -45,15 +45,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "benchmarks/results/speed.json"
 QUICK_OUT = "benchmarks/results/speed_quick.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats (a smoke run)")
-    parser.add_argument("--out", help=f"result JSON (default {DEFAULT_OUT}; {QUICK_OUT} with --quick)")
-    parser.add_argument("--models", default=None, help="comma-separated model names (default tiny-clip-32,ViT-B-32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -187,35 +178,60 @@ MODEL_PLANS = {
 }
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``diffin bench speed``."""
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    names = args.models.split(",") if args.models else (["tiny-clip-32"] if args.quick else list(MODEL_PLANS))
-    results: dict = {}
-    command = "diffin bench speed" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads else "") + (f" --models {args.models}" if args.models else "")
-    meta = {"command": command, "device": str(device),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-    for name in names:
-        plan = MODEL_PLANS.get(name, MODEL_PLANS["ViT-B-32"])[1 if args.quick else 0]
-        bank = 255 if name == "tiny-clip-32" and not args.quick else 31
-        start = time.perf_counter()
-        results[name] = measure_model(name, device, plan["batch_size"], plan["repeats"], bank,
-                                      plan["target_size"], plan["reference_samples"], args.seed,
-                                      plan["proxy_batch"], plan["lanczos_steps"], compiled=not args.quick)
-        results[name]["wall_s"] = round(time.perf_counter() - start, 1)
-        results[name]["command"] = command
-        ratios = results[name]["ratio_to_forward"]
-        print(f"{name}: " + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
-    if args.models and out.is_file():  # a run of some models updates their entries, keeps the others
+@dataclass(frozen=True)
+class SpeedSettings:
+    """Everything a speed run depends on."""
+
+    models: tuple[str, ...] = tuple(MODEL_PLANS)
+    quick: bool = False      # the smaller per-model plans, no torch.compile
+    threads: int | None = None  # torch threads (None: torch's)
+    device: str = "cpu"
+    seed: int = 0
+
+
+def settings_for(quick: bool = False, models: Sequence[str] | None = None, threads: int | None = None,
+                 device: str = "cpu", seed: int = 0) -> SpeedSettings:
+    """The settings of a run (``models`` empty or None: tiny-clip-32 with ``quick``, else every
+    model of :data:`MODEL_PLANS`)."""
+    names = tuple(models) if models else (("tiny-clip-32",) if quick else tuple(MODEL_PLANS))
+    return SpeedSettings(models=names, quick=quick, threads=threads, device=device, seed=seed)
+
+
+def run_benchmark(settings: SpeedSettings, out: str | Path, command: str = "", merge: bool = False,
+                  on_model: Callable[[str, dict], None] | None = None) -> dict:
+    """Measure every model of ``settings``, write the results JSON to ``out`` and return it.
+
+    ``merge``: an existing ``out`` keeps the entries of the models not measured now (the
+    measured ones are replaced). ``on_model(name, result)`` is called after each model.
+    """
+    previous_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        device = torch.device(settings.device)
+        results: dict = {}
+        meta = {"command": command, "device": str(device),
+                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                "torch": torch.__version__}
+        for name in settings.models:
+            plan = MODEL_PLANS.get(name, MODEL_PLANS["ViT-B-32"])[1 if settings.quick else 0]
+            bank = 255 if name == "tiny-clip-32" and not settings.quick else 31
+            start = time.perf_counter()
+            results[name] = measure_model(name, device, plan["batch_size"], plan["repeats"], bank,
+                                          plan["target_size"], plan["reference_samples"], settings.seed,
+                                          plan["proxy_batch"], plan["lanczos_steps"], compiled=not settings.quick)
+            results[name]["wall_s"] = round(time.perf_counter() - start, 1)
+            results[name]["command"] = command
+            if on_model is not None:
+                on_model(name, results[name])
+    finally:
+        if settings.threads:
+            torch.set_num_threads(previous_threads)
+    out = Path(out)
+    if merge and out.is_file():  # a run of some models updates their entries, keeps the others
         previous = json.loads(out.read_text())
         results = {**previous.get("_details", {}), **results}
     summary = {name: r["s_per_sample_per_ckpt"] for name, r in results.items()}
-    write_json_atomic(out, {**summary, "_details": results, "_meta": meta})
-    print(f"wrote {out}")
-    return 0
+    report = {**summary, "_details": results, "_meta": meta}
+    write_json_atomic(out, report)
+    return report

@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from jobs import bench_fidelity
 from pipeline.bench import fidelity
 from pipeline.bench.digits import (DigitsSettings, MLPConfig, build_mlp, load_digits_data, mean_loss, unrolled_scores_of,
                                    score_run, train_mlp)
@@ -257,18 +258,26 @@ def test_tiny_run_writes_the_schema(tmp_path: Path) -> None:
     assert "unrolled_m1" in fidelity.format_table(on_disk)
 
 
-def test_cli_presets_and_command(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    fidelity.add_arguments(parser)
-    quick = fidelity.settings_from_args(parser.parse_args(["--quick", "--seed", "3", "--datasets", "digits"]))
+def test_presets_and_command_line(tmp_path: Path) -> None:
+    quick = fidelity.settings_for(quick=True, seed=3, datasets=["digits"])
     assert quick.datasets == ("digits",) and quick.seed == 3 and quick.digits.mlp.seed == 3
     assert quick.openmoji.train.seed == 3 and quick.openmoji.influence.seed == 3
     full = fidelity.full_settings()
+    assert fidelity.settings_for() == full
     assert full.openmoji.loo >= 40 and full.digits.loo >= 40
     assert full.openmoji.lds_subsets >= 32 and full.digits.lds_subsets >= 32
     assert quick.digits.loo < full.digits.loo and quick.openmoji.train.steps < full.openmoji.train.steps
-    args = parser.parse_args(["--quick"])
-    assert fidelity.command_line(args, fidelity.DEFAULT_QUICK_OUT) == (
+    tuned = fidelity.settings_for(loo=7, lds_fraction=0.25, sweep=False, digits_steps=50, threads=2)
+    assert (tuned.openmoji.loo, tuned.openmoji.lds_fraction, tuned.openmoji.sweep) == (7, 0.25, False)
+    assert tuned.digits.mlp.steps == 50 and tuned.threads == 2 and tuned.datasets == full.datasets
+    parser = argparse.ArgumentParser()
+    bench_fidelity.add_arguments(parser)
+    assert bench_fidelity.settings(parser.parse_args(["--quick", "--seed", "3", "--datasets", "digits"])) == quick
+    assert bench_fidelity.settings(parser.parse_args(["--loo", "7", "--lds-fraction", "0.25", "--no-sweep",
+                                                      "--digits-steps", "50", "--threads", "2"])) == tuned
+    assert bench_fidelity.command(parser.parse_args(["--quick"]), fidelity.DEFAULT_QUICK_OUT) == (
         "diffin bench fidelity --quick --out benchmarks/results/fidelity_quick.json --data-dir data --threads 1")
+    assert bench_fidelity.command(parser.parse_args(["--datasets", "digits", "--no-sweep", "--seed", "1"]), "a b.json") == (
+        "diffin bench fidelity --out 'a b.json' --data-dir data --threads 1 --datasets digits --seed 1 --no-sweep")
     with pytest.raises(UsageError):
         fidelity.run_benchmark(replace(full, datasets=("mnist",)), tmp_path / "x.json")

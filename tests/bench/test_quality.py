@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jobs import bench as bench_job
+from jobs import bench_quality
 from pipeline.bench import quality
 from pipeline.data.pairs import PairTable
 from pipeline.data.uids import make_uid
@@ -92,21 +93,25 @@ def test_fashion_ground_truth_and_corpus_reuse(tmp_path: Path) -> None:
 
 
 def test_presets_and_command() -> None:
-    parser = argparse.ArgumentParser()
-    quality.add_arguments(parser)
-    full = quality.settings_from_args(parser.parse_args([]))
-    quick = quality.settings_from_args(parser.parse_args(["--quick"]))
+    full, quick = quality.settings_for(), quality.settings_for(quick=True)
+    assert full == quality.full_settings() and quick == quality.quick_settings()
     assert full.seeds == (0, 1, 2) and quick.seeds == (0,)
-    assert quality.settings_from_args(parser.parse_args(["--seeds", "2"])).seeds == (0, 1)
+    assert quality.settings_for(seeds=2).seeds == (0, 1)
     assert quick.fashion_mnist.num_train < full.fashion_mnist.num_train
     for spec in (full.fashion_mnist, full.openclipart):
         assert spec.train.checkpoint_steps()[-1] == spec.train.steps
-    assert quality.command_line(parser.parse_args(["--quick"]), quality.DEFAULT_QUICK_OUT) == (
-        "diffin bench quality --quick --out benchmarks/results/quality_quick.json --data-dir data --threads 1")
     with pytest.raises(UsageError, match="seeds"):
-        quality.settings_from_args(parser.parse_args(["--seeds", "0"]))
+        quality.settings_for(seeds=0)
     with pytest.raises(UsageError, match="datasets"):
         quality.run_benchmark(quality.dataclasses.replace(quick, datasets=("mnist",)), "unused.json")
+    parser = argparse.ArgumentParser()
+    bench_quality.add_arguments(parser)
+    assert bench_quality.settings(parser.parse_args([])) == full
+    assert bench_quality.settings(parser.parse_args(["--quick", "--seeds", "2", "--workers", "3",
+                                                     "--datasets", "openclipart", "--threads", "2"])) == (
+        quality.settings_for(quick=True, seeds=2, workers=3, datasets=["openclipart"], threads=2))
+    assert bench_quality.command(parser.parse_args(["--quick"]), quality.DEFAULT_QUICK_OUT) == (
+        "diffin bench quality --quick --out benchmarks/results/quality_quick.json --data-dir data --threads 1")
 
 
 # --------------------------------------------------------------------------- --quick end to end

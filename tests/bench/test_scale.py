@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import bench_scale
 from pipeline.bench import sampler, scale
 from pipeline.errors import UsageError
 from pipeline.stages.keep_rule import round_half_up
@@ -20,7 +21,7 @@ from pipeline.stages.keep_rule import round_half_up
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    scale.add_arguments(parser)
+    bench_scale.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -107,22 +108,29 @@ def test_corpus_and_reducer_rows_are_reused_when_parameters_match(tmp_path: Path
 
 def test_bad_options_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="--pairs"):
-        scale.plan_from_args(_args("--pairs", "0"))
+        bench_scale.plan(_args("--pairs", "0"))
     with pytest.raises(UsageError, match="--reducer-files"):
-        scale.plan_from_args(_args("--reducer-rows", "5", "--reducer-files", "6"))
+        bench_scale.plan(_args("--reducer-rows", "5", "--reducer-files", "6"))
     with pytest.raises(UsageError, match="needs --reducer-strategy bounded"):
-        scale.plan_from_args(_args("--reducer-executor", "ray"))
-    keys = [scale.reducer_key(scale.plan_from_args(_args("--reducer-rows", "9", "--reducer-files", "3", *extra)))
+        bench_scale.plan(_args("--reducer-executor", "ray"))
+    keys = [scale.reducer_key(bench_scale.plan(_args("--reducer-rows", "9", "--reducer-files", "3", *extra)))
             for extra in ([], ["--reducer-strategy", "bounded"],
                           ["--reducer-strategy", "bounded", "--reducer-executor", "ray"])]
     assert keys == ["9_rows", "9_rows_bounded", "9_rows_bounded_ray"]  # in-memory entries keep their key
     with pytest.raises(UsageError, match="--parts"):
-        scale._parts("pipeline,bogus")
+        bench_scale.parts("pipeline,bogus")
+    assert bench_scale.parts("reducer, pipeline") == ["reducer", "pipeline"]
     with pytest.raises(UsageError, match="--checkpoint-pairs"):
-        scale.plan_from_args(_args("--checkpoint-pairs", "0,10"))
-    plan = scale.plan_from_args(_args("--quick", "--pairs", "50", "--checkpoint-pairs", "20,40"))
+        bench_scale.plan(_args("--checkpoint-pairs", "0,10"))
+    plan = bench_scale.plan(_args("--quick", "--pairs", "50", "--checkpoint-pairs", "20,40"))
     assert plan.pairs == 50 and plan.shard_size == scale.QUICK.shard_size
     assert plan.checkpoint_pairs == (20, 40)
+    assert plan == scale.plan_for(quick=True, pairs=50, checkpoint_pairs=(20, 40))
+    assert scale.plan_for() == scale.ScalePlan() and scale.plan_for(quick=True) == scale.QUICK
+    with pytest.raises(UsageError, match="--actors"):
+        scale.plan_for(actors=0)
+    assert bench_scale.command(_args("--quick", "--pairs", "50", "--checkpoint-pairs", "20,40", "--parts", "reducer")) == (
+        "diffin bench scale --quick --pairs 50 --checkpoint-pairs 20,40 --parts reducer")
 
 
 def test_quick_run_through_the_cli(tmp_path: Path) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
+from jobs import bench as bench_job
 from pipeline.bench import speed
 
 
@@ -24,19 +24,26 @@ def test_measure_model_schema() -> None:
     assert result["settings"]["proxy_batch"] == 8 and result["settings"]["parameters"] > 0
 
 
-def test_quick_run_writes_schema(tmp_path: Path, monkeypatch) -> None:
+def test_settings_for() -> None:
+    assert speed.settings_for(quick=True).models == ("tiny-clip-32",)
+    assert speed.settings_for().models == tuple(speed.MODEL_PLANS)
+    assert speed.settings_for(quick=True, models=["ViT-B-32"], threads=2).models == ("ViT-B-32",)
+
+
+def test_quick_run_writes_schema(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(speed.MODEL_PLANS, "tiny-clip-32", (
         {"batch_size": 8, "repeats": 1, "target_size": 16, "proxy_batch": 8, "reference_samples": 0, "lanczos_steps": 2},
         {"batch_size": 8, "repeats": 1, "target_size": 16, "proxy_batch": 8, "reference_samples": 0, "lanczos_steps": 2}))
-    parser = argparse.ArgumentParser()
-    speed.add_arguments(parser)
     out = tmp_path / "speed.json"
-    assert speed.run(parser.parse_args(["--quick", "--out", str(out)])) == 0
+    assert bench_job.main(["speed", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("tiny-clip-32: forward 1.00x  unrolled ") and printed[-1] == f"wrote {out}"
     data = json.loads(out.read_text())
     assert set(data["tiny-clip-32"]) == {"forward", "unrolled", "tracin", "diffin_fd", "diffin_exact"}
     assert data["_meta"]["command"] == "diffin bench speed --quick"
     data["_details"]["other-model"] = {"s_per_sample_per_ckpt": {"forward": 1.0}}
     out.write_text(json.dumps(data))
-    assert speed.run(parser.parse_args(["--quick", "--models", "tiny-clip-32", "--out", str(out)])) == 0
+    assert bench_job.main(["speed", "--quick", "--models", "tiny-clip-32", "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
     assert set(merged["_details"]) == {"tiny-clip-32", "other-model"}  # --models updates, keeps the others
+    assert merged["_meta"]["command"] == "diffin bench speed --quick --models tiny-clip-32"

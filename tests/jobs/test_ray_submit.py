@@ -38,6 +38,20 @@ def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+AGENT_NOT_READY = "No available agent to submit job"  # Ray's answer while its job agent starts
+
+
+def _submit(address: str, job_id: str, env: dict, *args: str, wait: float = 180) -> subprocess.CompletedProcess:
+    """``ray job submit``, asked again while the head's job agent is still starting (on a loaded
+    machine it may start after ``ray start`` returned; Ray then says to try again later)."""
+    deadline = time.time() + wait
+    while True:
+        submitted = _ray("job", "submit", "--address", address, "--submission-id", job_id, *args, env=env)
+        if submitted.returncode == 0 or AGENT_NOT_READY not in submitted.stderr or time.time() > deadline:
+            return submitted
+        time.sleep(2)
+
+
 def test_ray_job_submit_prune(tmp_path: Path) -> None:
     corpus = make_tiny_corpus(tmp_path / "corpus", n=96, shard_size=8)
     config = tmp_path / "run.yaml"
@@ -55,10 +69,9 @@ def test_ray_job_submit_prune(tmp_path: Path) -> None:
         assert started.returncode == 0, started.stderr[-2000:]
         address = f"http://127.0.0.1:{dashboard}"
         job_id = f"diffin-test-{os.getpid()}-{int(time.time())}"
-        submitted = _ray("job", "submit", "--address", address, "--submission-id", job_id,
-                         "--working-dir", str(REPO), "--no-wait",
-                         "--", "python", "-m", "jobs.prune", "--config", str(config),
-                         "--run-dir", str(run_dir), "--no-progress", env=env)
+        submitted = _submit(address, job_id, env, "--working-dir", str(REPO), "--no-wait",
+                            "--", "python", "-m", "jobs.prune", "--config", str(config),
+                            "--run-dir", str(run_dir), "--no-progress")
         assert submitted.returncode == 0, submitted.stderr[-2000:]
         from ray.job_submission import JobStatus, JobSubmissionClient
 
