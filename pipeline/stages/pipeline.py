@@ -3,18 +3,9 @@
 ``run_pipeline(..., stages=STAGES)`` runs every stage (``diffin run``); a stage's own job
 runs just that stage and requires the outputs of the stages before it. Each stage lives in
 its own module with the same shape — a task type, a stage object (resources as fields,
-``setup()``, ``process(task)``) and a driver-side ``run_<stage>(ctx, ...)`` that plans the
-tasks still to do and hands them to the executor:
-
-=========== ============================== ========================== ======================
-stage       module                         task → result              driver
-=========== ============================== ========================== ======================
-trajectory  :mod:`pipeline.stages.trajectory` ``TrainTask`` → directory  ``ensure_trajectory``
-prepare     :mod:`pipeline.stages.prepare`    ``PrepareTask`` → file     ``run_prepare``
-score       :mod:`pipeline.stages.score`      ``ShardTask`` → result     ``run_score``
-select      :mod:`pipeline.stages.select`     ``ScanTask``… (reducer)    ``run_select``
-reshard     :mod:`pipeline.stages.reshard`    ``ReshardTask`` → count    ``run_reshard``
-=========== ============================== ========================== ======================
+``setup()``, ``process(task)``) and a driver-side ``run_<stage>(ctx, ...)`` (for the
+trajectory: ``ensure_trajectory``) that plans the tasks still to do and hands them to the
+executor; docs/ARCHITECTURE.md ("One stage shape") lists them.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class UnrolledTask:
 class PrepareStage:
     """Computes the shared vectors: one checkpoint's (:class:`PrepareTask`) or the unrolled
     directions of all (:class:`UnrolledTask`). ``setup`` loads the checkpoints, the target set
-    and the proxy pool once per worker."""
+    and the proxy pool (once: a second call keeps them)."""
 
     config: RunConfig
     urls: tuple[str, ...]
@@ -199,9 +199,10 @@ def _write_bank(ctx: RunContext, trajectory: Trajectory, fingerprint: str) -> No
 
 
 def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> StoragePath:
-    """Write (or reuse) ``<run>/prepared/``: the bank, then the checkpoints still to prepare on
-    a pool of ``resources.actors`` workers (each loads the model, the target set and the proxy
-    pool once), then the unrolled directions (every checkpoint in one task)."""
+    """Write (or reuse) ``<run>/prepared/``: the bank, then one task per checkpoint still to
+    prepare (Ray tasks: they reuse Ray's worker processes, and each loads what it needs; in
+    process the stage is set up once), then the unrolled directions (every checkpoint in one
+    task)."""
     out = ctx.layout.prepared
     todo, unrolled = plan_prepare(ctx, trajectory)
     stage = PrepareStage(config=ctx.config, urls=ctx.urls, sizes=ctx.sizes,
@@ -209,9 +210,9 @@ def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> 
                          fingerprint=prepare_fingerprint(ctx.config, trajectory), device=ctx.device,
                          threads=ctx.threads, resources=ctx.model_resources)
     if todo:
-        executor.run_stage(stage, todo, workers=min(len(todo), ctx.config.resources.actors))
+        executor.run_stage(stage, todo)
     if unrolled is not None:
-        executor.run_stage(stage, [unrolled], workers=1)
+        executor.run_stage(stage, [unrolled])
     log.info("prepared %d checkpoints in %s (%d computed now)",
              len(ctx.influence_settings().checkpoints or trajectory.checkpoints), out, len(todo))
     return out

@@ -70,3 +70,24 @@ def test_resharded_members_are_byte_identical(ray_run, corpus: Path) -> None:
     assert {m.split(".", 1)[0] for m in out} == set(kept["key"])
     assert all(out[name] == sources[name] for name in out)
     assert sum(sizes.values()) == len(kept["key"]) == summary["reshard"]["pairs"]
+
+
+def test_ray_outputs_equal_in_process_ones(ray_run, tmp_path: Path) -> None:
+    """The selection (the bounded reducer's tasks on Ray) and the shards (reshard's tasks on Ray)
+    equal, byte for byte, what the in-memory reducer and an in-process reshard write from the
+    same score files."""
+    from pipeline.config import parse_config
+    from pipeline.runtime.executor import LocalExecutor
+    from pipeline.stages.reshard import reshard
+    from pipeline.stages.select import KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, SUMMARY_FILE, select
+
+    run_dir, _ = ray_run
+    config = parse_config(json.loads((run_dir / "config.json").read_text()))
+    select(sorted((run_dir / "scores").glob("*.parquet")), config.select, tmp_path / "selection", strategy="memory")
+    for name in (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, SUMMARY_FILE):
+        assert (tmp_path / "selection" / name).read_bytes() == (run_dir / "selection" / name).read_bytes(), name
+    reshard(run_dir / "selection" / MANIFEST_FILE, tmp_path / "shards", config.reshard, LocalExecutor())
+    names = sorted(p.name for p in (run_dir / "shards").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "shards").iterdir()) and len(names) > 2
+    for name in names:
+        assert (tmp_path / "shards" / name).read_bytes() == (run_dir / "shards" / name).read_bytes(), name

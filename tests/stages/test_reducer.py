@@ -252,6 +252,7 @@ def test_bounded_refuses_what_the_in_memory_path_refuses(tmp_path: Path) -> None
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the default suite compares a Ray run's selection with the in-memory reducer: tests/stages/test_e2e_ray.py
 def test_bounded_as_ray_tasks(tmp_path: Path) -> None:
     """The per-file work as Ray tasks (embedded local Ray) writes the same bytes."""
     import ray

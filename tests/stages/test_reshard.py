@@ -211,6 +211,7 @@ def test_config_defaults() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the default suite compares a Ray run's shards with an in-process reshard: tests/stages/test_e2e_ray.py
 def test_reshard_under_local_ray(selection: Path, tmp_path: Path) -> None:
     """The same stage as Ray tasks (one per output shard) gives the same bytes.
 
