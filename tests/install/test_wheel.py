@@ -1,11 +1,13 @@
 """A built wheel, installed into a fresh venv outside the repository (core only, no extras, with
 constraints.txt), runs `diffin run` and `diffin report` on the demo: configs/demo.yaml as it is,
 over the OpenMoji corpus built beforehand (by this venv's builder: the data extra is not in the
-fresh venv). Several minutes: a fresh venv (~1.7 GB, pip's cache helps) and the full demo run.
+fresh venv), and writes exactly the recorded demo outputs (benchmarks/results/demo_outputs.sha256).
+Several minutes: a fresh venv (~1.7 GB, pip's cache helps) and the full demo run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +86,10 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path: Path) -> None:
     assert select["rule"] == "top_fraction" and abs(kept - select["fraction"] * summary["pairs_in"]) <= 1
     assert sum(json.loads((out / "shards" / "sizes.json").read_text()).values()) == kept
     assert (out / "report" / "index.html").is_file()
+    # The outputs are those recorded for the demo (scores, selection, shards): byte for byte.
+    recorded = [line.split("  ", 1) for line in (REPO / "benchmarks" / "results" / "demo_outputs.sha256")
+                .read_text().splitlines() if line.strip()]
+    assert len(recorded) == 15
+    different = [name for digest, name in recorded
+                 if hashlib.sha256((out / name).read_bytes()).hexdigest() != digest]
+    assert different == []
