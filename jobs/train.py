@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import shutil
 
-    from pipeline.io.storage import as_path
     from pipeline.model.train import read_uid_list
     from pipeline.model.trajectory import MANIFEST
     from pipeline.runtime.executor import make_executor
@@ -36,10 +35,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config.trajectory.train is None:
         raise UsageError(f"{args.config}: trajectory.train: required by `diffin train` (the config names an existing trajectory)")
-    # inputs and model checked before --overwrite removes anything (the context's run directory
-    # is --out: only its inputs and settings are used)
-    ctx = RunContext.resolve(config, args.out, args.config)
-    out = as_path(args.out, config.storage)
+    ctx = RunContext.resolve(config, args.out, args.config)  # inputs and model checked before --overwrite removes anything
+    out = ctx.layout.root  # the trajectory directory: here the context's root
     if args.exclude_uids and not Path(args.exclude_uids).is_file():
         raise UsageError(f"--exclude-uids: file not found: {args.exclude_uids}")
     exists = out.exists() and any(out.iterdir())

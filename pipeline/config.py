@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
@@ -176,6 +176,9 @@ class SelectConfig(Section):
     stratify_by: str | None = Field(None, min_length=1,
                                     description="json field; score files carry json.<field>")
     failed: Literal["drop", "error"] = "drop"
+    # how the reducer runs, not what it selects: left out of effective() and the selection's fingerprint
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"max_rows_in_memory"})
+
     max_rows_in_memory: PositiveInt = Field(
         1_000_000, description="bounded reducer: rows it sorts at once (not stratify_by); "
                                "does not change the outputs")
@@ -210,7 +213,7 @@ class SelectConfig(Section):
         """The settings as applied: fields the rule does not use (e.g. the default
         ``fraction`` under ``top_k``, ``seed`` outside ``random``) are shown as null."""
         used = {"k"} if self.budget_is_count else _RULE_FIELDS[self.rule] - {"k"}
-        data = self.model_dump(exclude={"max_rows_in_memory"})  # how, not what: not a setting of the result
+        data = self.model_dump(exclude=set(self.EXECUTION_ONLY))
         for name in ("fraction", "k", "threshold"):
             if name not in used:
                 data[name] = None

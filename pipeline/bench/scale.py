@@ -378,7 +378,7 @@ def ray_worker_peaks() -> list[int]:
         except OSError:
             continue
         memory, name = proc_memory(pid), command.split(b"\0", 1)[0]
-        if memory and name.startswith(b"ray::") and not name.endswith(b"Agent"):  # ray::IDLE, ray::_apply
+        if memory and name.startswith(b"ray::") and not name.endswith(b"Agent"):  # ray::IDLE, ray::_run_one
             peaks.append(memory["VmHWM"])
     return peaks
 

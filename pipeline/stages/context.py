@@ -49,23 +49,6 @@ def score_device(config: RunConfig) -> str:
     return "cuda" if config.resources.num_gpus > 0 else "cpu"
 
 
-def worker_threads(config: RunConfig) -> int:
-    """torch threads per worker: ``resources.threads`` or ceil(num_cpus) — fixed by the config,
-    so float reductions (and hence scores) are the same under every executor."""
-    return config.resources.threads or max(1, math.ceil(config.resources.num_cpus))
-
-
-def model_resources(config: RunConfig) -> Resources:
-    """What a worker that holds the model asks for (trajectory, prepare, score)."""
-    return Resources(config.resources.num_cpus, config.resources.num_gpus)
-
-
-def io_resources(config: RunConfig) -> Resources:
-    """What a worker that only reads and writes files asks for (select, reshard): no GPU, at
-    most one CPU."""
-    return Resources(num_cpus=min(config.resources.num_cpus, 1.0), num_gpus=0)
-
-
 @dataclass(frozen=True)
 class RunContext:
     """One run, resolved once on the driver (cheap, no Ray): stages take it instead of the
@@ -108,19 +91,25 @@ class RunContext:
 
     @property
     def model_resources(self) -> Resources:
-        return model_resources(self.config)
+        """What a worker that holds the model asks for (trajectory, prepare, score)."""
+        return Resources(self.config.resources.num_cpus, self.config.resources.num_gpus)
 
     @property
     def io_resources(self) -> Resources:
-        return io_resources(self.config)
+        """What a worker that only reads and writes files asks for (select, reshard): no GPU,
+        at most one CPU."""
+        return Resources(num_cpus=min(self.config.resources.num_cpus, 1.0), num_gpus=0)
 
     @property
     def device(self) -> str:
+        """See :func:`score_device`."""
         return score_device(self.config)
 
     @property
     def threads(self) -> int:
-        return worker_threads(self.config)
+        """torch threads per worker: ``resources.threads`` or ceil(num_cpus) — fixed by the
+        config, so float reductions (and hence scores) are the same under every executor."""
+        return self.config.resources.threads or max(1, math.ceil(self.config.resources.num_cpus))
 
     def influence_settings(self):
         """See :func:`influence_settings`."""

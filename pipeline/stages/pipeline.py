@@ -83,7 +83,7 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Execut
         raise UsageError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     everything = tuple(stages) == STAGES
     ctx = context or RunContext.resolve(config, run_dir)  # before anything is trained or scored
-    layout = ctx.layout
+    config, layout = ctx.config, ctx.layout
     start = time.perf_counter()
     timings: dict[str, float] = {}
 

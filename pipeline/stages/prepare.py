@@ -26,7 +26,7 @@ from pipeline.errors import UsageError
 from pipeline.influence.prepare import PreparedCheckpoint
 from pipeline.io.atomic import atomic_path
 from pipeline.io.layout import BANK_FILE, UNROLLED_FILE, prepared_checkpoint_name
-from pipeline.io.storage import StorageOptions, StoragePath, as_path, read_torch
+from pipeline.io.storage import StorageOptions, StoragePath, as_path, is_remote, read_torch
 from pipeline.model.clip import resolve_model_config
 from pipeline.model.scorer import PreparedTrajectory, UnrolledPrepared, segment_lrs, split_bank
 from pipeline.model.trajectory import Trajectory
@@ -152,17 +152,24 @@ def _cpu(params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | No
     return {k: v.detach().cpu() for k, v in params.items()} if params is not None else None
 
 
+def _scalars(path: StoragePath) -> dict:
+    """A prepared file's dict for its scalars (fingerprint, target loss): memory-mapped when
+    local, so u, g, w are not read."""
+    if is_remote(path):
+        return read_torch(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def _stamp(path: StoragePath) -> str | None:
-    if not path.is_file():
-        return None
-    return read_torch(path).get("fingerprint")
+    return _scalars(path).get("fingerprint") if path.is_file() else None
 
 
-def plan_prepare(ctx: RunContext, trajectory: Trajectory) -> tuple[list[PrepareTask], UnrolledTask | None]:
-    """The checkpoints still to prepare (and the unrolled task, when its file is due); writes
-    the bank first when missing. Files of another configuration are refused with one line."""
-    config, out = ctx.config, ctx.layout.prepared
-    fingerprint = prepare_fingerprint(config, trajectory)
+def plan_prepare(ctx: RunContext, trajectory: Trajectory,
+                 fingerprint: str) -> tuple[list[PrepareTask], UnrolledTask | None]:
+    """The checkpoints still to prepare (and the unrolled task, when its file is due) under the
+    prepare ``fingerprint``; writes the bank first when missing. Files of another configuration
+    are refused with one line."""
+    out = ctx.layout.prepared
     settings = ctx.influence_settings()
     count = len(settings.checkpoints or trajectory.checkpoints)
     if settings.checkpoints and max(settings.checkpoints) >= len(trajectory.checkpoints):
@@ -204,25 +211,24 @@ def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> 
     process the stage is set up once), then the unrolled directions (every checkpoint in one
     task)."""
     out = ctx.layout.prepared
-    todo, unrolled = plan_prepare(ctx, trajectory)
+    fingerprint = prepare_fingerprint(ctx.config, trajectory)
+    todo, unrolled = plan_prepare(ctx, trajectory, fingerprint)
     stage = PrepareStage(config=ctx.config, urls=ctx.urls, sizes=ctx.sizes,
                          trajectory_dir=trajectory_location(trajectory), out_dir=str(out),
-                         fingerprint=prepare_fingerprint(ctx.config, trajectory), device=ctx.device,
-                         threads=ctx.threads, resources=ctx.model_resources)
+                         fingerprint=fingerprint, device=ctx.device, threads=ctx.threads,
+                         resources=ctx.model_resources)
     if todo:
         executor.run_stage(stage, todo)
     if unrolled is not None:
         executor.run_stage(stage, [unrolled])
-    log.info("prepared %d checkpoints in %s (%d computed now)",
-             len(ctx.influence_settings().checkpoints or trajectory.checkpoints), out, len(todo))
+    count = len(ctx.influence_settings().checkpoints or trajectory.checkpoints)
+    log.info("prepared %d checkpoints in %s (%d computed now)", count, out, len(todo))
     return out
 
 
 def prepared_target_losses(ctx: RunContext, trajectory: Trajectory) -> dict[int, float]:
     """L_V per trajectory checkpoint index, from ``<run>/prepared/ckpt_XXX.pt`` (written by this
     stage); checkpoints not prepared (yet, or under another configuration) are absent."""
-    from pipeline.io.storage import is_remote
-
     indices = ctx.influence_settings().checkpoints or tuple(range(len(trajectory.checkpoints)))
     fingerprint = prepare_fingerprint(ctx.config, trajectory)
     losses: dict[int, float] = {}
@@ -230,9 +236,7 @@ def prepared_target_losses(ctx: RunContext, trajectory: Trajectory) -> dict[int,
         path = ctx.layout.prepared_checkpoint(k)
         if not path.is_file():
             continue
-        # memory-mapped when local: only the scalar is read, not u, g, w
-        obj = read_torch(path) if is_remote(path) else torch.load(path, map_location="cpu",
-                                                                   weights_only=True, mmap=True)
+        obj = _scalars(path)
         if obj.get("fingerprint") == fingerprint and obj.get("target_loss") is not None:
             losses[index] = float(obj["target_loss"])
     return losses

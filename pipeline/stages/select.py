@@ -568,7 +568,7 @@ def selection_fingerprint(cfg: SelectConfig, score_files: Sequence[StoragePath])
     from pipeline.io.scores import read_fingerprint
 
     files = [(p.name, read_fingerprint(p), p.stat().st_size) for p in score_files]
-    settings = cfg.model_dump(mode="json", exclude={"max_rows_in_memory"})  # no effect on outputs
+    settings = cfg.model_dump(mode="json", exclude=set(cfg.EXECUTION_ONLY))
     payload = json.dumps({"select": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
