@@ -36,7 +36,6 @@ the rates depend on what else runs on the machine.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -195,9 +194,8 @@ def _scored_pairs_counter(scores_dir: Path, sizes: dict[str, int]) -> Callable[[
 def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict[str, Any]:
     """Run prepare → score → select → reshard over ``plan.pairs`` synthetic pairs; time and memory."""
     from pipeline.data.shards import load_sizes
-    from pipeline.runtime.executor import RayExecutor, stage_actor_pids
+    from pipeline.runtime.executor import RayExecutor
     from pipeline.stages.pipeline import run_pipeline
-    from pipeline.stages.score import ScoreStage
 
     corpus = ensure_corpus(work / f"corpus-{plan.pairs}-{plan.image_size}px-{plan.shard_size}",
                            plan.pairs, plan.image_size, plan.shard_size, CORPUS_SEED)
@@ -211,8 +209,7 @@ def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict
         config = scale_config(plan, corpus, target, trajectory)
         sampler = RssSampler(_scored_pairs_counter(run_dir / "scores", load_sizes(corpus["sizes"])),
                              plan.checkpoint_pairs, plan.interval, progress_path=run_dir / "scale_progress.json",
-                             expected_actors=plan.actors,
-                             find_actors=functools.partial(stage_actor_pids, stage=ScoreStage.__name__))
+                             expected_actors=plan.actors)  # the only actors: prepare, select, reshard are tasks
         driver_reset = reset_peak()
         load_start = os.getloadavg()
         sampler.start()

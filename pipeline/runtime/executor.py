@@ -95,30 +95,23 @@ class StageActor(Generic[TaskT, ResultT]):
         except Exception as exc:
             self.setup_error = exc
 
-    def __repr__(self) -> str:  # Ray's state API lists it as the actor's repr_name
-        return f"{type(self).__name__}({type(self.stage).__name__})"
-
     def process(self, task: TaskT) -> ResultT:
         if self.setup_error is not None:
             raise self.setup_error
         return self.stage.process(task)
 
 
-def stage_actor_pids(address: str | None = None, stage: str | None = None) -> list[int]:
+def stage_actor_pids(address: str | None = None) -> list[int]:
     """Pids of the live actors of :class:`RayExecutor`'s actor pools in the Ray cluster at
     ``address`` (its GCS address; default: this process's cluster — named explicitly, because
     the state API's auto-discovery refuses when several Ray instances run on the machine).
-    Without ``stage`` actors still in ``setup()`` count too; with ``stage`` (a stage class
-    name, e.g. ``"ScoreStage"``) only the set-up actors of that stage's pools (an actor's
-    name is known once its constructor, which runs ``setup()``, has returned)."""
+    Actors still in ``setup()`` count too."""
     import ray
     from ray.util.state import list_actors
 
     address = address or ray.get_runtime_context().gcs_address
-    filters = [("class_name", "=", StageActor.__name__), ("state", "!=", "DEAD")]
-    if stage is not None:
-        filters.append(("repr_name", "=", f"{StageActor.__name__}({stage})"))
-    actors = list_actors(address=address, detail=True, filters=filters)
+    actors = list_actors(address=address, detail=True,
+                         filters=[("class_name", "=", StageActor.__name__), ("state", "!=", "DEAD")])
     return sorted(int(a.pid) for a in actors if a.pid)
 
 def _get(ray: Any, refs: Any) -> Any:
