@@ -34,9 +34,13 @@ COLUMN_COMPONENTS: dict[str, tuple[str, ...]] = {  # score column → the compon
     "diffin_unrolled_adam": ("d_adam",),  # score.adam: the unrolled recursion in Adam's metric
     "tracin_adam": ("a_adam",),  # score.adam: ⟨P_t u_t, G_z⟩, P_t Adam's preconditioner
     "clip_score": (),  # cosine of the pair's embeddings at the last checkpoint: always computed
+    "neg_clip_loss": (),  # negCLIPLoss against fixed corpus pools (influence/embeddings.py): always computed
+    "norm_sim_2": (),  # NormSim_2 of the image against the target images: always computed
+    "norm_sim_inf": (),  # NormSim_inf (nearest target image's similarity): always computed
 }
 SCORE_COLUMNS = tuple(COLUMN_COMPONENTS)  # the score files' float columns, in file order
 ESTIMATE_COLUMNS = tuple(c for c, needs in COLUMN_COMPONENTS.items() if needs)  # estimates of ΔL_V (units of L_V)
+EMBEDDING_COLUMNS = tuple(c for c, needs in COLUMN_COMPONENTS.items() if not needs)  # the last checkpoint's embeddings
 METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {  # score.method → the components it computes
     "unrolled": ("d",),  # one JVP per checkpoint
     "tracin": ("a",),  # one JVP per checkpoint
@@ -123,7 +127,7 @@ def compute_columns(components: Mapping[str, Tensor], ctx: ScoreContext) -> dict
     """Every score column (in file order) whose components are all given, in float64.
 
     ``components``: name → [m, n] (checkpoint × sample). Columns without a formula here
-    (``clip_score``) are the scoring facade's.
+    (:data:`EMBEDDING_COLUMNS`) are the scoring facade's.
     """
     m = len(ctx.checkpoints)
     for name, value in components.items():

@@ -22,6 +22,7 @@ META_CONFIG = b"diffin.config_fingerprint"
 META_TRAJECTORY = b"diffin.trajectory_fingerprint"
 META_VERSION = b"diffin.version"
 META_SHARD = b"diffin.shard"  # JSON: what reading the shard found (status, expected, read, rows, ok, failed)
+CLUSTER_COLUMN = "cluster"  # k-means cluster of the pair's image embedding at the last checkpoint (null: none)
 
 SCHEMA = pa.schema([
     pa.field("uid", pa.string(), nullable=False),
@@ -31,6 +32,7 @@ SCHEMA = pa.schema([
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
     *(pa.field(name, pa.float64()) for name in SCORE_COLUMNS),
+    pa.field(CLUSTER_COLUMN, pa.int32()),
     *(pa.field(name, pa.list_(pa.float64())) for name in COMPONENTS),
 ])
 
@@ -43,10 +45,13 @@ def write_scores(path: str | os.PathLike, rows: dict[str, Sequence[Any]], config
 
     ``extra`` adds string columns after the schema's (e.g. ``json.<field>`` copied from the
     samples' json for stratified selection); ``shard`` is stored as JSON in the file's
-    metadata (the shard-level status and counts, for reconciliation). The writer is configured for byte-stable
-    output (no timestamps, fixed compression).
+    metadata (the shard-level status and counts, for reconciliation). A ``rows`` without the
+    ``cluster`` column (clustering off) writes it as nulls. The writer is configured for
+    byte-stable output (no timestamps, fixed compression).
     """
     schema = SCHEMA
+    if CLUSTER_COLUMN not in rows:
+        rows = {**rows, CLUSTER_COLUMN: [None] * len(rows["uid"])}
     for name in extra or {}:
         schema = schema.append(pa.field(name, pa.string()))
     data = {**rows, **(extra or {})}

@@ -33,7 +33,8 @@ from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS, columns_compute
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
 from pipeline.io.storage import StoragePath
 from pipeline.io.layout import RunLayout
-from pipeline.io.scores import META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta, write_scores
+from pipeline.io.scores import (CLUSTER_COLUMN, META_CONFIG, META_SHARD, SCHEMA, read_file_metadata, read_shard_meta,
+                                write_scores)
 from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.context import RunContext
 
@@ -183,6 +184,7 @@ class ScoreStage:
             cols["error"].append(None if row["status"] == "ok" else row["error"])
             for name in SCORE_COLUMNS:
                 cols[name].append(scores.get(name) if scores else None)
+            cols[CLUSTER_COLUMN].append(row.get(CLUSTER_COLUMN) if scores else None)
             for name in COMPONENTS:
                 cols[name].append(comps.get(name) if comps else None)
         return cols
