@@ -26,19 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(dataset, seed) cells run in N processes (default 2; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads per process (default 1)")
+    parser.add_argument("--methods", default=None, metavar="LIST",
+                        help="comma-separated methods: COLUMN (top fraction), COLUMN+drop, COLUMN+cluster, chain, "
+                             "random, oracle (default: the full comparison; see docs/QUALITY.md)")
 
 
 def settings(args: argparse.Namespace) -> quality.QualitySettings:
     """The preset chosen by ``--quick``, with the command-line overrides applied."""
     return quality.settings_for(args.quick, seeds=args.seeds, workers=args.workers,
                                 datasets=args.datasets.split(",") if args.datasets else None,
-                                threads=args.threads)
+                                threads=args.threads, methods=args.methods.split(",") if args.methods else None)
 
 
 def command(args: argparse.Namespace, out: str) -> str:
     """The canonical ``diffin bench quality …`` command that reproduces ``args``."""
     return bench_command("quality", args, out, (("--seeds", args.seeds), ("--workers", args.workers),
-                                                 ("--datasets", args.datasets)))
+                                                 ("--datasets", args.datasets), ("--methods", args.methods)))
 
 
 def run(args: argparse.Namespace) -> int:

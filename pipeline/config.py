@@ -125,6 +125,22 @@ class UnrolledConfig(Section):
                                                       "H_k is taken over at each checkpoint")
 
 
+class EmbeddingsConfig(Section):
+    """The embedding columns (``clip_score``, ``neg_clip_loss``, ``norm_sim_2``, ``norm_sim_inf``)
+    and the ``cluster`` column: computed from the last scored checkpoint's embeddings by every
+    ``score.method``, against reference sets fixed once per run in prepare."""
+
+    pool_pairs: PositiveInt = Field(2048, description="corpus pairs (never target pairs) embedded once: the "
+                                                      "negCLIPLoss pools are drawn from them, k-means runs on them")
+    pools: PositiveInt = Field(10, description="random negative pools K that neg_clip_loss averages over")
+    pool_size: PositiveInt = Field(255, description="negatives per pool (a batch of pool_size + 1 with the pair)")
+    temperature: PositiveFloat | None = Field(None, allow_inf_nan=False,
+                                              description="neg_clip_loss temperature; null: the checkpoint's "
+                                                          "learned 1/exp(logit_scale)")
+    clusters: NonNegativeInt = Field(10, description="k-means clusters of image embeddings written as the "
+                                                     "score files' cluster column (select.fill: cluster); 0: none")
+
+
 class ScoreConfig(Section):
     """How pairs are scored."""
 
@@ -139,6 +155,7 @@ class ScoreConfig(Section):
         DEFAULT_METHOD, description="which scores to compute: unrolled (diffin_unrolled, one JVP per checkpoint), "
                                     "tracin (one JVP), diffin (diffin, diffin_eq9, tracin: three JVPs), all")
     unrolled: UnrolledConfig = UnrolledConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
     adam: bool = Field(False, description="also the optimizer-aware twins (tracin_adam, diffin_unrolled_adam) of the "
                                          "method's first-order/unrolled scores: one more JVP per checkpoint each")
     dtype: Literal["float32", "float64"] = "float32"

@@ -7,8 +7,9 @@ trained on the pairs an alternative keeps, at the same budget. For each dataset 
 2. score every training pair against it (:class:`TrajectoryInfluence`: ``diffin``,
    ``diffin_eq9``, ``tracin``, ``clip_score``), the target set V being clean held-out pairs;
 3. write the scores as score files and select with the real reducer,
-   :func:`pipeline.stages.select.select`: ``top_fraction`` of each score column (ties by
-   uid) and the seeded ``random`` rule, keeping 50 % and 30 %;
+   :func:`pipeline.stages.select.select`, each method's rule (:mod:`pipeline.bench.selections`:
+   a column under top fraction, drop-then-fill or per-cluster fill; the published chain; the
+   seeded random rule; the label oracle), keeping 50 % and 30 %;
 4. retrain a fresh model on each subset with the same settings and number of steps
    (:func:`train_final`: same initialisation and schedule; the subset's pairs keep their
    relative visiting order). The ``full`` model is the proxy's final checkpoint, which is
@@ -24,6 +25,11 @@ with label = noisy and score = −(method score). Every score is "higher = keep"
 score flags a likely mismatched pair and AUC > 0.5 means the method puts mismatched pairs
 below clean ones. ``random``'s score is the reverse of the random rule's order (the pairs it
 keeps first score highest), so it gets the same treatment.
+
+Resumable: every finished cell — a (dataset, seed)'s scoring, or one (budget, method) retrain —
+is appended to a results file beside the report (:func:`cells_path`), the scores are cached in
+the work directory, and a rerun computes only what is missing; the report is built from the
+results file (cells of other settings are ignored).
 
 Data splits are fixed (seed 0 of the corpus and of the split); the seed of a run sets the
 proxy's and the retrained models' initialisation and visiting order, the negative bank,
@@ -64,10 +70,11 @@ from pipeline.data.pairs import PairTable
 from pipeline.data.shards import SIZES_FILE, expand_shards, iter_raw_samples, load_sizes
 from pipeline.data.uids import uids_to_u8u8
 from pipeline.errors import UsageError
-from pipeline.io.atomic import write_json_atomic
+from pipeline.bench.selections import Method, default_methods
+from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.layout import shard_stem
-from pipeline.influence.scores import METHOD_COMPONENTS, columns_computed
-from pipeline.io.scores import COMPONENTS, SCORE_COLUMNS, write_scores
+from pipeline.influence.scores import ESTIMATE_COLUMNS, METHOD_COMPONENTS, columns_computed
+from pipeline.io.scores import CLUSTER_COLUMN, COMPONENTS, SCORE_COLUMNS, write_scores
 from pipeline.model.clip import build_clip, model_spec
 from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence
@@ -79,7 +86,10 @@ from pipeline.stages.select import KEPT_FILE, select
 log = logging.getLogger(__name__)
 
 SCORED = columns_computed(METHOD_COMPONENTS["all"])  # every score column of method all (no Adam twins)
-METHODS = (*SCORED, "random")
+METHODS = default_methods()
+QUICK_METHODS = ("random", "oracle", "diffin_unrolled", "diffin_unrolled+drop", "diffin_unrolled+cluster",
+                 "clip_score", "clip_score+drop", "neg_clip_loss", "norm_sim_2", "norm_sim_inf", "chain", "tracin",
+                 "diffin", "diffin_eq9")  # every rule and column once: the machinery, not the outcome
 BUDGETS = (("keep_50", 0.5), ("keep_30", 0.3))
 DATASETS = ("fashion_mnist", "openclipart")
 METRICS = {"fashion_mnist": ("acc",), "openclipart": ("r1", "r5")}
@@ -122,6 +132,7 @@ class QualitySettings:
     noise: float = 0.3
     threads: int = 1
     workers: int = 1
+    methods: tuple[str, ...] = METHODS
 
     def dataset(self, name: str) -> DatasetSettings:
         """The settings of dataset ``name``."""
@@ -152,15 +163,18 @@ def quick_settings() -> QualitySettings:
                                       influence=influence),
         openclipart=DatasetSettings(num_train=120, num_target=64, num_eval=40, train=train,
                                     influence=influence, corpus_limit=260),
-        seeds=(0,))
+        seeds=(0,), methods=QUICK_METHODS)
 
 
 def settings_for(quick: bool = False, seeds: int | None = None, workers: int | None = None,
-                 datasets: Sequence[str] | None = None, threads: int = 1) -> QualitySettings:
+                 datasets: Sequence[str] | None = None, threads: int = 1,
+                 methods: Sequence[str] | None = None) -> QualitySettings:
     """The quick or full preset with these overrides (None or empty: the preset's value);
     ``seeds``: run seeds 0..seeds-1."""
     settings = quick_settings() if quick else full_settings()
     changes: dict[str, Any] = {"threads": threads}
+    if methods:
+        changes["methods"] = tuple(Method.parse(m).name for m in methods)
     if seeds is not None:
         if seeds < 1:
             raise UsageError(f"--seeds must be >= 1, got {seeds}")
@@ -262,6 +276,7 @@ class DatasetData:
     eval: PairTable
     eval_labels: np.ndarray | None = None  # Fashion-MNIST: true class of each eval image
     noisy: np.ndarray | None = None        # Fashion-MNIST: ground truth per training pair
+    train_labels: np.ndarray | None = None  # Fashion-MNIST: true class of each training image
     corpus: str = ""
 
 
@@ -280,7 +295,9 @@ def load_fashion_mnist(spec: DatasetSettings, data_dir: str | Path, noise: float
     evaluation = test.subset(order[spec.num_target:spec.num_target + spec.num_eval])
     noisy = np.array([bool(train_meta[u]["noisy"]) for u in train.uids])
     labels = np.array([int(test_meta[u]["label"]) for u in evaluation.uids])
-    return DatasetData("fashion_mnist", train, target, evaluation, labels, noisy, str(directory))
+    train_labels = np.array([int(train_meta[u]["label"]) for u in train.uids])
+    return DatasetData("fashion_mnist", train, target, evaluation, eval_labels=labels, noisy=noisy,
+                       train_labels=train_labels, corpus=str(directory))
 
 
 def load_openclipart(spec: DatasetSettings, data_dir: str | Path) -> DatasetData:
@@ -327,6 +344,7 @@ def write_score_files(table: PairTable, scores: dict[str, Tensor], out_dir: Path
             "error": [None] * len(rows),
             # columns and components not computed (the Adam twins) stay null, as in the pipeline
             **{c: scores[c][rows].tolist() if c in scores else [None] * len(rows) for c in SCORE_COLUMNS},
+            **({CLUSTER_COLUMN: [int(x) for x in scores[CLUSTER_COLUMN][rows]]} if CLUSTER_COLUMN in scores else {}),
             **{c: scores[c][:, rows].T.tolist() if c in scores else [None] * len(rows) for c in COMPONENTS},
         }
         path = out_dir / f"{shard_stem(url)}.parquet"
@@ -341,17 +359,22 @@ def select_uids(score_files: Sequence[Path], cfg: SelectConfig, out_dir: Path) -
     return pq.read_table(out_dir / KEPT_FILE, columns=["uid"]).column("uid").to_pylist()
 
 
-def selection_config(method: str, fraction: float, seed: int) -> SelectConfig:
-    """The select rule of ``method`` at ``fraction``: top fraction of its column, or random."""
-    if method == "random":
-        return SelectConfig(rule="random", fraction=fraction, seed=seed)
-    return SelectConfig(column=method, rule="top_fraction", fraction=fraction)
+def selection_config(method: str, fraction: float, seed: int) -> SelectConfig | None:
+    """The select rule of ``method`` (:mod:`pipeline.bench.selections`) at ``fraction``."""
+    return Method.parse(method).select_config(fraction, seed)
 
 
 def random_rule_scores(uids: Sequence[str], seed: int) -> np.ndarray:
     """A score whose order is the random rule's (the first pair it keeps scores highest)."""
     hi, lo = uids_to_u8u8(pa.array(list(uids), pa.string()))
     return -seeded_uid_hash(hi, lo, seed).astype(np.float64)
+
+
+def oracle_uids(uids: Sequence[str], noisy: np.ndarray, fraction: float, seed: int) -> list[str]:
+    """The label oracle: no mismatched pair, the budget filled in the random rule's order
+    (mismatched pairs last, only if the clean ones cannot fill it)."""
+    order = np.lexsort((-random_rule_scores(uids, seed), noisy.astype(np.int8)))
+    return sorted(uids[i] for i in order[:round_half_up(fraction, len(uids))])
 
 
 def evaluate_model(model: nn.Module, data: DatasetData) -> dict[str, float]:
@@ -369,18 +392,68 @@ def final_model(trajectory: Trajectory) -> nn.Module:
     return model
 
 
+# --------------------------------------------------------------------------- results file
+
+
+def cells_path(out: str | Path) -> Path:
+    """The per-cell results file beside the report: ``quality.json`` → ``quality_cells.jsonl``.
+    One JSON line per finished cell (a (dataset, seed) scoring, or one retrain); a rerun
+    resumes from it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_cells.jsonl")
+
+
+def settings_fingerprint(spec: DatasetSettings, noise: float) -> str:
+    """What a dataset's cells depend on (sizes, training, scoring); cells of another are ignored."""
+    payload = json.dumps({"spec": dataclasses.asdict(spec) | {"train": spec.train.model_dump(mode="json")},
+                          "noise": noise}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_cells(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a results file (a torn last line from a killed run is skipped)."""
+    if not path.is_file():
+        return []
+    cells = []
+    for line in path.read_text().splitlines():
+        try:
+            cells.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return cells
+
+
+def append_cell(path: Path, cell: dict[str, Any]) -> None:
+    """Append one line with a single write (whole lines from concurrent workers never interleave)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(cell, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _cell_key(cell: dict[str, Any]) -> tuple:
+    return (cell["settings"], cell["dataset"], cell["seed"], cell["kind"], cell.get("budget"), cell.get("method"))
+
+
 # --------------------------------------------------------------------------- one cell
 
 
 @dataclass(frozen=True)
 class CellJob:
-    """One (dataset, seed): proxy, scores, every subset retrained and evaluated."""
+    """One (dataset, seed): proxy and scores (cached), then every (budget, method) retrain
+    not yet in the results file."""
 
     data: DatasetData
     spec: DatasetSettings
     seed: int
     threads: int
-    work_dir: str | None = None
+    methods: tuple[str, ...]
+    cells_file: str
+    fingerprint: str
+    work_dir: str
 
 
 def _seeded(spec: DatasetSettings, seed: int, threads: int) -> tuple[TrainConfig, InfluenceSettings]:
@@ -389,75 +462,125 @@ def _seeded(spec: DatasetSettings, seed: int, threads: int) -> tuple[TrainConfig
 
 
 def score_training_pairs(trajectory: Trajectory, influence: InfluenceSettings,
-                         data: DatasetData) -> dict[str, Tensor]:
-    """Every score column for the training pairs, V and the bank from the target pairs."""
+                         data: DatasetData) -> tuple[dict[str, Tensor], list[float]]:
+    """Every score column for the training pairs, V and the bank from the target pairs; and
+    the target loss L_V at each checkpoint."""
     scorer = TrajectoryInfluence(trajectory, influence)
-    scorer.load_prepared(scorer.prepare(data.target, data.train))
-    return scorer.score_table(data.train)
+    prepared = scorer.prepare(data.target, data.train)
+    scorer.load_prepared(prepared)
+    return scorer.score_table(data.train), [p.target_loss for p in prepared.prepared]
 
 
-def run_cell(job: CellJob) -> dict[str, Any]:
-    """Train, score, select and retrain for one dataset and seed; metrics and bookkeeping."""
-    torch.set_num_threads(job.threads)
+def _scores_cache(job: CellJob) -> Path:
+    return Path(job.work_dir) / f"{job.data.name}_s{job.seed}_{job.fingerprint}.npz"
+
+
+def cell_scores(job: CellJob) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The cell's per-pair scores (SCORED columns and ``cluster``) and its scoring record:
+    from the cache when this (dataset, seed, settings) was scored before, else train the
+    proxy, score, evaluate the full model and cache."""
+    cache = _scores_cache(job)
+    done = {_cell_key(c): c for c in read_cells(Path(job.cells_file))}
+    record = done.get((job.fingerprint, job.data.name, job.seed, "scores", None, None))
+    if record is not None and cache.is_file():
+        with np.load(cache) as arrays:
+            return {k: arrays[k] for k in arrays.files}, record
     data, train = job.data, job.data.train
     cfg, influence = _seeded(job.spec, job.seed, job.threads)
-    seconds: dict[str, float] = {}
-    cpu_seconds: dict[str, float] = {}
-    clock, cpu_clock = time.perf_counter(), time.process_time()
-
-    def lap(name: str, what: str = "") -> None:
-        nonlocal clock, cpu_clock
-        now, cpu_now = time.perf_counter(), time.process_time()
-        seconds[name] = round(seconds.get(name, 0.0) + now - clock, 2)
-        cpu_seconds[name] = round(cpu_seconds.get(name, 0.0) + cpu_now - cpu_clock, 2)
-        if what:
-            log.info("quality %s seed %d: %s (%.0f s)", data.name, job.seed, what, now - clock)
-        clock, cpu_clock = now, cpu_now
-
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=job.work_dir, prefix=f"quality-{data.name}-s{job.seed}-") as tmp:
         trajectory = train_proxy(train, cfg, Path(tmp) / "trajectory", log_every=0)
-        lap("proxy_train", f"proxy trajectory trained ({cfg.steps} steps)")
-        scores = score_training_pairs(trajectory, influence, data)
-        files = write_score_files(train, scores, Path(tmp) / "scores", f"quality-{data.name}-seed{job.seed}")
-        lap("score", f"{len(train)} pairs scored")
-        metrics: dict[str, Any] = {"full": evaluate_model(final_model(trajectory), data)}
-        lap("eval")
-        kept: dict[str, dict[str, list[str]]] = {}
+        t_train = time.perf_counter() - start
+        log.info("quality %s seed %d: proxy trained (%.0f s)", data.name, job.seed, t_train)
+        scores, target_loss = score_training_pairs(trajectory, influence, data)
+        t_score = time.perf_counter() - start - t_train
+        log.info("quality %s seed %d: %d pairs scored (%.0f s)", data.name, job.seed, len(train), t_score)
+        full = evaluate_model(final_model(trajectory), data)
+    arrays = {c: scores[c].numpy() for c in SCORED}
+    arrays[CLUSTER_COLUMN] = scores[CLUSTER_COLUMN].numpy().astype(np.int32)
+    arrays["random"] = random_rule_scores(train.uids, job.seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp_path:
+        with open(tmp_path, "wb") as handle:
+            np.savez(handle, **arrays)
+    record = {"settings": job.fingerprint, "dataset": data.name, "seed": job.seed, "kind": "scores",
+              "full": full, "target_loss": [round(x, 6) for x in target_loss],
+              "target_loss_falls": bool(target_loss[-1] < target_loss[0]),
+              "seconds": {"proxy_train": round(t_train, 1), "score": round(t_score, 1)},
+              **_score_report(data, arrays)}
+    append_cell(Path(job.cells_file), record)
+    return arrays, record
+
+
+def _score_report(data: DatasetData, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Noise AUC of every column and the mismatched share among negative estimates
+    (Fashion-MNIST), and the cluster sizes."""
+    report: dict[str, Any] = {"cluster_sizes": np.bincount(arrays[CLUSTER_COLUMN]).tolist()}
+    if data.noisy is not None:
+        report["noise_auc"] = {m: noise_auc(data.noisy, arrays[m]) for m in (*SCORED, "random")}
+        report["noisy_in_train"] = int(data.noisy.sum())
+        report["below_zero"] = {
+            c: {"share": float(np.mean(arrays[c] < 0)),
+                "mismatched_among": float(data.noisy[arrays[c] < 0].mean()) if (arrays[c] < 0).any() else None}
+            for c in ESTIMATE_COLUMNS if c in arrays}
+    return report
+
+
+def kept_uids(method: str, job: CellJob, arrays: dict[str, np.ndarray], fraction: float,
+              score_files: Sequence[Path], out_dir: Path) -> list[str]:
+    """The uids ``method`` keeps at ``fraction`` (the reducer, or the oracle by hand)."""
+    cfg = selection_config(method, fraction, job.seed)
+    if cfg is None:
+        return oracle_uids(job.data.train.uids, job.data.noisy, fraction, job.seed)
+    return select_uids(score_files, cfg, out_dir)
+
+
+def subset_record(data: DatasetData, uids: Sequence[str]) -> dict[str, Any]:
+    """What a kept set holds: its size and digest, mismatched share and true-class counts
+    (Fashion-MNIST), distinct captions (every dataset)."""
+    position = {u: i for i, u in enumerate(data.train.uids)}
+    rows = np.array([position[u] for u in uids], dtype=np.int64)
+    record: dict[str, Any] = {"n_kept": len(uids), "kept_digest": _digest(uids),
+                              "distinct_captions": len({data.train.captions[i] for i in rows})}
+    if data.noisy is not None:
+        record["kept_noisy_fraction"] = float(data.noisy[rows].mean()) if len(rows) else 0.0
+    if data.train_labels is not None:
+        record["class_counts"] = np.bincount(data.train_labels[rows], minlength=10).tolist()
+    return record
+
+
+def run_cell(job: CellJob) -> None:
+    """Score (or reuse) one (dataset, seed), then retrain every (budget, method) not yet in
+    the results file, appending each as it finishes."""
+    torch.set_num_threads(job.threads)
+    data, train = job.data, job.data.train
+    arrays, _ = cell_scores(job)
+    cfg, _ = _seeded(job.spec, job.seed, job.threads)
+    done = {_cell_key(c) for c in read_cells(Path(job.cells_file))}
+    with tempfile.TemporaryDirectory(dir=job.work_dir, prefix=f"select-{data.name}-s{job.seed}-") as tmp:
+        files = write_score_files(train, {k: torch.from_numpy(v) for k, v in arrays.items()}, Path(tmp) / "scores",
+                                  f"quality-{data.name}-seed{job.seed}")
         for budget, fraction in BUDGETS:
-            metrics[budget], kept[budget] = {}, {}
-            for method in METHODS:
-                uids = select_uids(files, selection_config(method, fraction, job.seed),
-                                   Path(tmp) / "selection" / f"{budget}_{method}")
-                kept[budget][method] = uids
-                lap("select")
+            for method in job.methods:
+                if (job.fingerprint, data.name, job.seed, "retrain", budget, method) in done:
+                    continue
+                if Method.parse(method).needs_labels and data.noisy is None:
+                    continue
+                start = time.perf_counter()
+                uids = kept_uids(method, job, arrays, fraction, files, Path(tmp) / "selection" / f"{budget}_{method}")
                 model = train_final(train, cfg, exclude=set(train.uids) - set(uids))
-                lap("retrain", f"{budget} {method}: retrained on {len(uids)} pairs")
-                metrics[budget][method] = evaluate_model(model, data)
-                lap("eval", f"{budget} {method}: {metrics[budget][method]}")
-    per_pair = {m: scores[m].numpy() for m in SCORED}
-    per_pair["random"] = random_rule_scores(train.uids, job.seed)
-    return {"dataset": data.name, "seed": job.seed, "metrics": metrics,
-            "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "subset_sizes": {b: {m: len(u) for m, u in by.items()} for b, by in kept.items()},
-            "kept_digest": {b: {m: _digest(u) for m, u in by.items()} for b, by in kept.items()},
-            **_noise_report(data, per_pair, kept)}
+                metrics = evaluate_model(model, data)
+                log.info("quality %s seed %d %s %s: %s (%d pairs, %.0f s)", data.name, job.seed, budget, method,
+                         metrics, len(uids), time.perf_counter() - start)
+                append_cell(Path(job.cells_file), {
+                    "settings": job.fingerprint, "dataset": data.name, "seed": job.seed, "kind": "retrain",
+                    "budget": budget, "method": method, "metrics": metrics,
+                    "seconds": round(time.perf_counter() - start, 1), **subset_record(data, uids)})
 
 
 def _digest(uids: Sequence[str]) -> str:
     """A short hash of a uid set (to compare selections across runs)."""
     return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
-
-
-def _noise_report(data: DatasetData, per_pair: dict[str, np.ndarray],
-                  kept: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
-    """Noise AUC per method and the noisy share of each kept subset (Fashion-MNIST only)."""
-    if data.noisy is None:
-        return {}
-    noisy_by_uid = dict(zip(data.train.uids, data.noisy.tolist()))
-    return {"noise_auc": {m: noise_auc(data.noisy, per_pair[m]) for m in METHODS},
-            "noisy_in_train": int(data.noisy.sum()),
-            "kept_noisy_fraction": {b: {m: float(np.mean([noisy_by_uid[u] for u in uids])) for m, uids in by.items()}
-                                    for b, by in kept.items()}}
 
 
 # --------------------------------------------------------------------------- the report
@@ -468,31 +591,57 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else None)
 
 
-def _summarise(values: Sequence[dict[str, float]], metrics: Sequence[str]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
+def _summarise(values: Sequence[dict[str, float]], metrics: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds": len(values)}
     for metric in metrics:
         out[f"{metric}_mean"], out[f"{metric}_std"] = _mean_std([v[metric] for v in values])
     return out
 
 
-def aggregate(name: str, cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's schema for one dataset from its per-seed cells."""
+def aggregate(name: str, cells: Sequence[dict[str, Any]], seeds: Sequence[int],
+              methods: Sequence[str]) -> dict[str, Any]:
+    """One dataset's report from its cells: per budget and method the mean ± std over the
+    seeds that finished (``seeds`` says how many), the headroom share where an oracle and a
+    random row exist, the full set, noise AUC per column."""
     metrics = METRICS[name]
+    scored = [c for c in cells if c["kind"] == "scores" and c["seed"] in seeds]
     report: dict[str, Any] = {}
     for budget, _ in BUDGETS:
-        report[budget] = {m: _summarise([c["metrics"][budget][m] for c in cells], metrics) for m in METHODS}
-    report["full"] = _summarise([c["metrics"]["full"] for c in cells], metrics)
-    if name == "fashion_mnist":
-        report["noise_auc"] = {m: float(np.mean([c["noise_auc"][m] for c in cells])) for m in METHODS}
+        rows: dict[str, Any] = {}
+        for method in methods:
+            mine = [c for c in cells if c["kind"] == "retrain" and c["budget"] == budget and c["method"] == method
+                    and c["seed"] in seeds]
+            if mine:
+                rows[method] = _summarise([c["metrics"] for c in mine], metrics)
+        _add_headroom(rows, metrics[0])
+        report[budget] = rows
+    if scored:
+        report["full"] = _summarise([c["full"] for c in scored], metrics)
+        if all("noise_auc" in c for c in scored):
+            report["noise_auc"] = {m: float(np.mean([c["noise_auc"][m] for c in scored]))
+                                   for m in scored[0]["noise_auc"]}
     return report
 
 
-def _run_cells(jobs: list[CellJob], workers: int) -> list[dict[str, Any]]:
+def _add_headroom(rows: dict[str, Any], metric: str) -> None:
+    """headroom = (method − random) / (oracle − random) on the mean of ``metric``."""
+    if "oracle" not in rows or "random" not in rows:
+        return
+    base, top = rows["random"][f"{metric}_mean"], rows["oracle"][f"{metric}_mean"]
+    if top - base <= 0:
+        return
+    for entry in rows.values():
+        entry["headroom"] = round((entry[f"{metric}_mean"] - base) / (top - base), 4)
+
+
+def _run_cells(jobs: list[CellJob], workers: int) -> None:
     if workers <= 1 or len(jobs) <= 1:
-        return [run_cell(job) for job in jobs]
+        for job in jobs:
+            run_cell(job)
+        return
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"),
                              initializer=_worker_logging) as pool:
-        return list(pool.map(run_cell, jobs))
+        list(pool.map(run_cell, jobs))
 
 
 def _worker_logging() -> None:
@@ -501,32 +650,37 @@ def _worker_logging() -> None:
 
 def run_benchmark(settings: QualitySettings, out: str | Path, data_dir: str | Path = "data",
                   command: str = "", work_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run every (dataset, seed) cell, write the JSON report to ``out`` and return it."""
+    """Run every (dataset, seed, budget, method) cell not yet in the results file beside
+    ``out`` (:func:`cells_path`), then write the JSON report to ``out`` and return it."""
     _check_settings(settings)
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    cells_file = cells_path(out)
+    work = Path(work_dir) if work_dir is not None else Path(data_dir) / "quality_work"
+    work.mkdir(parents=True, exist_ok=True)
+    prints = {name: settings_fingerprint(settings.dataset(name), settings.noise) for name in settings.datasets}
     try:
         datasets = {name: load_dataset(name, settings, data_dir) for name in settings.datasets}
         t_data = time.perf_counter() - start
-        jobs = [CellJob(datasets[name], settings.dataset(name), seed, settings.threads,
-                        None if work_dir is None else str(work_dir))
+        jobs = [CellJob(datasets[name], settings.dataset(name), seed, settings.threads, settings.methods,
+                        str(cells_file), prints[name], str(work))
                 for name in settings.datasets for seed in settings.seeds]
-        cells = _run_cells(jobs, settings.workers)
+        _run_cells(jobs, settings.workers)
     finally:
         torch.set_num_threads(previous_threads)
+    cells = [c for c in read_cells(cells_file) if prints.get(c["dataset"]) == c["settings"]]
     report: dict[str, Any] = {}
     for name in settings.datasets:
-        mine = [c for c in cells if c["dataset"] == name]
-        report[name] = aggregate(name, mine)
+        report[name] = aggregate(name, [c for c in cells if c["dataset"] == name], settings.seeds, settings.methods)
         log.info("quality %s:\n%s", name, format_table({name: report[name]}))
-    report["_meta"] = _meta(settings, datasets, cells, command, t_data, time.perf_counter() - start)
+    report["_meta"] = _meta(settings, datasets, cells, command, t_data, time.perf_counter() - start, cells_file)
     write_json_atomic(Path(out), report)
     return report
 
 
 def _meta(settings: QualitySettings, datasets: dict[str, DatasetData], cells: list[dict[str, Any]],
-          command: str, t_data: float, total: float) -> dict[str, Any]:
+          command: str, t_data: float, total: float, cells_file: Path) -> dict[str, Any]:
     data = {}
     for name, d in datasets.items():
         spec = settings.dataset(name)
@@ -534,25 +688,26 @@ def _meta(settings: QualitySettings, datasets: dict[str, DatasetData], cells: li
                       "bank": spec.influence.bank_size, "v": len(d.target) - spec.influence.bank_size,
                       "train_settings": spec.train.model_dump(mode="json"),
                       "influence": dataclasses.asdict(spec.influence),
-                      "expected_subset_sizes": {b: round_half_up(f, len(d.train)) for b, f in BUDGETS}}
+                      "expected_subset_sizes": {b: round_half_up(f, len(d.train)) for b, f in BUDGETS},
+                      "settings_fingerprint": settings_fingerprint(spec, settings.noise)}
         if d.noisy is not None:
             data[name]["noisy_in_train"] = int(d.noisy.sum())
     return {
-        "command": command, "seeds": list(settings.seeds), "noise": settings.noise,
-        "threads": settings.threads, "workers": settings.workers, "data": data, "cells": cells,
-        "selection": "pipeline.stages.select.select on per-shard score files: top_fraction of the "
-                     "method's column (ties by uid), random = the seeded random rule",
+        "command": command, "seeds": list(settings.seeds), "methods": list(settings.methods),
+        "noise": settings.noise, "threads": settings.threads, "workers": settings.workers, "data": data,
+        "cells_file": str(cells_file), "cells": cells,
+        "selection": "pipeline.stages.select.select on per-shard score files, the rule of each method "
+                     "(pipeline.bench.selections); the oracle by hand",
         "conventions": {
             "noise_auc": "sklearn roc_auc_score(label = noisy, score = -method score); mean over seeds",
             "random_score": "-(the random rule's seeded uid hash): its order is the rule's keep order",
             "recall": "r1/r5 = mean of image->text and text->image recall@k over held-out pairs; an "
                       "item whose caption equals the query pair's counts as correct; ties count against",
-            "std": "sample standard deviation over seeds (ddof=1); null with one seed",
+            "std": "sample standard deviation over the finished seeds (ddof=1); null with one seed",
+            "headroom": "(method - random) / (oracle - random) of the mean first metric",
             "full": "the proxy's final checkpoint = a retraining on every training pair",
         },
-        "seconds": {"data": round(t_data, 1), "total": round(total, 1),
-                    **{f"cells_{kind}": {k: round(sum(c[kind].get(k, 0.0) for c in cells), 1) for k in PHASES}
-                       for kind in ("seconds", "cpu_seconds")}},
+        "seconds": {"data": round(t_data, 1), "total_this_run": round(total, 1)},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "cpu_count": os.cpu_count(),
                         "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
@@ -563,26 +718,34 @@ def _meta(settings: QualitySettings, datasets: dict[str, DatasetData], cells: li
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown tables of the report: per dataset, one row per method and budget."""
+    """Markdown tables of the report: per dataset, one row per method that has results."""
     lines: list[str] = []
     for name in DATASETS:
         if name not in report:
             continue
         metrics, part = METRICS[name], report[name]
-        head = [f"{m} {b}" for b, _ in BUDGETS for m in metrics]
-        auc = ["noise AUC"] if name == "fashion_mnist" else []
-        lines += [f"**{name}**", "", "| method | " + " | ".join(head + auc) + " |",
-                  "|---" * (1 + len(head) + len(auc)) + "|"]
-        for method in METHODS:
-            cells = [_fmt(part[b][method], m) for b, _ in BUDGETS for m in metrics]
+        head = [f"{m} {b}" for b, _ in BUDGETS for m in metrics] + [f"headroom {b}" for b, _ in BUDGETS]
+        auc = part.get("noise_auc", {})
+        lines += [f"**{name}**", "", "| method | " + " | ".join(head + (["noise AUC"] if auc else [])) + " |",
+                  "|---" * (1 + len(head) + bool(auc)) + "|"]
+        methods = dict.fromkeys(m for b, _ in BUDGETS for m in part[b])
+        for method in methods:
+            cells = [_fmt(part[b].get(method), m) for b, _ in BUDGETS for m in metrics]
+            cells += [f"{part[b][method]['headroom']:.2f}" if "headroom" in part[b].get(method, {}) else "—"
+                      for b, _ in BUDGETS]
             if auc:
-                cells.append(f"{part['noise_auc'][method]:.3f}")
+                column = Method.parse(method).column or method
+                cells.append(f"{auc[column]:.3f}" if column in auc else "—")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        full = [_fmt(part["full"], m) for _ in BUDGETS for m in metrics]
-        lines += ["| full (100 %) | " + " | ".join(full + ["—"] * len(auc)) + " |", ""]
+        if "full" in part:
+            full = [_fmt(part["full"], m) for _ in BUDGETS for m in metrics] + ["—"] * len(BUDGETS)
+            lines += ["| full (100 %) | " + " | ".join(full + (["—"] if auc else [])) + " |"]
+        lines.append("")
     return "\n".join(lines)
 
 
-def _fmt(entry: dict[str, float | None], metric: str) -> str:
+def _fmt(entry: dict[str, Any] | None, metric: str) -> str:
+    if entry is None:
+        return "—"
     mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"

@@ -4,6 +4,9 @@ Same model, same real data (OpenMoji pairs), same process, interleaved repeats (
 of each is kept, so background load hurts every method alike):
 
 - ``forward``        plain forward pass (eval, inference mode, default attention kernels)
+- ``embedding_columns`` the cheap filters' columns: a plain forward pass, then
+                     ``neg_clip_loss`` (10 pools of 255 negatives), ``norm_sim_2``/``norm_sim_inf``
+                     (against the target images) and the k-means ``cluster`` (10 centroids)
 - ``unrolled``       d only: one JVP along the unrolled direction (``diffin_unrolled``)
 - ``unrolled_compiled`` the same JVP through ``torch.compile`` (``score.compile``; the
                      one-off compile time is reported as ``compile_s``)
@@ -33,6 +36,7 @@ import torch
 
 from pipeline.data.corpora.openmoji import iter_openmoji_pairs
 from pipeline.data.pairs import PairTable, table_from_pairs
+from pipeline.influence.embeddings import EmbeddingReference, EmbeddingSettings
 from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import axpy, dot, from_vector, norm, params_of, scale, sub
@@ -130,13 +134,20 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         with torch.inference_mode():
             return model(*batch)
 
+    reference = _embedding_reference(model, device, target_size, seed)
+
+    def embedding_columns() -> object:
+        with torch.inference_mode():
+            img, txt = model(*batch)[:2]
+            return reference.columns(img, txt)
+
     def scored(scorer: CheckpointScorer) -> Callable[[], object]:
         def run() -> object:
             with forward_mode_safe():
                 return scorer(batch)
         return run
 
-    methods = {"forward": forward, **{k: scored(v) for k, v in scorers.items()}}
+    methods = {"forward": forward, "embedding_columns": embedding_columns, **{k: scored(v) for k, v in scorers.items()}}
     compile_s = _timed(methods["unrolled_compiled"], device) if compiled else None  # the first call compiles
     best = interleaved_min(methods, repeats, device)
     per_sample = {k: v / batch_size for k, v in best.items()}
@@ -159,6 +170,23 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
                      "image_size": size, "dtype": "float32", "device": str(device),
                      "parameters": sum(p.numel() for p in params.values())},
     }
+
+
+def _embedding_reference(model: torch.nn.Module, device: torch.device, target_size: int,
+                         seed: int) -> EmbeddingReference:
+    """Reference sets of the default sizes (:class:`EmbeddingSettings`) from random unit
+    embeddings: the columns' cost does not depend on the values."""
+    settings = EmbeddingSettings()
+    dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else 512
+    generator = torch.Generator().manual_seed(seed)
+
+    def unit(n: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).to(device)
+
+    sample = settings.pool_pairs
+    pools = torch.randint(sample, (settings.pools, settings.pool_size), generator=generator)
+    return EmbeddingReference([str(i) for i in range(sample)], unit(sample), unit(sample), pools.to(device),
+                              unit(target_size), 0.01, unit(settings.clusters))
 
 
 # Per model (full, quick): scoring batch, interleaved repeats, target |V|, proxy batch |B|,

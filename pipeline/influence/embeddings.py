@@ -18,6 +18,8 @@ images, centroids) are fixed once per run, so a pair's value never depends on it
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -100,3 +102,69 @@ def nearest_centroid(x: Tensor, centroids: Tensor) -> Tensor:
     the lower index."""
     sims = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(centroids.double(), dim=1).T
     return sims.argmax(1)
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """The embedding columns' reference sets (part of the scoring settings and fingerprint)."""
+
+    pool_pairs: int = 2048  # corpus pairs embedded once: the negative pools and the k-means sample
+    pools: int = 10  # K fixed random negative pools that negCLIPLoss averages over
+    pool_size: int = 255  # negatives per pool (a batch of 256 with the pair itself)
+    temperature: float | None = None  # negCLIPLoss τ; None: the checkpoint's learned 1/exp(logit_scale)
+    clusters: int = 10  # k-means clusters of image embeddings (the score files' cluster column); 0: none
+    kmeans_iterations: int = 25
+
+    def __post_init__(self) -> None:
+        for name in ("pool_pairs", "pools", "pool_size", "kmeans_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.clusters < 0:
+            raise ValueError(f"clusters must be >= 0, got {self.clusters}")
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be positive and finite, got {self.temperature}")
+
+
+@dataclass
+class EmbeddingReference:
+    """What the embedding columns of every pair are computed against, fixed once per run.
+
+    ``sample_uids``/``sample_img``/``sample_txt``: the embedded corpus sample [M, D];
+    ``pools``: [K, P] indices into the sample (pool k); ``target_img``: the target images
+    [V, D]; ``temperature``: negCLIPLoss's τ; ``centroids``: [C, D] or None.
+    """
+
+    sample_uids: list[str]
+    sample_img: Tensor
+    sample_txt: Tensor
+    pools: Tensor
+    target_img: Tensor
+    temperature: float
+    centroids: Tensor | None = None
+
+    def columns(self, img: Tensor, txt: Tensor, uids: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """``neg_clip_loss``, ``norm_sim_2``, ``norm_sim_inf`` (float64 [B]) and ``cluster``
+        (int64 [B], absent without centroids) for normalised embeddings of a batch; a pair
+        that is itself in the sample (by ``uids``) is left out of its own pools."""
+        img64, txt64 = img.double(), txt.double()
+        pool_img = self.sample_img.to(img.device, torch.float64)[self.pools]
+        pool_txt = self.sample_txt.to(img.device, torch.float64)[self.pools]
+        mask = None
+        if uids is not None:
+            where = {u: i for i, u in enumerate(self.sample_uids)}
+            own = torch.tensor([where.get(u, -1) for u in uids], device=img.device)
+            if bool((own >= 0).any()):
+                mask = self.pools.to(img.device)[None, :, :] == own[:, None, None]
+        target = self.target_img.to(img.device, torch.float64)
+        out = {"neg_clip_loss": neg_clip_loss(img64, txt64, pool_img, pool_txt, self.temperature, mask),
+               "norm_sim_2": norm_sim(img64, target, 2.0), "norm_sim_inf": norm_sim(img64, target, math.inf)}
+        if self.centroids is not None:
+            out["cluster"] = nearest_centroid(img64, self.centroids.to(img.device))
+        return {k: v.cpu() for k, v in out.items()}
+
+
+def draw_pools(sample_size: int, settings: EmbeddingSettings, order: Callable[[str], Sequence[int]]) -> Tensor:
+    """[K, P] pool indices into a sample of ``sample_size`` pairs: pool k is the first
+    P = min(pool_size, sample_size) of ``order(f"negpool{k}")`` (a seeded rank of the sample)."""
+    size = min(settings.pool_size, sample_size)
+    return torch.tensor([list(order(f"negpool{k}"))[:size] for k in range(settings.pools)], dtype=torch.int64)

@@ -35,6 +35,7 @@ REPORT_DIR = "report"
 REPORT_FILE = "index.html"
 BANK_FILE = "bank.pt"
 UNROLLED_FILE = "unrolled.pt"
+EMBEDDINGS_FILE = "embeddings.pt"  # the embedding columns' reference sets (corpus sample, pools, targets, centroids)
 
 
 def prepared_checkpoint_name(k: int) -> str:
@@ -111,6 +112,9 @@ class RunLayout:
 
     def unrolled_file(self) -> StoragePath:
         return self.prepared / UNROLLED_FILE
+
+    def embeddings_file(self) -> StoragePath:
+        return self.prepared / EMBEDDINGS_FILE
 
     def prepared_checkpoint(self, k: int) -> StoragePath:
         """``prepared/ckpt_XXX.pt`` of the k-th selected checkpoint."""

@@ -14,9 +14,11 @@ from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from pipeline.data.pairs import PairTable, rank_order
 from pipeline.errors import UsageError
+from pipeline.influence.embeddings import EmbeddingReference, EmbeddingSettings, draw_pools, kmeans
 from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp, vectors_needed
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
@@ -29,6 +31,8 @@ from pipeline.model.schedule import LRSchedule
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 
 log = logging.getLogger(__name__)
+
+EMBEDDING_SAMPLE_SALT = "embedding-sample"  # the corpus sample the embedding columns are computed against
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class InfluenceSettings:
     dtype: str = "float32"
     checkpoints: tuple[int, ...] | None = None  # indices into the trajectory; None = all
     compile: bool = False  # single-direction JVPs through torch.compile (one-off compile per shape)
+    embeddings: EmbeddingSettings = EmbeddingSettings()  # the embedding columns' reference sets
 
     @property
     def computed_components(self) -> tuple[str, ...]:
@@ -136,6 +141,7 @@ class PreparedTrajectory:
     prepared: list[PreparedCheckpoint]
     preconditioners: list[ParamDict | None] = field(default_factory=list)
     unrolled: UnrolledPrepared | None = None
+    embeddings: EmbeddingReference | None = None
 
 
 def segment_lrs(trajectory: Trajectory, steps: Sequence[int]) -> list[list[float]]:
@@ -180,6 +186,7 @@ class TrajectoryInfluence:
         self.weights = [CheckpointWeights(c.step, c.lr) for c in self.checkpoints]
         self._context = ScoreContext(self.weights, trajectory.num_samples, trajectory.total_steps)
         self._scorers: list[CheckpointScorer] | None = None
+        self._embeddings: EmbeddingReference | None = None
 
     @property
     def image_size(self) -> int:
@@ -226,13 +233,54 @@ class TrajectoryInfluence:
 
     def prepare(self, target: PairTable, train: PairTable) -> PreparedTrajectory:
         """Prepare every checkpoint in this process (the pipeline runs one task per checkpoint),
-        then the unrolled directions when component d is asked for."""
+        then the unrolled directions when component d is asked for, then the embedding
+        columns' reference sets (the corpus sample drawn from ``train`` by seed)."""
         bank_idx, _ = split_bank(target, self.settings.bank_size, self.settings.seed)
         results = [self.prepare_checkpoint(k, target, train) for k in range(len(self.params))]
         unrolled = self.prepare_unrolled(target, train) if "d" in self.settings.components else None
+        sample = train.subset(rank_select(train, self.settings.embeddings.pool_pairs, self.settings.seed,
+                                          EMBEDDING_SAMPLE_SALT))
         return PreparedTrajectory([target.uids[i] for i in bank_idx], target.images[bank_idx],
                                   [target.captions[i] for i in bank_idx],
-                                  [r[0] for r in results], [r[1] for r in results], unrolled)
+                                  [r[0] for r in results], [r[1] for r in results], unrolled,
+                                  self.prepare_embeddings(target, sample))
+
+    def embed(self, table: PairTable, indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Normalised image and text embeddings [n, D] of ``table``'s pairs (all, or ``indices``)
+        at the last selected checkpoint (the model of ``clip_score``)."""
+        indices = list(range(len(table))) if indices is None else list(indices)
+        parts = []
+        with torch.no_grad(), forward_mode_safe():
+            for images, tokens in self._batches(table, indices):
+                out = functional_call(self.model, self.params[-1], (images, tokens))  # open_clip normalises both
+                parts.append((out[0], out[1]))
+        if not parts:
+            raise ValueError("no pairs to embed")
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+    def prepare_embeddings(self, target: PairTable, sample: PairTable) -> EmbeddingReference:
+        """The reference sets of the embedding columns at the last selected checkpoint: the
+        corpus ``sample``'s embeddings with K negative pools drawn from it by seed, the
+        target set V's image embeddings (the target pairs outside the bank), negCLIPLoss's
+        temperature, and k-means centroids of the sample's image embeddings."""
+        s = self.settings
+        if len(sample) == 0:
+            raise UsageError("the embedding columns need a corpus sample, and none of the corpus pairs loaded")
+        _, target_idx = split_bank(target, s.bank_size, s.seed)
+        sample_img, sample_txt = self.embed(sample)
+        target_img, _ = self.embed(target, target_idx)
+        pools = draw_pools(len(sample), s.embeddings, lambda salt: rank_order(sample.uids, s.seed, salt))
+        temperature = s.embeddings.temperature
+        if temperature is None:
+            temperature = float(torch.exp(-self.params[-1]["logit_scale"].double()).cpu())
+        centroids = None
+        if s.embeddings.clusters:
+            k = min(s.embeddings.clusters, len(sample))
+            centroids = kmeans(sample_img, k, s.seed, s.embeddings.kmeans_iterations).float()
+        log.info("embedding references: %d sampled pairs, %d pools of %d, %d target images, tau %.4g, %s clusters",
+                 len(sample), pools.shape[0], pools.shape[1], len(target_idx), temperature,
+                 0 if centroids is None else len(centroids))
+        return EmbeddingReference(list(sample.uids), sample_img, sample_txt, pools, target_img, temperature, centroids)
 
     def prepare_unrolled(self, target: PairTable, train: PairTable, adam_only: bool = False) -> UnrolledPrepared:
         """The unrolled directions acc_k of every checkpoint, backward from the last (sequential).
@@ -306,6 +354,7 @@ class TrajectoryInfluence:
         directions = [here(x) for x in unrolled.directions] if "d" in s.components else [None] * m
         adam_dirs = ([here(x) for x in unrolled.adam_directions]
                      if "d" in s.components and unrolled.adam_directions else [None] * m)
+        self._embeddings = prepared.embeddings
         network_jvp = compiled_features_jvp(objective) if s.compile else None  # one for every checkpoint
         with forward_mode_safe():
             self._scorers = [
@@ -341,6 +390,8 @@ class TrajectoryInfluence:
         scores = compute_columns(components, self._context)
         img, txt = per_checkpoint[-1].features
         scores["clip_score"] = (img * txt).sum(-1).double().cpu()
+        if self._embeddings is not None:
+            scores.update(self._embeddings.columns(img.detach(), txt.detach(), uids))
         return {**components, "loss": per_checkpoint[-1].loss.double().cpu(), **scores}
 
     def score_table(self, table: PairTable) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.config import RunConfig, TargetConfig
 from pipeline.data.shards import expand_shards, expected_count, load_sizes
 from pipeline.errors import UsageError
+from pipeline.influence.embeddings import EmbeddingSettings
 from pipeline.influence.scores import METHOD_COMPONENTS
 from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.io.layout import RunLayout, check_unique_stems
@@ -39,6 +40,7 @@ def influence_settings(config: RunConfig):
         batch_size=score.batch_size, seed=target.seed, components=METHOD_COMPONENTS[score.method],
         unrolled=UnrolledSettings(score.unrolled.lanczos_steps, score.unrolled.f, score.unrolled.proxy_batches),
         adam=score.adam, dtype=score.dtype, compile=score.compile,
+        embeddings=EmbeddingSettings(**score.embeddings.model_dump()),
         checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None)
 
 

@@ -1,9 +1,11 @@
 """The prepare stage: one Ray task per checkpoint computes u_t, g_t, w_t.
 
 Outputs in ``<run>/prepared/``: ``bank.pt`` (the negative bank's uids, uint8 images and
-captions), ``ckpt_XXX.pt`` per checkpoint (u, g, w, Adam preconditioner) and, when the
-unrolled score is computed, ``unrolled.pt`` (the direction acc_k of every checkpoint — one
-task after the others, since the recursion runs backward over the checkpoints), each stamped
+captions), ``ckpt_XXX.pt`` per checkpoint (u, g, w, Adam preconditioner), ``embeddings.pt``
+(the embedding columns' reference sets at the last checkpoint: a corpus sample's embeddings,
+its negative pools, the target images' embeddings, the temperature, the k-means centroids)
+and, when the unrolled score is computed, ``unrolled.pt`` (the direction acc_k of every
+checkpoint — one task after the others, since the recursion runs backward over the checkpoints), each stamped
 with the prepare fingerprint (trajectory + data + target + settings). A file with the current
 fingerprint is reused; one with another fingerprint is refused.
 """
@@ -25,10 +27,12 @@ from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.prepare import PreparedCheckpoint
 from pipeline.io.atomic import atomic_path
-from pipeline.io.layout import BANK_FILE, UNROLLED_FILE, prepared_checkpoint_name
+from pipeline.influence.embeddings import EmbeddingReference
+from pipeline.io.layout import BANK_FILE, EMBEDDINGS_FILE, UNROLLED_FILE, prepared_checkpoint_name
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, is_remote, read_torch
 from pipeline.model.clip import resolve_model_config
-from pipeline.model.scorer import PreparedTrajectory, UnrolledPrepared, segment_lrs, split_bank
+from pipeline.model.scorer import (EMBEDDING_SAMPLE_SALT, PreparedTrajectory, UnrolledPrepared, segment_lrs,
+                                   split_bank)
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.context import RunContext, influence_settings, require_target
@@ -66,6 +70,18 @@ def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], siz
     return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
 
 
+def load_embedding_sample(config: RunConfig, image_size: int, urls: Sequence[str],
+                          sizes: dict[str, int] | None) -> PairTable:
+    """The corpus pairs (never target pairs) the embedding columns are computed against:
+    ``score.embeddings.pool_pairs`` of them, drawn by seed."""
+    settings = influence_settings(config)
+    target = require_target(config)
+    keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
+        if target.holdout_fraction is not None else None
+    return sample_pairs(list(urls), image_size, settings.embeddings.pool_pairs, settings.seed, EMBEDDING_SAMPLE_SALT,
+                        sizes, keep, config.storage)
+
+
 def _not_holdout(uid: str, fraction: float, seed: int) -> bool:
     return not in_holdout(uid, fraction, seed)
 
@@ -89,6 +105,11 @@ class PrepareTask:
 @dataclass(frozen=True)
 class UnrolledTask:
     """Compute the unrolled directions of all (selected) checkpoints."""
+
+
+@dataclass(frozen=True)
+class EmbeddingTask:
+    """Compute the embedding columns' reference sets (at the last selected checkpoint)."""
 
 
 @dataclass
@@ -119,11 +140,22 @@ class PrepareStage:
         self._target = load_target(self.config, size, self.urls, self.sizes)
         self._pool = load_proxy_pool(self.config, size, self.urls, self.sizes)
 
-    def process(self, task: PrepareTask | UnrolledTask) -> str:
+    def process(self, task: PrepareTask | UnrolledTask | EmbeddingTask) -> str:
         """Compute and write the task's file (atomically); return its path."""
         if isinstance(task, UnrolledTask):
             return self._write_unrolled()
+        if isinstance(task, EmbeddingTask):
+            return self._write_embeddings()
         return self._write_checkpoint(task.index)
+
+    def _write_embeddings(self) -> str:
+        """The embedding columns' reference sets → ``embeddings.pt``."""
+        sample = load_embedding_sample(self.config, self._influence.image_size, self.urls, self.sizes)
+        ref = self._influence.prepare_embeddings(self._target, sample)
+        path = as_path(self.out_dir, self.config.storage) / EMBEDDINGS_FILE
+        with atomic_path(path) as tmp:
+            torch.save({"fingerprint": self.fingerprint, **embedding_payload(ref)}, tmp)
+        return str(path)
 
     def _write_checkpoint(self, index: int) -> str:
         prepared, precond = self._influence.prepare_checkpoint(index, self._target, self._pool)
@@ -148,6 +180,13 @@ class PrepareStage:
         return str(path)
 
 
+def embedding_payload(ref: EmbeddingReference) -> dict:
+    """The fields of ``embeddings.pt`` (besides the fingerprint)."""
+    return {"sample_uids": ref.sample_uids, "sample_img": ref.sample_img, "sample_txt": ref.sample_txt,
+            "pools": ref.pools, "target_img": ref.target_img, "temperature": ref.temperature,
+            "centroids": ref.centroids}
+
+
 def _cpu(params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().cpu() for k, v in params.items()} if params is not None else None
 
@@ -165,17 +204,18 @@ def _stamp(path: StoragePath) -> str | None:
 
 
 def plan_prepare(ctx: RunContext, trajectory: Trajectory,
-                 fingerprint: str) -> tuple[list[PrepareTask], UnrolledTask | None]:
-    """The checkpoints still to prepare (and the unrolled task, when its file is due) under the
-    prepare ``fingerprint``; writes the bank first when missing. Files of another configuration
-    are refused with one line."""
+                 fingerprint: str) -> tuple[list[PrepareTask | EmbeddingTask], UnrolledTask | None]:
+    """The checkpoints still to prepare, the embedding references when due (and the unrolled
+    task, when its file is due) under the prepare ``fingerprint``; writes the bank first when
+    missing. Files of another configuration are refused with one line."""
     out = ctx.layout.prepared
     settings = ctx.influence_settings()
     count = len(settings.checkpoints or trajectory.checkpoints)
     if settings.checkpoints and max(settings.checkpoints) >= len(trajectory.checkpoints):
         raise UsageError(f"score.checkpoints: index {max(settings.checkpoints)} out of range "
                          f"(trajectory has {len(trajectory.checkpoints)} checkpoints)")
-    stamps = [_stamp(out / BANK_FILE)] + [_stamp(out / prepared_checkpoint_name(k)) for k in range(count)]
+    stamps = [_stamp(out / BANK_FILE)] + [_stamp(out / prepared_checkpoint_name(k)) for k in range(count)] \
+        + [_stamp(out / EMBEDDINGS_FILE)]
     stale = {s for s in stamps if s is not None and s != fingerprint}
     if stale:
         raise UsageError(f"{out} holds prepared vectors of another configuration ({sorted(stale)[0]} != "
@@ -190,7 +230,8 @@ def plan_prepare(ctx: RunContext, trajectory: Trajectory,
             raise UsageError(f"{out / UNROLLED_FILE} was prepared under another configuration; "
                              "use a new --run-dir or delete it")
         unrolled = UnrolledTask() if unrolled_stamp is None else None
-    return [PrepareTask(k) for k in range(count) if stamps[k + 1] is None], unrolled
+    todo: list[PrepareTask | EmbeddingTask] = [PrepareTask(k) for k in range(count) if stamps[k + 1] is None]
+    return todo + ([EmbeddingTask()] if stamps[-1] is None else []), unrolled
 
 
 def _write_bank(ctx: RunContext, trajectory: Trajectory, fingerprint: str) -> None:
@@ -222,7 +263,7 @@ def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> 
     if unrolled is not None:
         executor.run_stage(stage, [unrolled])
     count = len(ctx.influence_settings().checkpoints or trajectory.checkpoints)
-    log.info("prepared %d checkpoints in %s (%d computed now)", count, out, len(todo))
+    log.info("prepared %d checkpoints in %s (%d files computed now)", count, out, len(todo))
     return out
 
 
@@ -260,5 +301,9 @@ def load_prepared_dir(directory: str | StoragePath, count: int,
         if obj["fingerprint"] != bank["fingerprint"] or len(obj["directions"]) != count:
             raise UsageError(f"{d}: {UNROLLED_FILE} was prepared under another configuration")
         unrolled = UnrolledPrepared(obj["directions"], obj["adam_directions"], obj["diagnostics"])
-    return (PreparedTrajectory(bank["uids"], bank["images"], bank["captions"], prepared, preconds, unrolled),
-            bank["fingerprint"])
+    obj = read_torch(d / EMBEDDINGS_FILE)
+    if obj["fingerprint"] != bank["fingerprint"]:
+        raise UsageError(f"{d}: {EMBEDDINGS_FILE} was prepared under another configuration")
+    embeddings = EmbeddingReference(**{k: v for k, v in obj.items() if k != "fingerprint"})
+    return (PreparedTrajectory(bank["uids"], bank["images"], bank["captions"], prepared, preconds, unrolled,
+                               embeddings), bank["fingerprint"])

@@ -167,6 +167,7 @@ class ScoreStage:
                                           uids=[row["uid"] for row, _, _ in batch])
         for j, (row, _, _) in enumerate(batch):
             row["scores"] = {k: float(out[k][j]) for k in self._columns_written}
+            row[CLUSTER_COLUMN] = int(out[CLUSTER_COLUMN][j]) if CLUSTER_COLUMN in out else None
             row["components"] = {k: out[k][:, j].tolist() for k in self._components}
             values = list(row["scores"].values()) + [x for k in self._components for x in row["components"][k]]
             if not all(math.isfinite(v) for v in values):

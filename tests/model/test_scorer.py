@@ -10,6 +10,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.data.pairs import load_pairs
 from pipeline.data.shards import expand_shards
+from pipeline.influence.embeddings import EmbeddingSettings
 from pipeline.influence.forward import CheckpointScorer
 from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
 from pipeline.influence.unrolled import UnrolledSettings
@@ -18,7 +19,8 @@ from pipeline.model.train import train_proxy
 from pipeline.model.trajectory import load_checkpoint_state
 
 SETTINGS = InfluenceSettings(bank_size=7, batch_size=8, proxy_batch_size=8, adam=True,
-                              unrolled=UnrolledSettings(lanczos_steps=4))
+                              unrolled=UnrolledSettings(lanczos_steps=4),
+                              embeddings=EmbeddingSettings(pool_pairs=24, pools=3, pool_size=9, clusters=3))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,44 @@ def test_scores_independent_of_batch_and_order(setup) -> None:
     _, train, _, influence, _ = setup
     forward = influence.score_table(train.subset(range(16)))
     backward = influence.score_table(train.subset(list(reversed(range(16)))))
-    for key in ("diffin_unrolled", "diffin", "tracin", "a", "b", "c", "d"):
+    for key in ("diffin_unrolled", "diffin", "tracin", "a", "b", "c", "d", "neg_clip_loss", "norm_sim_2",
+                "norm_sim_inf"):
         assert torch.allclose(forward[key], backward[key].flip(-1), rtol=1e-4, atol=1e-12), key
+    assert torch.equal(forward["cluster"], backward["cluster"].flip(-1))
+
+
+def test_embedding_columns_match_a_brute_force_computation(setup) -> None:
+    """neg_clip_loss / norm_sim_* / cluster of the scoring pass against loops over the
+    prepared reference sets, from embeddings taken with a plain forward pass."""
+    import math
+
+    from pipeline.model.scorer import split_bank
+
+    _, train, target, influence, prepared = setup
+    ref = prepared.embeddings
+    assert ref.pools.shape == (SETTINGS.embeddings.pools, min(SETTINGS.embeddings.pool_size, len(train)))
+    _, v_idx = split_bank(target, SETTINGS.bank_size, SETTINGS.seed)
+    assert ref.target_img.shape[0] == len(v_idx)
+    tau = math.exp(-float(influence.params[-1]["logit_scale"]))
+    assert ref.temperature == pytest.approx(tau, rel=1e-6)  # the learned temperature by default
+    out = influence.score_table(train.subset(range(10)))
+    img, txt = influence.embed(train, range(10))
+    sample_pos = {u: i for i, u in enumerate(ref.sample_uids)}
+    for i in range(10):
+        x, y = img[i].double(), txt[i].double()
+        per_pool = []
+        for pool in ref.pools.tolist():
+            negs = [j for j in pool if j != sample_pos.get(train.uids[i])]
+            s_ii = float(x @ y)
+            row = math.log(math.exp(s_ii / tau) + sum(math.exp(float(x @ ref.sample_txt[j].double()) / tau) for j in negs))
+            col = math.log(math.exp(s_ii / tau) + sum(math.exp(float(ref.sample_img[j].double() @ y) / tau) for j in negs))
+            per_pool.append(s_ii - 0.5 * tau * (row + col))
+        assert float(out["neg_clip_loss"][i]) == pytest.approx(sum(per_pool) / len(per_pool), rel=1e-4, abs=1e-6)
+        sims = [abs(float(x @ v.double())) for v in ref.target_img]
+        assert float(out["norm_sim_2"][i]) == pytest.approx(math.sqrt(sum(s * s for s in sims)), rel=1e-4)
+        assert float(out["norm_sim_inf"][i]) == pytest.approx(max(sims), rel=1e-4)
+        cos = [float(torch.nn.functional.cosine_similarity(x, c.double(), dim=0)) for c in ref.centroids]
+        assert int(out["cluster"][i]) == max(range(len(cos)), key=lambda k: (cos[k], -k))
 
 
 def test_matches_the_influence_api_directly(setup) -> None:

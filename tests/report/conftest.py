@@ -55,7 +55,8 @@ def scores_of(seed: int = 0) -> dict[str, np.ndarray]:
     return {"tracin": rng.permutation(N_PAIRS) / 1000.0, "diffin": rng.normal(size=N_PAIRS),
             "diffin_eq9": rng.normal(size=N_PAIRS) * 1e-4, "clip_score": rng.uniform(0.1, 0.9, N_PAIRS),
             "diffin_unrolled": rng.normal(size=N_PAIRS) * 1e-3, "tracin_adam": rng.normal(size=N_PAIRS),
-            "diffin_unrolled_adam": rng.normal(size=N_PAIRS) * 1e-2}
+            "diffin_unrolled_adam": rng.normal(size=N_PAIRS) * 1e-2, "neg_clip_loss": rng.uniform(-0.2, 0.1, N_PAIRS),
+            "norm_sim_2": rng.uniform(1.0, 4.0, N_PAIRS), "norm_sim_inf": rng.uniform(0.3, 0.95, N_PAIRS)}
 
 
 def make_run(run: Path, corpus: Path, *, tracin_only: bool = False, stats: bool = False,
