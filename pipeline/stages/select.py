@@ -1,8 +1,9 @@
 """The select stage: a pure, deterministic reducer from score files to a kept subset.
 
 Which rows can be kept
-    A row is *eligible* when its ``status`` is ``ok`` and its value in the configured score
-    column is finite. Every other row is *failed* and is never kept: ``failed: drop`` drops
+    A row is *eligible* when its ``status`` is ``ok`` and its value in every score column the
+    rule reads is finite (``column``; ``chain``: every step's column; ``drop_fill``: also
+    ``drop_column``). Every other row is *failed* and is never kept: ``failed: drop`` drops
     and counts them (non-ok rows by status; ok rows by ``null`` / ``non_finite`` score),
     ``failed: error`` refuses to select while any exist.
 
@@ -28,6 +29,21 @@ How many rows are kept (per stratum with ``stratify_by``, else over all eligible
     is a stratum of its own); the rule is applied within each stratum and ``rank`` stays the
     global position in the rule's order.
 
+Rules of several columns (docs/METHOD.md, "Selection rules"; :mod:`.keep_rule`)
+    - ``chain``: step i keeps round half up of f_i × eligible of step i−1's survivors, best
+      first by its own column; ``score`` and ``rank`` are the last step's. The summary's
+      ``chain`` lists each step's column, fraction, kept count and threshold_applied.
+    - ``drop_fill``: drop the rows whose ``drop_column`` is below ``drop_below`` (0.0 by
+      default on an influence estimate) or the bottom ``drop_fraction`` of them, then fill
+      the budget (a fraction or k of all eligible rows) from the rest by ``fill``: the
+      seeded order (``random``), best ``column`` first (``score``), or per-cluster quotas
+      from the score files' ``cluster`` column, each cluster in the seeded order
+      (``cluster``). Too few rest rows: all are kept, then the dropped rows, highest
+      ``drop_column`` first. ``rank`` is the order of keeping. The summary's ``drop_fill``:
+      drop_column, drop_threshold (every row not dropped is at or above it), eligible,
+      dropped, budget, fill, filled_from_dropped and, for ``fill: cluster``, per cluster
+      (null first) its eligible, not_dropped, quota and kept counts.
+
 Outputs in ``out_dir`` (each written atomically; byte-identical for identical inputs)
     ``kept.parquet`` (uid, key, shard, index, score, rank [, json.FIELD]; sorted by uid),
     ``kept_uids.npy`` (DataComp subset: sorted ``np.dtype("u8,u8")``), ``manifest.parquet``
@@ -44,8 +60,10 @@ Two strategies, byte-identical outputs (``select(..., strategy=)``)
     ``bounded`` (default without ``stratify_by``): :mod:`pipeline.stages.reducer` — per-file
     tasks on the executor, a search for the cut over histograms, k-way merges of per-file
     parts; its memory does not grow with the row count (``select.max_rows_in_memory`` bounds
-    what it sorts at once). ``memory`` (always with ``stratify_by``): this module's passes
-    below, every eligible row in this process.
+    what it sorts at once). ``memory`` (always with ``stratify_by`` and the rules ``chain``
+    and ``drop_fill``, which the bounded reducer refuses): this module's passes below, every
+    eligible row in this process (8 more bytes a row per extra score column and for the
+    cluster ids).
 
 Memory of the ``memory`` strategy: the driver holds 36 bytes per input row (two uint64 uid
 halves, score, file number, index, stratum; preallocated from the files' row counts), sort
@@ -557,7 +575,8 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig, out_dir:
     manifest's): local paths or remote path objects from :func:`pipeline.io.storage.as_path`.
     ``strategy``: ``bounded`` (:mod:`pipeline.stages.reducer`: memory independent of the row
     count, per-file work as ``executor`` tasks with ``resources``; no ``stratify_by``),
-    ``memory`` (every eligible row in this process), ``auto`` (bounded unless stratified).
+    ``memory`` (every eligible row in this process), ``auto`` (bounded unless stratified or
+    the rule is ``chain`` or ``drop_fill``).
     Both write byte-identical outputs. Returns the summary (also written as
     ``summary.json``). Raises :class:`UsageError` for files of different runs, missing
     columns, bad uids, or failed rows under ``failed: error``.
