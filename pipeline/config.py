@@ -17,8 +17,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 
 from pipeline.data.shards import SIZES_FILE
 from pipeline.errors import UsageError
-from pipeline.influence.scores import (DEFAULT_COLUMN, DEFAULT_METHOD, METHOD_COMPONENTS, SCORE_COLUMNS,
-                                       columns_computed, method_components)
+from pipeline.influence.scores import (DEFAULT_COLUMN, DEFAULT_METHOD, ESTIMATE_COLUMNS, METHOD_COMPONENTS,
+                                       SCORE_COLUMNS, columns_computed, method_components)
 from pipeline.influence.unrolled import STEP_FACTORS
 
 
@@ -174,8 +174,20 @@ class ScoreConfig(Section):
 
 
 _RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"threshold"},
-                "random": {"fraction", "k"}}
+                "random": {"fraction", "k", "seed"}, "chain": {"steps"},
+                "drop_fill": {"fraction", "k", "seed", "drop_below", "drop_fraction", "drop_column", "fill",
+                              "cluster_power"}}
+_NEW_RULE_FIELDS = ("steps", "drop_below", "drop_fraction", "drop_column", "fill", "cluster_power")
+_RULE_OPTIONAL = ("fraction", "k", "threshold", *_NEW_RULE_FIELDS)  # refused when set for a rule not using them
 RESHARD_PLAN_FILE = "reshard_plan.json"
+
+
+class ChainStep(Section):
+    """One step of ``rule: chain``: keep ``fraction`` of the whole eligible pool, the best of
+    the previous step's survivors by ``column``."""
+
+    column: Literal[SCORE_COLUMNS]  # type: ignore[valid-type]
+    fraction: float = Field(gt=0, le=1, description="share of the whole eligible pool kept after this step")
 
 
 class SelectConfig(Section):
@@ -184,17 +196,33 @@ class SelectConfig(Section):
     # Default from the fidelity benchmark (docs/FIDELITY.md): diffin_unrolled tracked true
     # leave-one-out effects and LDS best.
     column: Literal[SCORE_COLUMNS] = DEFAULT_COLUMN  # type: ignore[valid-type]
-    rule: Literal["top_fraction", "top_k", "threshold", "random"] = "top_fraction"
+    rule: Literal["top_fraction", "top_k", "threshold", "random", "chain", "drop_fill"] = "top_fraction"
     fraction: float | None = Field(
-        0.3, gt=0, le=1, description="kept share (top_fraction; random unless k is given)")
-    k: PositiveInt | None = Field(None, description="kept count (top_k; random if given)")
+        0.3, gt=0, le=1, description="kept share (top_fraction; random and drop_fill unless k is given)")
+    k: PositiveInt | None = Field(None, description="kept count (top_k; random and drop_fill if given)")
     threshold: float | None = Field(None, description="keep score >= threshold (threshold)")
-    seed: int = Field(0, description="seed of the random rule")
+    seed: int = Field(0, description="seed of the random order (random; drop_fill's fill random and cluster)")
+    steps: list[ChainStep] | None = Field(
+        None, description="chain: [{column, fraction}, ...], at least 2, fractions of the whole eligible "
+                          "pool, non-increasing")
+    drop_below: float | None = Field(
+        None, allow_inf_nan=False, description="drop_fill: drop rows whose drop_column is below this value "
+                                               "(default 0.0 for an influence estimate)")
+    drop_fraction: float | None = Field(
+        None, ge=0, lt=1, description="drop_fill: drop this bottom share of the eligible rows by drop_column")
+    drop_column: Literal[SCORE_COLUMNS] | None = Field(  # type: ignore[valid-type]
+        None, description="drop_fill: the column the drop reads (default: column)")
+    fill: Literal["random", "score", "cluster"] = Field(
+        "random", description="drop_fill: how the budget is filled from the rows not dropped")
+    cluster_power: float = Field(
+        1.0, ge=0, le=1, description="drop_fill with fill cluster: cluster c's share ∝ n_c^p "
+                                     "(1 proportional to size, 0 equal shares)")
     stratify_by: str | None = Field(None, min_length=1,
                                     description="json field; score files carry json.<field>")
     failed: Literal["drop", "error"] = "drop"
     # how the reducer runs, not what it selects: left out of effective() and the selection's fingerprint
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"max_rows_in_memory"})
+    MEMORY_ONLY_RULES: ClassVar[frozenset[str]] = frozenset({"chain", "drop_fill"})  # no bounded reducer
 
     max_rows_in_memory: PositiveInt = Field(
         1_000_000, description="bounded reducer: rows it sorts at once (not stratify_by); "
@@ -203,18 +231,44 @@ class SelectConfig(Section):
     @model_validator(mode="after")
     def _check_rule_fields(self) -> "SelectConfig":
         uses = _RULE_FIELDS[self.rule]
-        for name in ("fraction", "k", "threshold"):
+        for name in _RULE_OPTIONAL:
             if name in self.model_fields_set and getattr(self, name) is not None and name not in uses:
                 raise ValueError(f"'{name}' is not used by rule '{self.rule}'")
+        if self.rule == "drop_fill" and self.fill != "cluster" and "cluster_power" in self.model_fields_set:
+            raise ValueError("'cluster_power' is used only with fill 'cluster'")
+        if self.rule in self.MEMORY_ONLY_RULES and self.stratify_by is not None:
+            raise ValueError(f"'stratify_by' is not used by rule '{self.rule}'")
+        if self.rule == "chain" and "column" in self.model_fields_set:
+            raise ValueError("'column' is not used by rule 'chain' (each step names its column)")
         if self.rule == "top_k" and self.k is None:
             raise ValueError("rule 'top_k' needs 'k'")
         if self.rule == "threshold" and (self.threshold is None or not math.isfinite(self.threshold)):
             raise ValueError("rule 'threshold' needs a finite 'threshold'")
-        if self.rule in ("top_fraction", "random") and self.k is None and self.fraction is None:
+        if self.rule in ("top_fraction", "random", "drop_fill") and self.k is None and self.fraction is None:
             raise ValueError(f"rule '{self.rule}' needs 'fraction'")
-        if self.rule == "random" and self.k is not None and "fraction" in self.model_fields_set:
-            raise ValueError("rule 'random' takes either 'fraction' or 'k', not both")
+        if self.rule in ("random", "drop_fill") and self.k is not None and "fraction" in self.model_fields_set:
+            raise ValueError(f"rule '{self.rule}' takes either 'fraction' or 'k', not both")
+        if self.rule == "chain":
+            self._check_steps()
+        if self.rule == "drop_fill":
+            self._check_drop()
         return self
+
+    def _check_steps(self) -> None:
+        steps = self.steps or []
+        if len(steps) < 2:
+            raise ValueError("rule 'chain' needs 'steps': at least 2 of {column, fraction}")
+        for i in range(1, len(steps)):
+            if steps[i].fraction > steps[i - 1].fraction:
+                raise ValueError(f"chain step {i + 1} keeps more ({steps[i].fraction}) than step {i} "
+                                 f"({steps[i - 1].fraction}); fractions are of the whole pool and must not increase")
+
+    def _check_drop(self) -> None:
+        if self.drop_below is not None and self.drop_fraction is not None:
+            raise ValueError("rule 'drop_fill' takes either 'drop_below' or 'drop_fraction', not both")
+        if self.drop_below is None and self.drop_fraction is None and self.drop_by not in ESTIMATE_COLUMNS:
+            raise ValueError(f"rule 'drop_fill' on '{self.drop_by}' (not an influence estimate: its zero means "
+                             "nothing) needs 'drop_below' or 'drop_fraction'")
 
     @property
     def stratum_column(self) -> str | None:
@@ -224,18 +278,68 @@ class SelectConfig(Section):
     @property
     def budget_is_count(self) -> bool:
         """True when the rule keeps a count (``k``) rather than a fraction or a threshold."""
-        return self.rule == "top_k" or (self.rule == "random" and self.k is not None)
+        return self.rule == "top_k" or (self.rule in ("random", "drop_fill") and self.k is not None)
+
+    @property
+    def score_column(self) -> str:
+        """The column kept.parquet's ``score`` holds: the last chain step's, else ``column``."""
+        return self.steps[-1].column if self.rule == "chain" and self.steps else self.column
+
+    @property
+    def drop_by(self) -> str:
+        """drop_fill: the column the drop reads (``drop_column``, default ``column``)."""
+        return self.drop_column or self.column
+
+    @property
+    def drop_below_applied(self) -> float | None:
+        """drop_fill: the drop threshold as applied (0.0 for an influence estimate when
+        neither ``drop_below`` nor ``drop_fraction`` is given); None otherwise."""
+        if self.rule != "drop_fill" or self.drop_fraction is not None:
+            return None
+        return self.drop_below if self.drop_below is not None else 0.0
+
+    @property
+    def score_columns(self) -> tuple[str, ...]:
+        """Every score column the rule reads (a row is eligible when all are finite),
+        ``score_column`` first."""
+        if self.rule == "chain":
+            named = [self.score_column, *(s.column for s in self.steps or [])]
+        elif self.rule == "drop_fill":
+            named = [self.column, self.drop_by]
+        else:
+            named = [self.column]
+        return tuple(dict.fromkeys(named))
+
+    @property
+    def reads_clusters(self) -> bool:
+        """True when the rule reads the score files' cluster column."""
+        return self.rule == "drop_fill" and self.fill == "cluster"
+
+    def settings(self, mode: Literal["json", "python"] = "json") -> dict[str, Any]:
+        """Every setting that can change the selection (the selection fingerprint's input):
+        the fields without the execution-only ones and without the new rules' fields under a
+        rule that cannot use them (so the older rules' fingerprints stay as they were)."""
+        unused = {name for name in _NEW_RULE_FIELDS if name not in _RULE_FIELDS[self.rule]}
+        return self.model_dump(mode=mode, exclude=set(self.EXECUTION_ONLY) | unused)
 
     def effective(self) -> dict[str, Any]:
         """The settings as applied: fields the rule does not use (e.g. the default
-        ``fraction`` under ``top_k``, ``seed`` outside ``random``) are shown as null."""
-        used = {"k"} if self.budget_is_count else _RULE_FIELDS[self.rule] - {"k"}
-        data = self.model_dump(exclude=set(self.EXECUTION_ONLY))
-        for name in ("fraction", "k", "threshold"):
-            if name not in used:
+        ``fraction`` under ``top_k``, ``seed`` outside ``random``) are shown as null; the
+        chain and drop_fill fields appear only under those rules."""
+        uses = _RULE_FIELDS[self.rule]
+        used = (uses - {"fraction"}) if self.budget_is_count else (uses - {"k"})
+        if self.rule == "drop_fill":
+            used -= ({"seed"} if self.fill == "score" else set()) | (
+                {"cluster_power"} if self.fill != "cluster" else set())
+        data = self.settings("python")
+        for name in ("seed", *_RULE_OPTIONAL):
+            if name in data and name not in used:
                 data[name] = None
-        if self.rule != "random":
-            data["seed"] = None
+        if self.rule == "chain":
+            data["column"] = None
+        if self.rule == "drop_fill":
+            data["drop_column"] = self.drop_by
+            data["drop_below"] = self.drop_below_applied
         return data
 
 
@@ -383,10 +487,21 @@ def check_consistency(config: RunConfig, source: str) -> None:
     if select is None:
         return
     computed = columns_computed(method_components(config.score.method, config.score.adam))
-    if select.column not in computed:
-        raise UsageError(f"{source}: select.column: '{select.column}' is not computed when score.method "
-                         f"is '{config.score.method}' and score.adam is {config.score.adam} "
-                         f"(use one of {', '.join(computed)})")
+    for key, column in _select_columns(select):
+        if column not in computed:
+            raise UsageError(f"{source}: {key}: '{column}' is not computed when score.method "
+                             f"is '{config.score.method}' and score.adam is {config.score.adam} "
+                             f"(use one of {', '.join(computed)})")
     if select.stratify_by and select.stratify_by not in config.score.keep_json_fields:
         raise UsageError(f"{source}: select.stratify_by: json field '{select.stratify_by}' is not kept in "
                          "the score files; add it to score.keep_json_fields")
+
+
+def _select_columns(select: SelectConfig) -> list[tuple[str, str]]:
+    """(config key, score column) for every column the select rule reads."""
+    if select.rule == "chain":
+        return [(f"select.steps[{i}].column", step.column) for i, step in enumerate(select.steps or [])]
+    named = [("select.column", select.column)]
+    if select.rule == "drop_fill" and select.drop_column is not None:
+        named.append(("select.drop_column", select.drop_column))
+    return named

@@ -98,6 +98,14 @@ def _subtitle(data: ReportData) -> str:
     sel = data.selection
     config = sel.get("config") or {}
     budget = next((f"{k} {config[k]}" for k in ("fraction", "k", "threshold") if config.get(k) is not None), "")
+    if sel.get("chain"):
+        steps = " then ".join(f"{s.get('column')} {s.get('fraction')}" for s in sel["chain"])
+        return f"selection: chain {steps}"
+    drop = sel.get("drop_fill") or {}
+    if drop:
+        return (f"selection: drop_fill {budget} on {sel.get('column')}: dropped {drop.get('dropped')} with "
+                f"{drop.get('drop_column')} below {drop.get('drop_threshold')}, fill {drop.get('fill')} "
+                f"({drop.get('filled_from_dropped')} filled from the dropped)")
     return f"selection: {sel.get('rule')} {budget} on {sel.get('column')}".strip()
 
 
@@ -119,7 +127,8 @@ def _status_section(scan: ScoreScan, selection: dict[str, Any] | None) -> Sectio
 def _threshold(data: ReportData, column: str) -> float | None:
     sel = data.selection or {}
     config = sel.get("config") or {}
-    if column != data.column or sel.get("rule") == "random" or config.get("stratify_by"):
+    if (column != data.column or sel.get("rule") not in ("top_fraction", "top_k", "threshold")
+            or config.get("stratify_by")):  # only these rules keep every score at or above a cut
         return None
     value = sel.get("threshold_applied")
     return float(value) if isinstance(value, (int, float)) else None

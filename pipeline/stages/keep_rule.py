@@ -7,21 +7,36 @@ round-half-up(fraction × n) per stratum, ``top_k`` splits k over strata by larg
 remainder, ``threshold`` keeps every score ≥ t, ``random`` keeps a fraction or k by the
 seeded hash. :mod:`pipeline.stages.select` streams the score files into :class:`Rows` and
 writes what :func:`keep_positions` returns.
+
+``chain`` (n eligible rows: every step's column finite): step i keeps round-half-up(f_i × n)
+of step i−1's survivors, best first by its own column (ties as above); the kept order is
+the last step's. ``drop_fill``: drop the rows whose ``drop_column`` is below ``drop_below``
+(or the bottom round-half-up(drop_fraction × n) in that column's order), then fill the
+budget (fraction or k of all n) from the rest — ``random``: the seeded hash order,
+``score``: best ``column`` first, ``cluster``: per-cluster quotas (:func:`cluster_quotas`),
+each cluster in the seeded hash order, kept in that order. When fewer rows survive the
+drop than the budget, all survivors are kept (in the fill's order) and the rest comes
+from the dropped rows, least harmful (highest ``drop_column``) first. :func:`decide`
+returns the kept positions with what the summary reports; :func:`rows_from_arrays` builds
+:class:`Rows` from plain arrays (benchmarks: a kept set without files).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+
+from pipeline.errors import UsageError
 
 if TYPE_CHECKING:
     from pipeline.config import SelectConfig
 
 _UINT64_MASK = (1 << 64) - 1
+NULL_CLUSTER = np.iinfo(np.int64).min  # a row without a cluster id: a group of its own, ordered first
 
 
 @dataclass(frozen=True)
@@ -34,13 +49,26 @@ class Rows:
     file: np.ndarray    # int32, position of the score file in the input list
     index: np.ndarray   # int32, position of the sample in its shard
     stratum: np.ndarray  # int32, canonical stratum code (0 when not stratified)
+    # the rule's other score columns by name (float64, finite; chain steps, drop_fill's drop_column)
+    columns: Mapping[str, np.ndarray] = field(default_factory=dict)
+    cluster: np.ndarray | None = None  # int64 cluster ids (NULL_CLUSTER: none); drop_fill's fill cluster
 
     def __len__(self) -> int:
         return len(self.score)
 
     def take(self, positions: np.ndarray) -> "Rows":
         """The rows at ``positions``, in that order."""
-        return Rows(*(getattr(self, f)[positions] for f in ROW_FIELDS))
+        return Rows(*(getattr(self, f)[positions] for f in ROW_FIELDS),
+                    columns={name: values[positions] for name, values in self.columns.items()},
+                    cluster=None if self.cluster is None else self.cluster[positions])
+
+    def values(self, column: str, cfg: SelectConfig) -> np.ndarray:
+        """The values of a score column the rule reads: ``score`` for ``cfg.score_column``."""
+        if column == cfg.score_column:
+            return self.score
+        if column not in self.columns:
+            raise ValueError(f"rows carry no column {column!r} (rule {cfg.rule!r} reads it)")
+        return self.columns[column]
 
 
 ROW_DTYPES = {"hi": np.uint64, "lo": np.uint64, "score": np.float64, "file": np.int32,
@@ -62,13 +90,52 @@ def seeded_uid_hash(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
     return _splitmix64(_splitmix64(hi ^ seed_word) ^ lo)
 
 
+def rows_from_arrays(hi: np.ndarray, lo: np.ndarray, score: np.ndarray, *,
+                     columns: Mapping[str, np.ndarray] | None = None, cluster: np.ndarray | None = None) -> Rows:
+    """:class:`Rows` from plain arrays (one file, index = position, no strata): uid halves
+    (``pipeline.data.uids.uids_to_u8u8``), the score column's values, the rule's other score
+    columns, cluster ids (None or a masked entry: no cluster). Rows with a non-finite value
+    must be left out first."""
+    n = len(score)
+    return Rows(hi=np.asarray(hi, np.uint64), lo=np.asarray(lo, np.uint64), score=np.asarray(score, np.float64),
+                file=np.zeros(n, np.int32), index=np.arange(n, dtype=np.int32), stratum=np.zeros(n, np.int32),
+                columns={k: np.asarray(v, np.float64) for k, v in (columns or {}).items()},
+                cluster=None if cluster is None else cluster_ids(cluster))
+
+
+def cluster_ids(cluster: Sequence[int | None] | np.ndarray) -> np.ndarray:
+    """Cluster ids as :class:`Rows` holds them: int64, a null (None, a masked entry) as NULL_CLUSTER."""
+    if isinstance(cluster, np.ma.MaskedArray):
+        return cluster.astype(np.int64).filled(NULL_CLUSTER)
+    values = np.asarray(cluster)
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    return np.array([NULL_CLUSTER if c is None else int(c) for c in cluster], np.int64)
+
+
 def rule_order(rows: Rows, cfg: SelectConfig) -> np.ndarray:
-    """Positions of the eligible rows, best first (see the module docstring).
+    """Positions of the eligible rows, best first (see the module docstring)."""
+    if cfg.rule == "random":
+        return random_order(rows, cfg.seed)
+    return order_by(rows, rows.score)
+
+
+def order_by(rows: Rows, values: np.ndarray) -> np.ndarray:
+    """Positions of the rows, best first by ``values`` (descending), ties as the rules break them."""
+    return _order(rows, -values)
+
+
+def random_order(rows: Rows, seed: int) -> np.ndarray:
+    """Positions of the rows in the seeded hash order of the uid (the random rule's)."""
+    return _order(rows, seeded_uid_hash(rows.hi, rows.lo, seed))
+
+
+def _order(rows: Rows, primary: np.ndarray) -> np.ndarray:
+    """Positions by ``primary`` ascending, then uid, file, index.
 
     Same as ``np.lexsort((index, file, lo, hi, primary))``, but a plain sort on the primary
     key with only the rows that tie on it sorted by the rest (lexsort is ~8× slower).
     """
-    primary = seeded_uid_hash(rows.hi, rows.lo, cfg.seed) if cfg.rule == "random" else -rows.score
     order = np.argsort(primary, kind="stable")
     ranked = primary[order]
     same_as_previous = np.concatenate([[False], ranked[1:] == ranked[:-1]])
@@ -90,9 +157,10 @@ def round_half_up(fraction: float, n: int) -> int:
     return math.floor(Fraction(repr(fraction)) * n + Fraction(1, 2))
 
 
-def largest_remainder(k: int, counts: Sequence[int]) -> list[int]:
-    """Split ``k`` (<= sum(counts)) in proportion to ``counts``: floors, then the leftover one
-    each to the largest remainders (ties: lower position first)."""
+def largest_remainder(k: int, counts: Sequence[int | Fraction]) -> list[int]:
+    """Split ``k`` (<= sum(counts)) in proportion to ``counts`` (integers, or exact positive
+    weights): floors, then the leftover one each to the largest remainders (ties: lower
+    position first)."""
     total = sum(counts)
     if total == 0:
         return [0] * len(counts)
@@ -130,13 +198,144 @@ def _position_in_group(groups: np.ndarray, n_groups: int) -> np.ndarray:
     return position
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a rule decided: the kept positions in its order (position i has rank i + 1) and
+    the rule's own summary entries (``chain``: per step; ``drop_fill``: the drop and fill)."""
+
+    positions: np.ndarray
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 def keep_positions(rows: Rows, n_strata: int, cfg: SelectConfig) -> np.ndarray:
     """Positions of the kept rows in the rule's order (position i has rank i + 1)."""
+    return decide(rows, n_strata, cfg).positions
+
+
+def decide(rows: Rows, n_strata: int, cfg: SelectConfig) -> Decision:
+    """The rule applied to the eligible rows (``n_strata`` strata codes in ``rows.stratum``)."""
+    if cfg.rule == "chain":
+        return _chain(rows, cfg)
+    if cfg.rule == "drop_fill":
+        return _drop_fill(rows, cfg)
     order = rule_order(rows, cfg)
     if cfg.rule == "threshold":
-        return order[rows.score[order] >= cfg.threshold]
+        return Decision(order[rows.score[order] >= cfg.threshold])
     quotas = _quotas(np.bincount(rows.stratum, minlength=n_strata), cfg)
     if n_strata <= 1:
-        return order[:int(quotas.sum())]
+        return Decision(order[:int(quotas.sum())])
     strata = rows.stratum[order]
-    return order[_position_in_group(strata, n_strata) < quotas[strata]]
+    return Decision(order[_position_in_group(strata, n_strata) < quotas[strata]])
+
+
+def _score_or_none(values: np.ndarray, positions: np.ndarray) -> float | None:
+    return float(values[positions[-1]]) if len(positions) else None
+
+
+def _chain(rows: Rows, cfg: SelectConfig) -> Decision:
+    """Each step keeps round-half-up(fraction × n) of the previous step's survivors."""
+    n = len(rows)
+    alive = np.ones(n, bool)
+    kept = np.arange(0)
+    steps = []
+    for step in cfg.steps or []:
+        values = rows.values(step.column, cfg)
+        order = order_by(rows, values)
+        kept = order[alive[order]][:round_half_up(step.fraction, n)]
+        alive = np.zeros(n, bool)
+        alive[kept] = True
+        steps.append({"column": step.column, "fraction": step.fraction, "kept": len(kept),
+                      "threshold_applied": _score_or_none(values, kept)})
+    return Decision(kept, {"chain": steps})
+
+
+def _drop_fill(rows: Rows, cfg: SelectConfig) -> Decision:
+    """Drop, then fill the budget from the rest (the short rest from the dropped rows)."""
+    n = len(rows)
+    budget = int(_quotas(np.array([n], np.int64), cfg).sum())
+    drop_values = rows.values(cfg.drop_by, cfg)
+    drop_order = order_by(rows, drop_values)
+    survives = np.zeros(n, bool)
+    if cfg.drop_fraction is not None:
+        survivors = drop_order[:n - round_half_up(cfg.drop_fraction, n)]
+        survives[survivors] = True
+        threshold = _score_or_none(drop_values, survivors)  # every survivor is at or above it
+    else:
+        threshold = cfg.drop_below_applied
+        survives[drop_values >= threshold] = True
+    n_survivors = int(survives.sum())
+    if cfg.fill == "score":
+        fill_order = order_by(rows, rows.score)
+    else:
+        fill_order = random_order(rows, cfg.seed)
+    fill_order = fill_order[survives[fill_order]]
+    clusters: list[dict[str, Any]] | None = None
+    if cfg.fill == "cluster":
+        chosen, clusters = _cluster_fill(rows, survives, fill_order, min(budget, n_survivors), cfg.cluster_power)
+    else:
+        chosen = fill_order[:budget]
+    refill = drop_order[~survives[drop_order]][:max(budget - n_survivors, 0)]
+    positions = np.concatenate([chosen, refill])
+    details: dict[str, Any] = {
+        "drop_column": cfg.drop_by, "drop_threshold": threshold, "eligible": n, "dropped": n - n_survivors,
+        "budget": budget, "fill": cfg.fill, "filled_from_dropped": len(refill)}
+    if clusters is not None:
+        kept_per = _cluster_counts(rows, positions, [c["cluster"] for c in clusters])
+        details["clusters"] = [{**c, "kept": k} for c, k in zip(clusters, kept_per)]
+    return Decision(positions, {"drop_fill": details})
+
+
+def _cluster_groups(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct cluster ids (null first, then ascending) and each row's group number."""
+    if rows.cluster is None:
+        raise ValueError("fill 'cluster' needs the rows' cluster ids")
+    if len(rows) and bool((rows.cluster == NULL_CLUSTER).all()):
+        raise UsageError("select.fill: 'cluster' needs cluster ids, but the score files' cluster column is "
+                         "null in every eligible row; score with clustering on (score.clusters)")
+    ids, group = np.unique(rows.cluster, return_inverse=True)
+    return ids, group.reshape(-1)
+
+
+def _cluster_counts(rows: Rows, positions: np.ndarray, ids: list[int | None]) -> list[int]:
+    keys = np.array([NULL_CLUSTER if i is None else i for i in ids], np.int64)
+    counts = np.bincount(np.searchsorted(keys, rows.cluster[positions]), minlength=len(keys))
+    return [int(c) for c in counts]
+
+
+def _cluster_fill(rows: Rows, survives: np.ndarray, fill_order: np.ndarray, budget: int,
+                  power: float) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """``budget`` rows of ``fill_order`` (the survivors in the seeded order) by cluster
+    quotas, in that order; and the per-cluster counts for the summary."""
+    ids, group = _cluster_groups(rows)
+    eligible = np.bincount(group, minlength=len(ids))
+    available = np.bincount(group[survives], minlength=len(ids))
+    quotas = np.asarray(cluster_quotas(budget, eligible.tolist(), available.tolist(), power), np.int64)
+    groups = group[fill_order]
+    chosen = fill_order[_position_in_group(groups, len(ids)) < quotas[groups]]
+    summary = [{"cluster": None if i == NULL_CLUSTER else int(i), "eligible": int(e), "not_dropped": int(a),
+                "quota": int(q)} for i, e, a, q in zip(ids, eligible, available, quotas)]
+    return chosen, summary
+
+
+def cluster_quotas(budget: int, eligible: Sequence[int], available: Sequence[int], power: float) -> list[int]:
+    """Split ``budget`` (<= sum(available)) over clusters: shares ∝ eligible^power by largest
+    remainder, water-filled — a cluster with fewer ``available`` rows than its quota keeps
+    them all and the rest is split again over the others, until every row is placed."""
+    if budget > sum(available):
+        raise ValueError(f"budget {budget} exceeds the {sum(available)} available rows")
+    weights = [Fraction(float(n) ** power) for n in eligible]
+    quotas = [0] * len(eligible)
+    open_ = [i for i, n in enumerate(eligible) if n > 0]
+    remaining = budget
+    while remaining and open_:
+        shares = largest_remainder(remaining, [weights[i] for i in open_])
+        full = [i for i, q in zip(open_, shares) if q > available[i]]
+        if not full:
+            for i, q in zip(open_, shares):
+                quotas[i] = q
+            break
+        for i in full:
+            quotas[i] = available[i]
+            remaining -= available[i]
+        open_ = [i for i in open_ if i not in full]
+    return quotas

@@ -1,8 +1,9 @@
 """The select stage: a pure, deterministic reducer from score files to a kept subset.
 
 Which rows can be kept
-    A row is *eligible* when its ``status`` is ``ok`` and its value in the configured score
-    column is finite. Every other row is *failed* and is never kept: ``failed: drop`` drops
+    A row is *eligible* when its ``status`` is ``ok`` and its value in every score column the
+    rule reads is finite (``column``; ``chain``: every step's column; ``drop_fill``: also
+    ``drop_column``). Every other row is *failed* and is never kept: ``failed: drop`` drops
     and counts them (non-ok rows by status; ok rows by ``null`` / ``non_finite`` score),
     ``failed: error`` refuses to select while any exist.
 
@@ -28,6 +29,21 @@ How many rows are kept (per stratum with ``stratify_by``, else over all eligible
     is a stratum of its own); the rule is applied within each stratum and ``rank`` stays the
     global position in the rule's order.
 
+Rules of several columns (docs/METHOD.md, "Selection rules"; :mod:`.keep_rule`)
+    - ``chain``: step i keeps round half up of f_i × eligible of step i−1's survivors, best
+      first by its own column; ``score`` and ``rank`` are the last step's. The summary's
+      ``chain`` lists each step's column, fraction, kept count and threshold_applied.
+    - ``drop_fill``: drop the rows whose ``drop_column`` is below ``drop_below`` (0.0 by
+      default on an influence estimate) or the bottom ``drop_fraction`` of them, then fill
+      the budget (a fraction or k of all eligible rows) from the rest by ``fill``: the
+      seeded order (``random``), best ``column`` first (``score``), or per-cluster quotas
+      from the score files' ``cluster`` column, each cluster in the seeded order
+      (``cluster``). Too few rest rows: all are kept, then the dropped rows, highest
+      ``drop_column`` first. ``rank`` is the order of keeping. The summary's ``drop_fill``:
+      drop_column, drop_threshold (every row not dropped is at or above it), eligible,
+      dropped, budget, fill, filled_from_dropped and, for ``fill: cluster``, per cluster
+      (null first) its eligible, not_dropped, quota and kept counts.
+
 Outputs in ``out_dir`` (each written atomically; byte-identical for identical inputs)
     ``kept.parquet`` (uid, key, shard, index, score, rank [, json.FIELD]; sorted by uid),
     ``kept_uids.npy`` (DataComp subset: sorted ``np.dtype("u8,u8")``), ``manifest.parquet``
@@ -44,8 +60,10 @@ Two strategies, byte-identical outputs (``select(..., strategy=)``)
     ``bounded`` (default without ``stratify_by``): :mod:`pipeline.stages.reducer` — per-file
     tasks on the executor, a search for the cut over histograms, k-way merges of per-file
     parts; its memory does not grow with the row count (``select.max_rows_in_memory`` bounds
-    what it sorts at once). ``memory`` (always with ``stratify_by``): this module's passes
-    below, every eligible row in this process.
+    what it sorts at once). ``memory`` (always with ``stratify_by`` and the rules ``chain``
+    and ``drop_fill``, which the bounded reducer refuses): this module's passes below, every
+    eligible row in this process (8 more bytes a row per extra score column and for the
+    cluster ids).
 
 Memory of the ``memory`` strategy: the driver holds 36 bytes per input row (two uint64 uid
 halves, score, file number, index, stratum; preallocated from the files' row counts), sort
@@ -75,11 +93,11 @@ from pipeline.config import SelectConfig
 from pipeline.data.uids import u8u8_to_uids, uids_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
-from pipeline.io.scores import META_CONFIG, META_TRAJECTORY, read_shard_meta
+from pipeline.io.scores import CLUSTER_COLUMN, META_CONFIG, META_TRAJECTORY, read_shard_meta
 from pipeline.io.storage import StoragePath, arrow_source, as_path
 from pipeline.runtime.executor import Executor, LocalExecutor, Resources
 from pipeline.stages.context import RunContext
-from pipeline.stages.keep_rule import ROW_DTYPES, Rows, keep_positions
+from pipeline.stages.keep_rule import NULL_CLUSTER, ROW_DTYPES, Rows, decide
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +125,27 @@ class _RowBuffer:
 
     arrays: dict[str, np.ndarray]
     size: int = 0
+    columns: tuple[str, ...] = ()  # the rule's other score columns (``column:<name>`` arrays)
 
     @classmethod
-    def allocate(cls, capacity: int) -> "_RowBuffer":
-        return cls({name: np.empty(capacity, dtype) for name, dtype in ROW_DTYPES.items()})
+    def allocate(cls, capacity: int, columns: Sequence[str] = (), cluster: bool = False) -> "_RowBuffer":
+        """Room for ``capacity`` rows: the :class:`Rows` fields, ``columns`` and the cluster ids."""
+        dtypes = {**ROW_DTYPES, **{f"column:{c}": np.float64 for c in columns},
+                  **({CLUSTER_COLUMN: np.int64} if cluster else {})}
+        return cls({name: np.empty(capacity, dtype) for name, dtype in dtypes.items()}, 0, tuple(columns))
 
     def append(self, part: dict[str, np.ndarray]) -> None:
         n = len(part["hi"])
         if self.size + n > len(self.arrays["hi"]):
             raise UsageError("a score file grew while it was being read")
-        for name, values in part.items():
-            self.arrays[name][self.size:self.size + n] = values
+        for name, values in self.arrays.items():
+            values[self.size:self.size + n] = part[name]
         self.size += n
 
     def rows(self) -> Rows:
-        return Rows(**{name: values[:self.size] for name, values in self.arrays.items()})
+        held = {name: values[:self.size] for name, values in self.arrays.items()}
+        return Rows(**{name: held[name] for name in ROW_DTYPES},
+                    columns={c: held[f"column:{c}"] for c in self.columns}, cluster=held.get(CLUSTER_COLUMN))
 
 
 @dataclass
@@ -166,9 +190,11 @@ class _FileStats:
 class _Scan:
     """Pass 1 over the score files: counts everything, keeps the eligible rows."""
 
-    column: str
+    column: str  # the score column (Rows.score)
     stratum_column: str | None
     buffer: _RowBuffer
+    more_columns: tuple[str, ...] = ()  # the rule's other score columns: a row needs all finite
+    cluster: bool = False  # read the cluster ids
     strata: _StratumCodes = field(default_factory=_StratumCodes)
     files: list[_FileStats] = field(default_factory=list)
     failed_by_status: collections.Counter = field(default_factory=collections.Counter)
@@ -178,7 +204,7 @@ class _Scan:
 
     @property
     def read_columns(self) -> list[str]:
-        return _read_columns(self.column, self.stratum_column)
+        return _read_columns(self.column, self.stratum_column, self.more_columns, self.cluster)
 
     @property
     def n_failed(self) -> int:
@@ -205,10 +231,11 @@ class _Scan:
     def _scan_batch(self, path: str, file_no: int, batch: pa.RecordBatch, index: np.ndarray) -> int:
         status = pc.fill_null(batch.column("status"), "missing_status")
         ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False)
-        scores = batch.column(self.column).cast(pa.float64())
-        score = scores.to_numpy(zero_copy_only=False)
-        eligible = ok & np.isfinite(score)
-        self._count_failed(batch, status, ok, scores.is_null().to_numpy(zero_copy_only=False), eligible)
+        scores = {c: batch.column(c).cast(pa.float64()) for c in (self.column, *self.more_columns)}
+        values = {c: v.to_numpy(zero_copy_only=False) for c, v in scores.items()}
+        eligible = ok & np.logical_and.reduce([np.isfinite(v) for v in values.values()])
+        null = np.logical_or.reduce([v.is_null().to_numpy(zero_copy_only=False) for v in scores.values()])
+        self._count_failed(batch, status, ok, null, eligible)
         strata = (self.strata.encode(batch.column(self.stratum_column)) if self.stratum_column
                   else np.zeros(batch.num_rows, np.int32))
         self.stratum_in.update(dict(zip(*np.unique(strata, return_counts=True))))
@@ -216,8 +243,12 @@ class _Scan:
             hi, lo = uids_to_u8u8(batch.column("uid").filter(pa.array(eligible)))
         except ValueError as exc:
             raise UsageError(f"score file {path}: {exc}") from None
-        part = {"hi": hi, "lo": lo, "score": score[eligible], "index": index[eligible],
-                "file": np.full(int(eligible.sum()), file_no, np.int32), "stratum": strata[eligible]}
+        part = {"hi": hi, "lo": lo, "score": values[self.column][eligible], "index": index[eligible],
+                "file": np.full(int(eligible.sum()), file_no, np.int32), "stratum": strata[eligible],
+                **{f"column:{c}": values[c][eligible] for c in self.more_columns}}
+        if self.cluster:
+            ids = pc.fill_null(batch.column(CLUSTER_COLUMN).cast(pa.int64()), NULL_CLUSTER)
+            part[CLUSTER_COLUMN] = ids.to_numpy(zero_copy_only=False)[eligible]
         self.buffer.append(part)
         return len(hi)
 
@@ -232,10 +263,10 @@ class _Scan:
         self.ok_without_score["non_finite"] += int((ok & ~null & bad).sum())
         if self.first_failed is None:
             row = int(np.flatnonzero(bad)[0])
+            values = ", ".join(f"{c} {batch.column(c)[row].as_py()}" for c in (self.column, *self.more_columns))
             self.first_failed = (f"shard {batch.column('shard')[row].as_py()} index "
                                  f"{batch.column('index')[row].as_py()} (status "
-                                 f"{status[row].as_py()!r}, {self.column} "
-                                 f"{batch.column(self.column)[row].as_py()})")
+                                 f"{status[row].as_py()!r}, {values})")
 
     def rows(self) -> tuple[Rows, list[str | None], np.ndarray]:
         """The eligible rows (strata recoded canonically, in place), stratum values and
@@ -250,9 +281,11 @@ class _Scan:
         return rows, values, n_in
 
 
-def _read_columns(column: str, stratum_column: str | None) -> list[str]:
+def _read_columns(column: str, stratum_column: str | None, more_columns: Sequence[str] = (),
+                  cluster: bool = False) -> list[str]:
     """The score-file columns pass 1 reads."""
-    return ["uid", "shard", "index", "status", column, *([stratum_column] if stratum_column else [])]
+    return ["uid", "shard", "index", "status", column, *more_columns,
+            *([stratum_column] if stratum_column else []), *([CLUSTER_COLUMN] if cluster else [])]
 
 
 def _single_shard(path: str, shards: set[str]) -> str | None:
@@ -469,7 +502,7 @@ def _summary(cfg: SelectConfig, scan: _Scan, n_in: int, n_ok: int, n_kept: int,
              prints: tuple[str, str]) -> dict[str, Any]:
     """The summary's counts and settings (strata, duplicates and shards are added after)."""
     return {
-        "rule": cfg.rule, "column": cfg.column, "config": cfg.effective(),
+        "rule": cfg.rule, "column": cfg.score_column, "config": cfg.effective(),
         "counts": {"in": n_in, "scored_ok": n_ok, "failed": scan.n_failed, "kept": n_kept},
         "failed_by_status": dict(sorted(scan.failed_by_status.items())),
         "ok_without_score": {"null": scan.ok_without_score["null"],
@@ -542,7 +575,8 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig, out_dir:
     manifest's): local paths or remote path objects from :func:`pipeline.io.storage.as_path`.
     ``strategy``: ``bounded`` (:mod:`pipeline.stages.reducer`: memory independent of the row
     count, per-file work as ``executor`` tasks with ``resources``; no ``stratify_by``),
-    ``memory`` (every eligible row in this process), ``auto`` (bounded unless stratified).
+    ``memory`` (every eligible row in this process), ``auto`` (bounded unless stratified or
+    the rule is ``chain`` or ``drop_fill``).
     Both write byte-identical outputs. Returns the summary (also written as
     ``summary.json``). Raises :class:`UsageError` for files of different runs, missing
     columns, bad uids, or failed rows under ``failed: error``.
@@ -552,7 +586,10 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig, out_dir:
         raise ValueError(f"unknown select strategy {strategy!r}")
     if strategy == "bounded" and cfg.stratify_by:
         raise UsageError("select: the bounded reducer does not stratify; use strategy 'memory'")
-    if strategy == "memory" or cfg.stratify_by:
+    if strategy == "bounded" and cfg.rule in cfg.MEMORY_ONLY_RULES:
+        raise UsageError(f"select: the bounded reducer does not run rule '{cfg.rule}'; use strategy "
+                         "'memory' or 'auto'")
+    if strategy == "memory" or cfg.stratify_by or cfg.rule in cfg.MEMORY_ONLY_RULES:
         return _select_in_memory(paths, cfg, out_dir)
     from pipeline.stages.reducer import select_bounded
 
@@ -568,7 +605,7 @@ def selection_fingerprint(cfg: SelectConfig, score_files: Sequence[StoragePath])
     from pipeline.io.scores import read_fingerprint
 
     files = [(p.name, read_fingerprint(p), p.stat().st_size) for p in score_files]
-    settings = cfg.model_dump(mode="json", exclude=set(cfg.EXECUTION_ONLY))
+    settings = cfg.settings()
     payload = json.dumps({"select": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -605,10 +642,12 @@ def _select_in_memory(paths: list[str], cfg: SelectConfig, out_dir: str | os.Pat
     """The reducer with every eligible row in this process (see the module docstring)."""
     prints, scan = _scan(paths, cfg)
     rows, strata, n_in = scan.rows()
-    kept = keep_positions(rows, len(strata), cfg)
+    decision = decide(rows, len(strata), cfg)
+    kept = decision.positions
     quantiles = quantile_dict(np.quantile(rows.score, QUANTILES) if len(rows) else None)
     summary = _summary(cfg, scan, int(n_in.sum()), len(rows), len(kept), _last_kept_score(rows, kept),
                        quantiles, prints)
+    summary.update(decision.details)
     if cfg.stratify_by:
         summary["strata"] = _strata_summary(rows, kept, strata, n_in)
     in_order, rank = _in_input_order(rows, kept)
@@ -641,8 +680,11 @@ def write_manifest(path: Any, meta: dict[bytes, bytes], files: Sequence[_FileSta
 
 def _scan(paths: list[str], cfg: SelectConfig) -> tuple[tuple[str, str], _Scan]:
     """Check the score files and run pass 1; refuse failed rows under ``failed: error``."""
-    prints, n_rows = _check_score_files(paths, [*_read_columns(cfg.column, cfg.stratum_column), "key"])
-    scan = _Scan(cfg.column, cfg.stratum_column, _RowBuffer.allocate(n_rows))
+    more = cfg.score_columns[1:]
+    prints, n_rows = _check_score_files(
+        paths, [*_read_columns(cfg.score_column, cfg.stratum_column, more, cfg.reads_clusters), "key"])
+    scan = _Scan(cfg.score_column, cfg.stratum_column, _RowBuffer.allocate(n_rows, more, cfg.reads_clusters),
+                 more, cfg.reads_clusters)
     for path in paths:
         scan.scan_file(path)
     _check_failed(scan, cfg)

@@ -223,3 +223,23 @@ def test_score_files_without_rows(tmp_path: Path) -> None:
     page = parse(write_report(run).read_text())
     assert page.sections[:2] == ["Rows by status", "Score distributions"]
     assert "Scores vs clip_score" not in page.sections
+
+
+def test_new_rules_show_their_steps_and_no_cut() -> None:
+    """chain / drop_fill keep no 'every score at or above a cut': no cut line; the subtitle says
+    what the rule did."""
+    from types import SimpleNamespace
+
+    from pipeline.report.build import _subtitle, _threshold
+
+    chain = {"rule": "chain", "column": "norm_sim_inf", "config": {}, "threshold_applied": 0.5,
+             "chain": [{"column": "neg_clip_loss", "fraction": 0.3}, {"column": "norm_sim_inf", "fraction": 0.2}]}
+    drop = {"rule": "drop_fill", "column": "tracin", "config": {"fraction": 0.3}, "threshold_applied": 0.1,
+            "drop_fill": {"dropped": 7, "drop_column": "tracin", "drop_threshold": 0.0, "fill": "random",
+                          "filled_from_dropped": 0}}
+    for selection in (chain, drop):
+        data = SimpleNamespace(selection=selection, column=selection["column"])
+        assert _threshold(data, selection["column"]) is None
+    assert _subtitle(SimpleNamespace(selection=chain)) == (
+        "selection: chain neg_clip_loss 0.3 then norm_sim_inf 0.2")
+    assert "dropped 7 with tracin below 0.0, fill random" in _subtitle(SimpleNamespace(selection=drop))
