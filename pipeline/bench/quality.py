@@ -427,6 +427,11 @@ def append_cell(path: Path, cell: dict[str, Any]) -> None:
     """Append one line with a single write (whole lines from concurrent workers never interleave)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(cell, sort_keys=True) + "\n").encode()
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # a torn line from a killed run: start a new one
+                data = b"\n" + data
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)

@@ -291,7 +291,7 @@ def _cluster_groups(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("fill 'cluster' needs the rows' cluster ids")
     if len(rows) and bool((rows.cluster == NULL_CLUSTER).all()):
         raise UsageError("select.fill: 'cluster' needs cluster ids, but the score files' cluster column is "
-                         "null in every eligible row; score with clustering on (score.clusters)")
+                         "null in every eligible row; score with clustering on (score.embeddings.clusters > 0)")
     ids, group = np.unique(rows.cluster, return_inverse=True)
     return ids, group.reshape(-1)
 

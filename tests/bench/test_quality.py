@@ -136,37 +136,95 @@ def test_quick_run_schema(quick_report: tuple[dict, Path]) -> None:
     fm, oc = report["fashion_mnist"], report["openclipart"]
     assert set(fm) == {"keep_50", "keep_30", "full", "noise_auc"}
     assert set(oc) == {"keep_50", "keep_30", "full"}
-    methods = {"diffin_unrolled", "diffin", "diffin_eq9", "tracin", "clip_score", "random"}
+    methods = set(quality.QUICK_METHODS)
     for budget in ("keep_50", "keep_30"):
-        assert set(fm[budget]) == methods and set(oc[budget]) == methods
+        assert set(fm[budget]) == methods and set(oc[budget]) == methods - {"oracle"}  # no labels: no oracle
         for method in methods:
-            assert set(fm[budget][method]) == {"acc_mean", "acc_std"}
-            assert _fraction(fm[budget][method]["acc_mean"]) and fm[budget][method]["acc_std"] is None  # one seed
+            entry = fm[budget][method]
+            assert entry["seeds"] == 1 and _fraction(entry["acc_mean"]) and entry["acc_std"] is None  # one seed
+        for method in methods - {"oracle"}:
             entry = oc[budget][method]
-            assert set(entry) == {"r1_mean", "r1_std", "r5_mean", "r5_std"}
+            assert {"r1_mean", "r1_std", "r5_mean", "r5_std"} <= set(entry)
             assert _fraction(entry["r1_mean"]) and _fraction(entry["r5_mean"]) and entry["r5_mean"] >= entry["r1_mean"]
-    assert set(fm["full"]) == {"acc_mean", "acc_std"} and _fraction(fm["full"]["acc_mean"])
-    assert set(oc["full"]) == {"r1_mean", "r1_std", "r5_mean", "r5_std"} and _fraction(oc["full"]["r5_mean"])
-    assert set(fm["noise_auc"]) == methods and all(_fraction(v) for v in fm["noise_auc"].values())
+    assert _fraction(fm["full"]["acc_mean"]) and _fraction(oc["full"]["r5_mean"])
+    assert set(quality.SCORED) | {"random"} == set(fm["noise_auc"])
+    assert {"neg_clip_loss", "norm_sim_2", "norm_sim_inf"} <= set(fm["noise_auc"])
+    assert all(_fraction(v) for v in fm["noise_auc"].values())
 
 
 def test_quick_run_subsets_and_ground_truth(quick_report: tuple[dict, Path]) -> None:
-    report, _ = quick_report
+    report, out = quick_report
     meta = report["_meta"]
     settings = quality.quick_settings()
-    cells = {c["dataset"]: c for c in meta["cells"]}
-    assert set(cells) == {"fashion_mnist", "openclipart"} and all(c["seed"] == 0 for c in cells.values())
+    retrains = [c for c in meta["cells"] if c["kind"] == "retrain"]
+    scored = {c["dataset"]: c for c in meta["cells"] if c["kind"] == "scores"}
+    assert set(scored) == {"fashion_mnist", "openclipart"} and all(c["seed"] == 0 for c in scored.values())
     for name in ("fashion_mnist", "openclipart"):
         n = settings.dataset(name).num_train
         assert meta["data"][name]["train"] == n
         for budget, fraction in (("keep_50", 0.5), ("keep_30", 0.3)):
-            assert cells[name]["subset_sizes"][budget] == dict.fromkeys(quality.METHODS, _half_up(fraction, n))
-            digests = cells[name]["kept_digest"][budget]
-            assert len(set(digests.values())) > 1  # methods keep different pairs
-    fm = cells["fashion_mnist"]
+            mine = [c for c in retrains if c["dataset"] == name and c["budget"] == budget]
+            assert {c["n_kept"] for c in mine} == {_half_up(fraction, n)}
+            assert len({c["kept_digest"] for c in mine}) > 3  # methods keep different pairs
+    fm = scored["fashion_mnist"]
     assert fm["noisy_in_train"] == round(0.3 * settings.fashion_mnist.num_train)  # ground truth, exact
     assert report["fashion_mnist"]["noise_auc"] == pytest.approx(fm["noise_auc"])  # one seed: mean = the cell
-    for by_method in fm["kept_noisy_fraction"].values():
-        assert all(_fraction(v) for v in by_method.values())
+    for cell in retrains:
+        if cell["dataset"] == "fashion_mnist":
+            assert _fraction(cell["kept_noisy_fraction"]) and sum(cell["class_counts"]) == cell["n_kept"]
+            if cell["method"] == "oracle":  # 168 clean pairs fill both budgets: no mismatched pair kept
+                assert cell["kept_noisy_fraction"] == 0.0
     assert meta["command"].startswith("diffin bench quality --quick --out ")
-    assert meta["seconds"]["total"] > 0
+    assert Path(meta["cells_file"]) == quality.cells_path(out)
+
+
+def test_quick_run_resumes_from_its_results_file(quick_report: tuple[dict, Path]) -> None:
+    """A rerun computes nothing: every cell is in the results file, the scores are cached."""
+    report, out = quick_report
+    cells = quality.cells_path(out)
+    before = cells.read_text()
+    code = bench_job.main(["quality", "--quick", "--out", str(out), "--data-dir", str(out.parent.parent / "data")])
+    assert code == 0 and cells.read_text() == before
+    again = json.loads(out.read_text())
+    assert again["fashion_mnist"] == report["fashion_mnist"] and again["openclipart"] == report["openclipart"]
+
+
+# --------------------------------------------------------------------------- methods and cells
+
+
+def test_method_names_map_to_reducer_rules() -> None:
+    from pipeline.bench.selections import CHEAP_DROP_FRACTION, Method
+
+    top = Method.parse("clip_score").select_config(0.3, 0)
+    assert (top.rule, top.column, top.fraction) == ("top_fraction", "clip_score", 0.3)
+    drop = Method.parse("diffin_unrolled+drop").select_config(0.5, 7)
+    assert (drop.rule, drop.fill, drop.drop_below, drop.drop_fraction, drop.seed) == ("drop_fill", "random", 0.0, None, 7)
+    cheap = Method.parse("neg_clip_loss+cluster").select_config(0.5, 1)
+    assert (cheap.fill, cheap.drop_fraction, cheap.drop_below) == ("cluster", CHEAP_DROP_FRACTION, None)
+    chain = Method.parse("chain").select_config(0.3, 0)
+    assert [(s.column, s.fraction) for s in chain.steps] == [("neg_clip_loss", 0.45), ("norm_sim_inf", 0.3)]
+    assert Method.parse("oracle").select_config(0.3, 0) is None and Method.parse("oracle").needs_labels
+    with pytest.raises(UsageError, match="unknown method 'clip_score\\+top'"):
+        Method.parse("clip_score+top")
+    assert quality.settings_for(methods=["random", "chain"]).methods == ("random", "chain")
+
+
+def test_oracle_drops_every_mismatched_pair_then_follows_the_random_order() -> None:
+    uids = [make_uid("oracle", str(i)) for i in range(10)]
+    noisy = np.array([i % 3 == 0 for i in range(10)])  # 4 mismatched, 6 clean
+    order = np.argsort(-quality.random_rule_scores(uids, 3), kind="stable")
+    clean_first = [i for i in order if not noisy[i]] + [i for i in order if noisy[i]]
+    assert quality.oracle_uids(uids, noisy, 0.5, 3) == sorted(uids[i] for i in clean_first[:5])
+    assert quality.oracle_uids(uids, noisy, 0.8, 3) == sorted(uids[i] for i in clean_first[:8])  # 2 mismatched fill
+
+
+def test_results_file_skips_a_torn_line_and_headroom_is_by_hand(tmp_path: Path) -> None:
+    path = quality.cells_path(tmp_path / "q.json")
+    assert path.name == "q_cells.jsonl"
+    quality.append_cell(path, {"a": 1})
+    with open(path, "a") as handle:
+        handle.write('{"torn": ')  # a run killed mid-line
+    assert quality.read_cells(path) == [{"a": 1}]
+    rows = {"random": {"acc_mean": 0.6}, "oracle": {"acc_mean": 0.8}, "x": {"acc_mean": 0.75}}
+    quality._add_headroom(rows, "acc")
+    assert rows["x"]["headroom"] == pytest.approx(0.75) and rows["random"]["headroom"] == 0.0

@@ -136,7 +136,7 @@ def test_fill_cluster_quotas_and_seeded_order(tmp_path: Path, power: float, quot
 
 def test_fill_cluster_without_cluster_ids_is_one_line(tmp_path: Path) -> None:
     f = score_file(tmp_path, {"diffin_unrolled": ESTIMATE})
-    with pytest.raises(UsageError, match="score.clusters") as info:
+    with pytest.raises(UsageError, match="score.embeddings.clusters") as info:
         select([f], SelectConfig(rule="drop_fill", fill="cluster"), tmp_path / "out")
     assert "\n" not in str(info.value)
 
