@@ -50,9 +50,11 @@ def load_target(config: RunConfig, image_size: int, urls: Sequence[str], sizes: 
     if target.shards is not None:
         target_sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
         return load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
-                          max_samples=target.max_pairs, seed=target.seed, storage=config.storage)
+                          max_samples=target.max_pairs, seed=target.seed, storage=config.storage,
+                          uid_from=config.data.uid_from)
     keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
-    return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage,
+                        config.data.uid_from)
 
 
 def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None) -> PairTable:
@@ -63,7 +65,8 @@ def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], siz
     keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
         if target.holdout_fraction is not None else None
     count = 4 * max(settings.proxy_batches, settings.unrolled.proxy_batches) * settings.proxy_batch_size
-    return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage,
+                        config.data.uid_from)
 
 
 def _not_holdout(uid: str, fraction: float, seed: int) -> bool:
