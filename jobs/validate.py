@@ -16,7 +16,7 @@ from pipeline.data.uids import DEFAULT_UID_FROM, LEGACY_REQUIRE_UID, UID_SOURCES
 from pipeline.data.validate import ShardCheck, find_sizes, validate_shards
 from pipeline.io.atomic import write_json_atomic
 
-DESCRIPTION = ("Check WebDataset shards: member contiguity, keys, required fields (image, txt, json uid), "
+DESCRIPTION = ("Check WebDataset shards: member contiguity, keys, required fields (image, txt, a uid by --uid-from), "
                "image decodability and counts against sizes.json. Exit 1 when problems exist.")
 
 

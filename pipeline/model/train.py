@@ -242,7 +242,7 @@ def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.P
     size = int(model_spec(cfg.model)["config"]["vision_cfg"]["image_size"])
     table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed, storage=storage,
                        uid_from=uid_from)
-    check_uids_found(table, uid_from)
+    check_uids_found(table, uid_from, "training")
     out_dir = as_path(out_dir, storage)
     if holdout is not None:
         table = table.subset([i for i, u in enumerate(table.uids) if not in_holdout(u, *holdout)])
@@ -251,11 +251,11 @@ def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.P
     return train_proxy(table, cfg, out_dir, excluded, data_identity(urls, sizes, holdout, uid_from))
 
 
-def check_uids_found(table: PairTable, uid_from: Sequence[str]) -> None:
-    """Refuse (one line naming ``data.uid_from``) a load where no pair is usable because no pair
-    had a uid by the rule: the setting, not the data, is what to change."""
+def check_uids_found(table: PairTable, uid_from: Sequence[str], what: str) -> None:
+    """Refuse (one line naming ``data.uid_from``) a load of ``what`` pairs where no pair is usable
+    and some had no uid by the rule: the setting, not the data, is what to change."""
     no_uid = sum(table.skipped.get(s, 0) for s in NO_UID_STATUSES)
     if len(table) == 0 and no_uid:
-        raise UsageError(f"no training pairs: {no_uid} of {sum(table.skipped.values())} pairs read have no uid by "
+        raise UsageError(f"no {what} pairs: {no_uid} of {sum(table.skipped.values())} pairs read have no uid by "
                          f"{UID_SETTING} {list(uid_from)} (skipped: {table.skipped}); add a source to "
                          f"{UID_SETTING} (json: DataComp uid, url: img2dataset's url, image: the image bytes)")

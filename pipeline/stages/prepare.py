@@ -49,9 +49,13 @@ def load_target(config: RunConfig, image_size: int, urls: Sequence[str], sizes: 
     target = require_target(config)
     if target.shards is not None:
         target_sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
-        return load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
-                          max_samples=target.max_pairs, seed=target.seed, storage=config.storage,
-                          uid_from=config.data.uid_from)
+        from pipeline.model.train import check_uids_found
+
+        table = load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
+                           max_samples=target.max_pairs, seed=target.seed, storage=config.storage,
+                           uid_from=config.data.uid_from)
+        check_uids_found(table, config.data.uid_from, "target")
+        return table
     keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
     return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage,
                         config.data.uid_from)
