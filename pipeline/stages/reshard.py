@@ -182,6 +182,7 @@ def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions |
     copied: set[str] = set()
     current: str | None = None
     damage: str | None = None
+    writing = False  # an error while writing the output (a full disk) is not the source's damage
     try:
         stream = open_input(source.url, storage)  # the shard reader's opener: local, fsspec, pipe:
     except Exception as exc:  # any opener error: missing file, permissions, network, bad URL
@@ -202,10 +203,14 @@ def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions |
                         data = tar.extractfile(info).read()
                         if len(data) != info.size:
                             raise tarfile.ReadError(f"member {info.name} cut short")
+                        writing = True
                         add_member(out, info.name, data)
+                        writing = False
                     current = key
                     tar.members = []  # streaming: do not keep every header in memory
         except READ_ERRORS as exc:
+            if writing:
+                raise
             damage = _describe(exc)
             if current in wanted:  # the sample in progress may be incomplete (the reader drops it too)
                 copied.discard(current)

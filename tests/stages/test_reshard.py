@@ -282,3 +282,20 @@ def test_reshard_under_local_ray(selection: Path, tmp_path: Path) -> None:
     reshard(manifest, tmp_path / "local", ReshardConfig(shard_size=8), LocalExecutor())
     for name in [*sizes, "sizes.json"]:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_a_full_disk_while_copying_is_not_taken_for_a_damaged_source(selection: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    import errno
+
+    from pipeline.stages import reshard as reshard_module
+
+    def full(*args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reshard_module, "add_member", full)
+    table = pa.table({"shard": [str(selection / "in" / "00001.tar")], "keys": [["k1x000"]]})
+    with pytest.raises(DataError, match="no space left") as info:
+        reshard(table, tmp_path / "out", ReshardConfig(shard_size=10), LocalExecutor())
+    assert "kept pairs not found" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PLAN_FILE]
