@@ -44,6 +44,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
     if "reshard" in summary:
         print(f"  shards: {summary['reshard']['dir']}/  ({summary['reshard']['shards']} shards, "
               f"{summary['reshard']['pairs']} pairs)")
+        for source in summary["reshard"].get("damaged_sources", []):
+            print(f"  damaged input shard {source['shard']} ({source['status']}): its {source['kept']} kept "
+                  "pair(s) lie before the damage and were copied")
     print(f"  summary: {run_dir.rstrip('/')}/run_summary.json")
 
 

@@ -12,10 +12,11 @@ import sys
 from jobs._common import SimpleJob, int_at_least  # first: applies environment defaults
 
 from pipeline.data.shards import expand_shards, load_sizes
+from pipeline.data.uids import DEFAULT_UID_FROM, LEGACY_REQUIRE_UID, UID_SOURCES, check_uid_from
 from pipeline.data.validate import ShardCheck, find_sizes, validate_shards
 from pipeline.io.atomic import write_json_atomic
 
-DESCRIPTION = ("Check WebDataset shards: member contiguity, keys, required fields (image, txt, json uid), "
+DESCRIPTION = ("Check WebDataset shards: member contiguity, keys, required fields (image, txt, a uid by --uid-from), "
                "image decodability and counts against sizes.json. Exit 1 when problems exist.")
 
 
@@ -26,10 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sizes.json with per-shard counts (default: the one beside the shards, if any)")
     parser.add_argument("--no-decode", dest="decode", action="store_false",
                         help="skip decoding images (structure, fields and counts only)")
-    parser.add_argument("--allow-missing-uid", dest="require_uid", action="store_false",
-                        help="do not require a 32-hex json uid (as data.require_uid: false)")
+    parser.add_argument("--uid-from", type=uid_sources, default=DEFAULT_UID_FROM, metavar="SOURCES",
+                        help="where a pair's uid comes from, as data.uid_from: comma-separated, first that "
+                             f"applies, of {', '.join(UID_SOURCES)} (default {','.join(DEFAULT_UID_FROM)})")
+    parser.add_argument("--allow-missing-uid", dest="uid_from", action="store_const",
+                        const=LEGACY_REQUIRE_UID[False], help="as --uid-from json,url,image")
     parser.add_argument("--threads", type=int_at_least(1), default=2, help="shards checked at a time (default 2)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the full report as JSON")
+
+
+def uid_sources(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated uid sources (argparse turns the error into exit 2)."""
+    try:
+        return check_uid_from([part.strip() for part in text.split(",") if part.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _line(check: ShardCheck) -> str:
@@ -52,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         sizes, source = find_sizes(urls)
     print(f"validating {len(urls)} shard(s); counts from {source or 'nowhere (no sizes.json: counts not checked)'}")
-    checks = validate_shards(urls, sizes, decode=args.decode, require_uid=args.require_uid,
+    checks = validate_shards(urls, sizes, decode=args.decode, uid_from=args.uid_from,
                              threads=args.threads)
     for check in checks:
         print(_line(check))

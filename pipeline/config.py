@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator)
 
 from pipeline.data.shards import SIZES_FILE
+from pipeline.data.uids import DEFAULT_UID_FROM, LEGACY_REQUIRE_UID, check_uid_from
 from pipeline.errors import UsageError
 from pipeline.influence.scores import (DEFAULT_COLUMN, DEFAULT_METHOD, ESTIMATE_COLUMNS, METHOD_COMPONENTS,
                                        SCORE_COLUMNS, columns_computed, method_components)
@@ -33,8 +34,32 @@ class DataConfig(Section):
 
     shards: str | list[str] = Field(description="brace pattern, glob, or list of shard URLs")
     sizes: str | None = Field(None, description="sizes.json with per-shard counts")
-    require_uid: bool = Field(True, description="a pair without a json uid is a failed row (missing_json, "
-                                                "bad_json, missing_uid); false: score it under a hash of (shard, key)")
+    uid_from: tuple[Literal["json", "url", "image"], ...] = Field(
+        DEFAULT_UID_FROM, description="where a pair's uid comes from, first source that applies (the rule: "
+                                      "pipeline/data/uids.py): json uid, hash of json url + caption, hash of "
+                                      "image bytes + caption; a pair with none is a failed row")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_require_uid(cls, data: Any) -> Any:
+        """``require_uid`` (before ``uid_from``): true = ``[json]``, false = ``[json, url, image]``."""
+        if not isinstance(data, dict) or "require_uid" not in data:
+            return data
+        data = dict(data)
+        legacy = data.pop("require_uid")
+        if "uid_from" in data:
+            raise ValueError("require_uid is replaced by uid_from: set only uid_from")
+        if not isinstance(legacy, bool):
+            raise ValueError("require_uid: must be true or false (better: set uid_from)")
+        data["uid_from"] = list(LEGACY_REQUIRE_UID[legacy])
+        return data
+
+    @field_validator("uid_from", mode="before")
+    @classmethod
+    def _uid_sources(cls, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple)):
+            return check_uid_from(value)
+        return value
     max_failed_fraction: float = Field(0.1, ge=0.0, le=1.0,
                                        description="the score stage fails (exit 1, scores kept) when more than this "
                                                    "fraction of the expected pairs failed or is missing")

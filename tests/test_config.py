@@ -96,3 +96,17 @@ def test_load_config_roundtrip(tmp_path: Path, base: dict) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(base))
     assert load_config(path) == parse_config(base)
+
+
+def test_uid_rule_setting_and_the_legacy_require_uid(base: dict) -> None:
+    assert parse_config(base).data.uid_from == ("json", "url")  # default: DataComp uid, else img2dataset url
+    assert parse_config(_set(base, "data.uid_from", ["image"])).data.uid_from == ("image",)
+    assert parse_config(_set(base, "data.require_uid", True)).data.uid_from == ("json",)
+    assert parse_config(_set(base, "data.require_uid", False)).data.uid_from == ("json", "url", "image")
+    both = _set(_set(base, "data.require_uid", True), "data.uid_from", ["json"])
+    for bad, error in [(_set(base, "data.uid_from", ["sha"]), "data.uid_from: unknown uid source 'sha'"),
+                       (_set(base, "data.uid_from", []), "data.uid_from: name at least one"),
+                       (both, "require_uid is replaced by uid_from")]:
+        with pytest.raises(UsageError, match=error) as info:
+            parse_config(bad)
+        assert "\n" not in str(info.value)

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.scan import ShardReader
 from pipeline.data.shards import IMAGE_EXTS, expected_count
-from pipeline.data.uids import is_uid
+from pipeline.data.uids import DEFAULT_UID_FROM, no_uid_reason, sample_uid
 from pipeline.io.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+NO_UID_STATUSES = ("missing_json", "bad_json", "missing_uid")  # a row the uid rule gives no uid
 ROW_STATUSES = ("ok", "dotted_key", "duplicate_key", "non_contiguous", "missing_json", "bad_json",
                 "missing_uid", "missing_image", "missing_text", "empty_text", "not_image", "decode_error",
                 "non_finite")
@@ -67,9 +68,11 @@ class ParsedSample:
 
     ``status`` is ``ok`` or the first problem found, checked in this order: the sample's
     structure (``dotted_key``, ``duplicate_key``, ``non_contiguous``, from the reader), its
-    json (``missing_json``, ``bad_json``, ``missing_uid`` — only when a uid is required),
-    then ``missing_image``, ``missing_text``, ``empty_text``, and decoding (``not_image``:
-    bytes no image library recognises; ``decode_error``: a recognised but corrupt image).
+    identity (no uid by the rule ``uid_from``, :mod:`pipeline.data.uids`: ``missing_json``,
+    ``bad_json`` or ``missing_uid``, by what the json member lacked), then ``missing_image``,
+    ``missing_text``, ``empty_text``, and decoding (``not_image``: bytes no image library
+    recognises; ``decode_error``: a recognised but corrupt image). ``uid`` is set whenever the
+    rule gives one, also on a failed row.
     """
 
     key: str
@@ -78,12 +81,7 @@ class ParsedSample:
     error: str | None = None
     image: np.ndarray | None = None  # uint8 HWC when ok
     caption: str | None = None
-
-    @property
-    def json_uid(self) -> str | None:
-        """The json's uid when it is a valid 32-hex uid, else None."""
-        uid = self.meta.get("uid")
-        return uid if is_uid(uid) else None
+    uid: str | None = None
 
     def fail(self, status: str, error: str) -> "ParsedSample":
         self.status, self.error = status, error[:300]
@@ -101,22 +99,40 @@ def _parse_json(members: dict[str, bytes]) -> tuple[dict[str, Any], str | None]:
     return (meta, None) if isinstance(meta, dict) else ({}, "bad_json")
 
 
-def parse_sample(key: str, members: dict[str, bytes], size: int, *, require_uid: bool = True,
-                 problem: str | None = None, detail: str | None = None, decode: bool = True) -> ParsedSample:
-    """Parse a raw sample (members by field): json, caption, image decoded once to ``size``².
+def _image_ext(members: dict[str, bytes]) -> str | None:
+    return next((e for e in IMAGE_EXTS if e in members), None)
+
+
+def _uid_inputs(members: dict[str, bytes]) -> tuple[dict[str, Any], str | None, bytes | None, str | None]:
+    """(json metadata, caption text, image bytes, json problem): what the uid rule reads."""
+    meta, json_problem = _parse_json(members)
+    caption = members["txt"].decode("utf-8", "replace") if "txt" in members else None
+    ext = _image_ext(members)
+    return meta, caption, (members[ext] if ext else None), json_problem
+
+
+def raw_sample_uid(members: dict[str, bytes], uid_from: Sequence[str] = DEFAULT_UID_FROM) -> str | None:
+    """The uid of a raw sample (member bytes by field, as WebDataset yields them) by the rule
+    ``uid_from`` (:func:`pipeline.data.uids.sample_uid`), or None."""
+    meta, caption, image, _ = _uid_inputs(members)
+    return sample_uid(meta, caption, image, uid_from)
+
+
+def parse_sample(key: str, members: dict[str, bytes], size: int, *,
+                 uid_from: Sequence[str] = DEFAULT_UID_FROM, problem: str | None = None,
+                 detail: str | None = None, decode: bool = True) -> ParsedSample:
+    """Parse a raw sample (members by field): uid, json, caption, image decoded once to ``size``².
 
     ``problem``/``detail`` carry a structural problem the shard reader found; such a sample
     is never decoded. ``decode=False`` checks everything but the image bytes.
     """
-    meta, json_problem = _parse_json(members)
-    parsed = ParsedSample(key, meta)
+    meta, text, image, json_problem = _uid_inputs(members)
+    parsed = ParsedSample(key, meta, uid=sample_uid(meta, text, image, uid_from))
     if problem is not None:
         return parsed.fail(problem, detail or problem)
-    if require_uid and json_problem is not None:
-        return parsed.fail(json_problem, json_problem.replace("_", " "))
-    if require_uid and parsed.json_uid is None:
-        return parsed.fail("missing_uid", f"json has no valid 32-hex uid (got {str(meta.get('uid'))[:40]!r})")
-    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if parsed.uid is None:
+        return parsed.fail(json_problem or "missing_uid", no_uid_reason(uid_from))
+    ext = _image_ext(members)
     if ext is None:
         return parsed.fail("missing_image", "no image member (" + "/".join(IMAGE_EXTS) + ")")
     if "txt" not in members:
@@ -137,22 +153,22 @@ def parse_sample(key: str, members: dict[str, bytes], size: int, *, require_uid:
 
 
 def _decode_sample(key: str, members: dict[str, bytes], size: int, problem: str | None = None,
-                   detail: str | None = None) -> tuple[str, Any]:
+                   detail: str | None = None, uid_from: Sequence[str] = DEFAULT_UID_FROM) -> tuple[str, Any]:
     """(status, payload) for training: payload = (uid, key, image, caption) when usable."""
-    parsed = parse_sample(key, members, size, require_uid=True, problem=problem, detail=detail)
+    parsed = parse_sample(key, members, size, uid_from=uid_from, problem=problem, detail=detail)
     if parsed.status != "ok":
         return parsed.status, None
-    return "ok", (parsed.json_uid, parsed.key, parsed.image, parsed.caption)
+    return "ok", (parsed.uid, parsed.key, parsed.image, parsed.caption)
 
 
-def _load_shard(url: str, sizes: dict[str, int] | None, size: int,
-                storage: StorageOptions | None = None) -> tuple[list, dict[str, int]]:
+def _load_shard(url: str, sizes: dict[str, int] | None, size: int, storage: StorageOptions | None = None,
+                uid_from: Sequence[str] = DEFAULT_UID_FROM) -> tuple[list, dict[str, int]]:
     """Usable pairs of one shard, and counts of the skipped by reason (shard problems included:
     ``shard_<status>`` counts the pairs ``sizes.json`` promises that could not be read)."""
     reader = ShardReader(url, expected_count(url, sizes), storage)
     rows, statuses = [], []
     for raw in reader:
-        status, payload = _decode_sample(raw.key, raw.members, size, raw.problem, raw.detail)
+        status, payload = _decode_sample(raw.key, raw.members, size, raw.problem, raw.detail, uid_from)
         statuses.append(status)
         rows.append((*payload, url) if status == "ok" else None)
     for index, (status, _) in reader.report.late.items():
@@ -182,27 +198,29 @@ def rank_order(uids: Sequence[str], seed: int, salt: str = "") -> list[int]:
 
 def load_pairs(urls: Sequence[str], image_size: int, sizes: dict[str, int] | None = None,
                max_samples: int | None = None, seed: int = 0, threads: int = 4,
-               storage: StorageOptions | None = None) -> PairTable:
+               storage: StorageOptions | None = None, uid_from: Sequence[str] = DEFAULT_UID_FROM) -> PairTable:
     """Read, decode and resize all pairs of ``urls`` (in shard order).
 
-    Pairs that cannot be used (no image, no caption, no uid, undecodable) are skipped and
-    counted by reason. With ``max_samples``, a uniform sample chosen by ``sample_rank``
-    (uid + seed) is kept, in shard order. Duplicate uids are an error.
+    Pairs that cannot be used (no image, no caption, no uid by the rule ``uid_from``,
+    undecodable) are skipped and counted by reason. With ``max_samples``, a uniform sample
+    chosen by ``sample_rank`` (uid + seed) is kept, in shard order. A pair whose uid an
+    earlier pair already has is skipped too (``duplicate_uid``: one uid, one training pair).
     """
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda u: _load_shard(u, sizes, image_size, storage), urls))
-    rows, skipped = [], {}
+        results = list(pool.map(lambda u: _load_shard(u, sizes, image_size, storage, uid_from), urls))
+    rows, skipped, seen = [], {}, set()
     for shard_rows, shard_skipped in results:
-        rows.extend(shard_rows)
+        for row in shard_rows:
+            if row[0] in seen:
+                skipped["duplicate_uid"] = skipped.get("duplicate_uid", 0) + 1
+                continue
+            seen.add(row[0])
+            rows.append(row)
         for k, v in shard_skipped.items():
             skipped[k] = skipped.get(k, 0) + v
     if max_samples is not None and len(rows) > max_samples:
         keep = set(rank_order([r[0] for r in rows], seed, "subsample")[:max_samples])
         rows = [r for i, r in enumerate(rows) if i in keep]
-    uids = [r[0] for r in rows]
-    if len(set(uids)) != len(uids):
-        dup = next(u for u in uids if uids.count(u) > 1)
-        raise ValueError(f"duplicate uid {dup} in training shards")
     if skipped:
         log.warning("skipped pairs by reason: %s", skipped)
     return _to_table(rows, skipped, image_size)
@@ -237,7 +255,8 @@ def in_holdout(uid: str, fraction: float, seed: int) -> bool:
 
 def sample_pairs(urls: Sequence[str], image_size: int, count: int, seed: int, salt: str,
                  sizes: dict[str, int] | None = None,
-                 keep: Callable[[str], bool] | None = None, storage: StorageOptions | None = None) -> PairTable:
+                 keep: Callable[[str], bool] | None = None, storage: StorageOptions | None = None,
+                 uid_from: Sequence[str] = DEFAULT_UID_FROM) -> PairTable:
     """Up to ``count`` pairs (satisfying ``keep(uid)``) from a seeded sample of shards.
 
     Shards are visited in an order given by (seed, shard name) until at least twice
@@ -248,7 +267,7 @@ def sample_pairs(urls: Sequence[str], image_size: int, count: int, seed: int, sa
     parts: list[PairTable] = []
     have = 0
     for url in order:
-        table = load_pairs([url], image_size, sizes=sizes, threads=1, storage=storage)
+        table = load_pairs([url], image_size, sizes=sizes, threads=1, storage=storage, uid_from=uid_from)
         if keep is not None:
             table = table.subset([i for i, u in enumerate(table.uids) if keep(u)])
         parts.append(table)

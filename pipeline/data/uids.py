@@ -1,9 +1,28 @@
-"""128-bit sample ids in the DataComp convention (32 lowercase hex characters)."""
+"""128-bit sample ids in the DataComp convention (32 lowercase hex characters), and the uid
+rule: which uid a pair of a shard has (the one owner of that rule; every reader derives from it).
+
+The rule (``data.uid_from``, an ordered list of sources; the first that applies gives the uid):
+
+- ``json``: the json member's ``uid`` when it is 32 lowercase hex characters (DataComp);
+- ``url``: ``make_uid("url", url + "\\x00" + caption)`` — BLAKE2b-128 of ``url\\x00<url>\\x00<caption>``
+  (UTF-8), with the json member's ``url`` (img2dataset writes it) and the ``txt`` member as
+  text (img2dataset's ``caption``; empty when there is none);
+- ``image``: BLAKE2b-128 of ``image\\x00`` + the image member's bytes + ``\\x00`` + the caption.
+
+Every source is a function of the pair's own content, never of where it is stored: shard name
+and key change when shards are resharded, a uid must not. The default is ``json`` then
+``url``: DataComp shards keep their uids, img2dataset shards (no uid, a url per pair) work as
+they are. ``image`` is opt-in: web corpora hold many byte-identical placeholder images, and a
+pair whose image and caption equal another's gets its uid. A pair for which no source applies
+has no uid: a failed row (``missing_json``, ``bad_json`` or ``missing_uid``) whose error names
+``data.uid_from``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +35,69 @@ def make_uid(namespace: str, ident: str) -> str:
     """A stable 128-bit uid for the item ``ident`` of the source ``namespace``."""
     digest = hashlib.blake2b(f"{namespace}\x00{ident}".encode("utf-8"), digest_size=16)
     return digest.hexdigest()
+
+
+UID_SOURCES = ("json", "url", "image")
+DEFAULT_UID_FROM = ("json", "url")
+UID_SETTING = "data.uid_from"
+LEGACY_REQUIRE_UID = {True: ("json",), False: ("json", "url", "image")}  # data.require_uid (deprecated)
+
+
+def check_uid_from(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``value`` (one source or a list) as a tuple of sources; ValueError when empty, unknown or repeated."""
+    sources = (value,) if isinstance(value, str) else tuple(value)
+    if not sources:
+        raise ValueError(f"name at least one uid source ({', '.join(UID_SOURCES)})")
+    unknown = [s for s in sources if s not in UID_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown uid source {unknown[0]!r} (use {', '.join(UID_SOURCES)})")
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"uid source listed twice in {list(sources)}")
+    return sources
+
+
+def url_uid(url: str, caption: str) -> str:
+    """The ``url`` rule's uid of a pair: its url and caption (img2dataset's parquet columns)."""
+    return make_uid("url", f"{url}\x00{caption}")
+
+
+def image_uid(image: bytes, caption: str) -> str:
+    """The ``image`` rule's uid of a pair: its image bytes and caption."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (b"image\x00", image, b"\x00", caption.encode("utf-8")):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def sample_uid(meta: Mapping[str, Any] | None, caption: str | None, image: bytes | None,
+               uid_from: Sequence[str] = DEFAULT_UID_FROM) -> str | None:
+    """The uid of a pair by the rule ``uid_from`` (first source that applies), or None.
+
+    ``meta``: the parsed json member (None when absent or unusable); ``caption``: the txt
+    member as text; ``image``: the image member's bytes.
+    """
+    for source in uid_from:
+        if source == "json":
+            uid = meta.get("uid") if meta else None
+            if is_uid(uid):
+                return uid
+        elif source == "url":
+            url = meta.get("url") if meta else None
+            if isinstance(url, str) and url:
+                return url_uid(url, caption or "")
+        elif source == "image":
+            if image is not None:
+                return image_uid(image, caption or "")
+        else:
+            raise ValueError(f"unknown uid source {source!r}")
+    return None
+
+
+def no_uid_reason(uid_from: Sequence[str]) -> str:
+    """The error text of a pair without a uid: what each source lacked, and the setting."""
+    lacks = {"json": "no valid 32-hex json uid", "url": "no json url", "image": "no image"}
+    return (f"no uid by {UID_SETTING} {list(uid_from)} ({', '.join(lacks[s] for s in uid_from)}); "
+            f"add a source to {UID_SETTING} ({', '.join(UID_SOURCES)})")
 
 
 def is_uid(value: object) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from pipeline.data.pairs import parse_sample
 from pipeline.data.scan import ShardReader
 from pipeline.data.shards import SIZES_FILE, expected_count, load_sizes
+from pipeline.data.uids import DEFAULT_UID_FROM
 from pipeline.io.storage import is_remote
 
 DECODE_SIZE = 32  # decodability is checked at a small size: the decoder still reads every byte
@@ -42,13 +43,13 @@ class ShardCheck:
                 "read": self.read, "ok": self.ok, "problems": self.problems, "examples": self.examples}
 
 
-def validate_shard(url: str, expected: int | None = None, *, decode: bool = True, require_uid: bool = True,
-                   max_examples: int = 5) -> ShardCheck:
+def validate_shard(url: str, expected: int | None = None, *, decode: bool = True,
+                   uid_from: Sequence[str] = DEFAULT_UID_FROM, max_examples: int = 5) -> ShardCheck:
     """Read every sample of ``url`` and classify it; never raises for bad data."""
     reader = ShardReader(url, expected)
     statuses: list[tuple[str, str, str | None]] = []
     for raw in reader:
-        parsed = parse_sample(raw.key, raw.members, DECODE_SIZE, require_uid=require_uid,
+        parsed = parse_sample(raw.key, raw.members, DECODE_SIZE, uid_from=uid_from,
                               problem=raw.problem, detail=raw.detail, decode=decode)
         statuses.append((raw.key, parsed.status, parsed.error))
     for index, (status, error) in reader.report.late.items():
@@ -77,10 +78,10 @@ def find_sizes(urls: Sequence[str]) -> tuple[dict[str, int] | None, str | None]:
 
 
 def validate_shards(urls: Sequence[str], sizes: dict[str, int] | None, *, decode: bool = True,
-                    require_uid: bool = True, threads: int = 2) -> list[ShardCheck]:
+                    uid_from: Sequence[str] = DEFAULT_UID_FROM, threads: int = 2) -> list[ShardCheck]:
     """Validate every shard (``threads`` at a time), in input order."""
     def check(url: str) -> ShardCheck:
-        return validate_shard(url, expected_count(url, sizes), decode=decode, require_uid=require_uid)
+        return validate_shard(url, expected_count(url, sizes), decode=decode, uid_from=uid_from)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return list(pool.map(check, urls))

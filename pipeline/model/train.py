@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data.pairs import PairTable, in_holdout, load_pairs, rank_order
+from pipeline.data.pairs import NO_UID_STATUSES, PairTable, in_holdout, load_pairs, rank_order
+from pipeline.data.uids import DEFAULT_UID_FROM, UID_SETTING
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import as_path
@@ -204,9 +205,9 @@ def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,
 
 
 def data_identity(urls: Sequence[str], sizes: dict[str, int] | None,
-                  holdout: tuple[float, int] | None = None) -> str:
-    """A short identity of the training data (shard URLs, recorded counts, held-out fraction)."""
-    payload = json.dumps({"urls": list(urls), "sizes": sizes or {},
+                  holdout: tuple[float, int] | None = None, uid_from: Sequence[str] = DEFAULT_UID_FROM) -> str:
+    """A short identity of the training data (shard URLs, recorded counts, held-out fraction, uid rule)."""
+    payload = json.dumps({"urls": list(urls), "sizes": sizes or {}, "uid_from": list(uid_from),
                           **({"holdout": list(holdout)} if holdout else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -220,25 +221,41 @@ def resolve_exclusions(cfg: TrainConfig, exclude: Iterable[str] = ()) -> set[str
 
 
 def proxy_fingerprint(urls: Sequence[str], cfg: TrainConfig, sizes: dict[str, int] | None = None,
-                      exclude: Iterable[str] = (), holdout: tuple[float, int] | None = None) -> str:
+                      exclude: Iterable[str] = (), holdout: tuple[float, int] | None = None,
+                      uid_from: Sequence[str] = DEFAULT_UID_FROM) -> str:
     """The fingerprint :func:`train_from_shards` records for these inputs."""
-    return config_fingerprint(cfg, data_identity(urls, sizes, holdout), resolve_exclusions(cfg, exclude))
+    return config_fingerprint(cfg, data_identity(urls, sizes, holdout, uid_from), resolve_exclusions(cfg, exclude))
 
 
 def train_from_shards(urls: Sequence[str], cfg: TrainConfig, out_dir: str | os.PathLike,
                       sizes: dict[str, int] | None = None, exclude: Iterable[str] = (),
-                      holdout: tuple[float, int] | None = None, storage: Any = None) -> Trajectory:
+                      holdout: tuple[float, int] | None = None, storage: Any = None,
+                      uid_from: Sequence[str] = DEFAULT_UID_FROM) -> Trajectory:
     """Load pairs from ``urls`` at the model's resolution and run :func:`train_proxy`.
 
     ``holdout=(fraction, seed)`` leaves the held-out target pairs (:func:`in_holdout`) out
-    of training, so the target set V is never trained on.
+    of training, so the target set V is never trained on. ``uid_from``: the uid rule
+    (:mod:`pipeline.data.uids`); when no pair has a uid by it, a :class:`UsageError` names the
+    setting.
     """
     excluded = resolve_exclusions(cfg, exclude)
     size = int(model_spec(cfg.model)["config"]["vision_cfg"]["image_size"])
-    table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed, storage=storage)
+    table = load_pairs(urls, size, sizes=sizes, max_samples=cfg.max_samples, seed=cfg.seed, storage=storage,
+                       uid_from=uid_from)
+    check_uids_found(table, uid_from, "training")
     out_dir = as_path(out_dir, storage)
     if holdout is not None:
         table = table.subset([i for i, u in enumerate(table.uids) if not in_holdout(u, *holdout)])
     log.info("loaded %d pairs from %d shards (%d excluded)", len(table), len(urls),
              sum(u in excluded for u in table.uids))
-    return train_proxy(table, cfg, out_dir, excluded, data_identity(urls, sizes, holdout))
+    return train_proxy(table, cfg, out_dir, excluded, data_identity(urls, sizes, holdout, uid_from))
+
+
+def check_uids_found(table: PairTable, uid_from: Sequence[str], what: str) -> None:
+    """Refuse (one line naming ``data.uid_from``) a load of ``what`` pairs where no pair is usable
+    and some had no uid by the rule: the setting, not the data, is what to change."""
+    no_uid = sum(table.skipped.get(s, 0) for s in NO_UID_STATUSES)
+    if len(table) == 0 and no_uid:
+        raise UsageError(f"no {what} pairs: {no_uid} of {sum(table.skipped.values())} pairs read have no uid by "
+                         f"{UID_SETTING} {list(uid_from)} (skipped: {table.skipped}); add a source to "
+                         f"{UID_SETTING} (json: DataComp uid, url: img2dataset's url, image: the image bytes)")

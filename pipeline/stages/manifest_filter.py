@@ -14,6 +14,11 @@ copied elsewhere (``s3://…`` → local) still match. A shard the manifest does
 input of the run, or one that had no rows) raises :class:`UsageError` by default
 (``unknown="drop"`` drops its samples instead).
 
+:class:`KeptUids` keeps by identity instead: a sample is kept iff its uid — derived from its
+own members by the run's uid rule (``data.uid_from``, :mod:`pipeline.data.uids`) — is in
+``selection/kept_uids.npy``. It needs no shard name or key, so it also filters copies that were
+resharded or renamed (e.g. img2dataset shards re-packed elsewhere).
+
 Memory: the manifest's shard column (one string per input shard); the kept keys of one shard
 at a time, read when a sample of a new shard arrives (a Parquet filter on the shard column).
 Works on local paths and fsspec URLs (:func:`pipeline.io.storage.as_path`) and pickles, so
@@ -22,18 +27,23 @@ DataLoader workers each hold their own cache.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.data.pairs import raw_sample_uid
+from pipeline.data.uids import DEFAULT_UID_FROM, check_uid_from, uid_to_u8u8
 from pipeline.errors import UsageError
 from pipeline.io.layout import RunLayout, shard_stem
 from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path
-from pipeline.stages.select import MANIFEST_FILE
+from pipeline.stages.select import KEPT_UIDS_FILE, MANIFEST_FILE, UID_DTYPE
 
 SHARD_COLUMN, KEYS_COLUMN = "shard", "keys"  # of MANIFEST_SCHEMA (pipeline.stages.select)
 UNKNOWN_SHARD = ("error", "drop")
@@ -124,3 +134,50 @@ class KeptKeys:
             return False
         return key in self.keys(url)
 
+
+
+@dataclass
+class KeptUids:
+    """A WebDataset sample predicate: keep a sample iff its uid (by the rule ``uid_from``) is in
+    ``kept_uids.npy`` (DataComp's sorted ``u8,u8`` array)."""
+
+    kept_uids: str | os.PathLike  # selection/kept_uids.npy (local or fsspec URL)
+    uid_from: tuple[str, ...] = DEFAULT_UID_FROM
+    _sorted: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.uid_from = check_uid_from(self.uid_from)
+        path = as_path(self.kept_uids)
+        try:
+            array = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read kept uids {path}: {exc}") from None
+        if array.dtype != UID_DTYPE or array.ndim != 1:
+            raise UsageError(f"{path} is not a kept-uid array (dtype u8,u8)")
+        self._sorted = np.sort(array)
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, storage: StorageOptions | None = None) -> "KeptUids":
+        """The filter of run directory ``run_dir``: its kept uids under its own uid rule (``config.json``)."""
+        layout = RunLayout.of(run_dir, storage)
+        from pipeline.config import DataConfig
+
+        try:
+            data = DataConfig.model_validate(json.loads(layout.config.read_text())["data"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read data.uid_from from the run's configuration {layout.config}: {exc}") from None
+        return cls(layout.selection / KEPT_UIDS_FILE, data.uid_from)
+
+    def uid(self, sample: Mapping[str, Any]) -> str | None:
+        """The uid of a WebDataset sample (member bytes by field) by the rule, or None."""
+        return raw_sample_uid({k: v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)},
+                              self.uid_from)
+
+    def __call__(self, sample: Mapping[str, Any]) -> bool:
+        """Whether to keep ``sample`` (as WebDataset reads it: before decoding)."""
+        uid = self.uid(sample)
+        if uid is None:
+            return False
+        wanted = np.array(uid_to_u8u8(uid), dtype=UID_DTYPE)
+        at = int(np.searchsorted(self._sorted, wanted))
+        return at < len(self._sorted) and self._sorted[at] == wanted

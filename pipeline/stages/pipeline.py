@@ -22,7 +22,7 @@ from pipeline.io.atomic import write_json_atomic
 from pipeline.runtime.executor import Executor
 from pipeline.stages.context import RunContext
 from pipeline.stages.prepare import prepare_fingerprint, prepared_target_losses, run_prepare
-from pipeline.stages.reshard import run_reshard
+from pipeline.stages.reshard import damaged_sources, run_reshard
 from pipeline.stages.score import run_score
 from pipeline.stages.select import run_select
 from pipeline.stages.trajectory import ensure_trajectory, existing_trajectory, trajectory_location
@@ -124,7 +124,10 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Execut
     if "reshard" in stages and (config.reshard is not None or not everything):
         sizes_out = timed("reshard", run_reshard, ctx, executor)
         summary["reshard"] = {"dir": str(layout.shards), "shards": len(sizes_out),
-                              "pairs": sum(sizes_out.values())}
+                              "pairs": sum(sizes_out.values()), "damaged_sources": damaged_sources(ctx)}
+        for source in summary["reshard"]["damaged_sources"]:
+            log.warning("reshard: %d kept pair(s) copied from damaged input shard %s (%s: %s)",
+                        source["kept"], source["shard"], source["status"], source["error"])
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = timings
     write_json_atomic(layout.config, config.model_dump(mode="json"))

@@ -53,10 +53,16 @@ def load_target(config: RunConfig, image_size: int, urls: Sequence[str], sizes: 
     target = require_target(config)
     if target.shards is not None:
         target_sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
-        return load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
-                          max_samples=target.max_pairs, seed=target.seed, storage=config.storage)
+        from pipeline.model.train import check_uids_found
+
+        table = load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
+                           max_samples=target.max_pairs, seed=target.seed, storage=config.storage,
+                           uid_from=config.data.uid_from)
+        check_uids_found(table, config.data.uid_from, "target")
+        return table
     keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
-    return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage,
+                        config.data.uid_from)
 
 
 def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None) -> PairTable:
@@ -67,7 +73,8 @@ def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], siz
     keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
         if target.holdout_fraction is not None else None
     count = 4 * max(settings.proxy_batches, settings.unrolled.proxy_batches) * settings.proxy_batch_size
-    return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage,
+                        config.data.uid_from)
 
 
 def load_embedding_sample(config: RunConfig, image_size: int, urls: Sequence[str],

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -165,34 +166,68 @@ def member_key(name: str) -> str | None:
     return parts[0] if parts else None
 
 
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # a damaged or vanished source
+
+
 def _copy_source(out: tarfile.TarFile, source: Source, storage: StorageOptions | None = None) -> int:
-    """Copy the members of ``source``'s kept samples into ``out``; return the sample count."""
+    """Copy the members of ``source``'s kept samples into ``out``; return the sample count.
+
+    A source whose tar stream breaks off (truncated, garbage after the cut) is read up to the
+    damage, as the score stage read it: every kept sample lies before the cut there, so the
+    copy is complete and the damage is logged. Kept samples that cannot be copied (the source
+    changed since it was scored: shorter, unreadable, gone) raise one :class:`DataError`
+    naming the shard and how many kept pairs are missing.
+    """
     wanted = set(source.keys.to_pylist())
     copied: set[str] = set()
     current: str | None = None
-    stream = open_input(source.url, storage)  # the shard reader's opener: local, fsspec, pipe:
+    damage: str | None = None
+    writing = False  # an error while writing the output (a full disk) is not the source's damage
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                key = member_key(info.name) if info.isreg() else None
-                if key is None:  # in no sample (the reader skips it too)
-                    tar.members = []
-                    continue
-                if key in wanted:
-                    if key != current and key in copied:
-                        raise DataError(f"shard {source.url}: the members of sample {key!r} "
-                                        "are not contiguous")
-                    copied.add(key)
-                    add_member(out, info.name, tar.extractfile(info).read())
-                current = key
-                tar.members = []  # streaming: do not keep every header in memory
-    finally:
-        stream.close()
+        stream = open_input(source.url, storage)  # the shard reader's opener: local, fsspec, pipe:
+    except Exception as exc:  # any opener error: missing file, permissions, network, bad URL
+        damage = _describe(exc)
+    else:
+        try:
+            with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    key = member_key(info.name) if info.isreg() else None
+                    if key is None:  # in no sample (the reader skips it too)
+                        tar.members = []
+                        continue
+                    if key in wanted:
+                        if key != current and key in copied:
+                            raise DataError(f"shard {source.url}: the members of sample {key!r} "
+                                            "are not contiguous")
+                        copied.add(key)
+                        data = tar.extractfile(info).read()
+                        if len(data) != info.size:
+                            raise tarfile.ReadError(f"member {info.name} cut short")
+                        writing = True
+                        add_member(out, info.name, data)
+                        writing = False
+                    current = key
+                    tar.members = []  # streaming: do not keep every header in memory
+        except READ_ERRORS as exc:
+            if writing:
+                raise
+            damage = _describe(exc)
+            if current in wanted:  # the sample in progress may be incomplete (the reader drops it too)
+                copied.discard(current)
     missing = [k for k in source.keys.to_pylist() if k not in copied]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"kept key {missing[0]!r} not found in input shard {source.url}{more}")
+        why = f" ({damage})" if damage else ""
+        raise DataError(f"input shard {source.url}: {len(missing)} of {len(wanted)} kept pairs not found, "
+                        f"e.g. key {missing[0]!r}{why}; the shard changed since it was scored: restore it "
+                        "and rerun (or score it again in a new run dir)")
+    if damage:
+        log.warning("reshard: input shard %s is damaged (%s); its %d kept pairs lie before the damage "
+                    "and were copied", source.url, damage, len(copied))
     return len(copied)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 @dataclass
@@ -286,3 +321,27 @@ def run_reshard(ctx: RunContext, executor: Executor) -> dict[str, int]:
     # that was unreadable now scored), the old output is replaced, never mixed.
     return reshard(manifest, ctx.layout.shards, ctx.config.reshard, executor, ctx.io_resources, ctx.storage,
                    replace_stale=True)
+
+
+def damaged_sources(ctx: RunContext) -> list[dict[str, Any]]:
+    """The input shards that were damaged when scored (``truncated``, ``short``, …: the problem
+    shards of ``selection/summary.json``) and still gave kept pairs to the output shards: shard,
+    status, error, kept count. Their kept pairs lie before the damage and are copied; the run
+    summary names them so that a person can fix or replace the source."""
+    from pipeline.stages.select import MANIFEST_FILE, SUMMARY_FILE
+
+    selection = ctx.layout.selection
+    problems = json.loads((selection / SUMMARY_FILE).read_text()).get("shards", {}).get("problems", [])
+    by_url = {p["shard"]: p for p in problems if p.get("shard")}
+    if not by_url:
+        return []
+    table = _read_table_filtered(selection / MANIFEST_FILE, list(by_url))
+    kept = dict(zip(table.column("shard").to_pylist(), pc.list_value_length(table.column("keys")).to_pylist()))
+    return [{"shard": url, "status": p["status"], "error": p.get("error"), "kept": kept[url]}
+            for url, p in by_url.items() if kept.get(url)]
+
+
+def _read_table_filtered(path: StoragePath, shards: list[str]) -> pa.Table:
+    where, filesystem = arrow_source(path)
+    return pq.read_table(where, columns=["shard", "keys"], filesystem=filesystem,
+                         filters=pc.field("shard").isin(shards))

@@ -24,10 +24,10 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.data.pairs import parse_sample
+from pipeline.data.pairs import NO_UID_STATUSES, parse_sample
 from pipeline.data.scan import ShardReader, ShardReport
 from pipeline.data.shards import expected_count
-from pipeline.data.uids import make_uid
+from pipeline.data.uids import DEFAULT_UID_FROM, UID_SETTING, make_uid
 from pipeline.errors import DataError, UsageError
 from pipeline.influence.scores import COMPONENTS, SCORE_COLUMNS, columns_computed
 from pipeline.io.atomic import remove_stale_temporaries, write_json_atomic
@@ -46,7 +46,7 @@ def score_fingerprint(prepare_fp: str, config: RunConfig) -> str:
     score = config.score.model_dump(mode="json")
     for key in ("batch_size", "device"):  # do not change what is computed
         score.pop(key)
-    payload = json.dumps({"prepare": prepare_fp, "score": score, "require_uid": config.data.require_uid},
+    payload = json.dumps({"prepare": prepare_fp, "score": score, "uid_from": list(config.data.uid_from)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -101,7 +101,7 @@ class ScoreStage:
     keep_json_fields: tuple[str, ...] = ()
     threads: int | None = None
     resources: Resources = field(default_factory=Resources)
-    require_uid: bool = True
+    uid_from: tuple[str, ...] = DEFAULT_UID_FROM
     storage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def setup(self) -> None:
@@ -125,9 +125,10 @@ class ScoreStage:
         rows: list[dict] = []
         batch: list[tuple[dict, np.ndarray, str]] = []
         for raw in reader:
-            parsed = parse_sample(raw.key, raw.members, self.influence.image_size, require_uid=self.require_uid,
+            parsed = parse_sample(raw.key, raw.members, self.influence.image_size, uid_from=self.uid_from,
                                   problem=raw.problem, detail=raw.detail)
-            row = {"uid": parsed.json_uid or make_uid(task.url, parsed.key), "key": parsed.key,
+            # A failed row the uid rule gives no uid carries a placeholder of (shard, key): never kept.
+            row = {"uid": parsed.uid or make_uid(task.url, parsed.key), "key": parsed.key,
                    "status": parsed.status, "error": parsed.error,
                    "extra": [_json_field(parsed.meta, f) for f in self.keep_json_fields]}
             rows.append(row)
@@ -248,7 +249,7 @@ def run_score(ctx: RunContext, trajectory, prepare_fp: str, executor: Executor,
                        settings=ctx.influence_settings(), device=ctx.device, run_dir=str(layout.root),
                        fingerprint=fingerprint, trajectory_fingerprint=trajectory.fingerprint(),
                        keep_json_fields=tuple(config.score.keep_json_fields), threads=ctx.threads,
-                       resources=ctx.model_resources, require_uid=config.data.require_uid, storage=ctx.storage)
+                       resources=ctx.model_resources, uid_from=config.data.uid_from, storage=ctx.storage)
     total = sum(t.expected or 0 for t in todo) or None
     retries: dict[str, int] = {}
 
@@ -296,7 +297,10 @@ def check_failed_fraction(score_files: list[StoragePath], limit: float) -> dict[
     total = totals["rows"] + totals["missing"]
     if total and bad / total > limit:
         reasons = dict(sorted(totals["failed"].items()), **({"missing": totals["missing"]} if totals["missing"] else {}))
+        no_uid = sum(totals["failed"].get(s, 0) for s in NO_UID_STATUSES)
+        hint = (f"; {no_uid} pair(s) have no uid by {UID_SETTING}: add a source to it (json, url, image)"
+                if no_uid else "")
         raise DataError(f"{bad} of {total} pairs ({bad / total:.1%}) failed or are missing, more than "
-                        f"data.max_failed_fraction={limit}: {reasons}; shards by status {totals['shards']}; "
+                        f"data.max_failed_fraction={limit}: {reasons}; shards by status {totals['shards']}{hint}; "
                         "the score files are kept (fix the data or raise the limit, then rerun)")
     return totals

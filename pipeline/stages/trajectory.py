@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RunConfig, TrainConfig
+from pipeline.data.uids import DEFAULT_UID_FROM
 from pipeline.errors import UsageError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, download_dir, is_remote
@@ -39,6 +40,7 @@ class TrainTask:
     exclude: frozenset[str] = field(default_factory=frozenset)
     holdout: tuple[float, int] | None = None
     storage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uid_from: tuple[str, ...] = DEFAULT_UID_FROM
 
 
 @dataclass
@@ -54,7 +56,8 @@ class TrainStage:
         """Train and return the trajectory directory."""
         from pipeline.model.train import train_from_shards  # heavy imports only on the worker
 
-        train_from_shards(task.urls, task.cfg, task.out_dir, task.sizes, task.exclude, task.holdout, task.storage)
+        train_from_shards(task.urls, task.cfg, task.out_dir, task.sizes, task.exclude, task.holdout, task.storage,
+                          task.uid_from)
         return task.out_dir
 
 
@@ -107,7 +110,8 @@ def plan_training(ctx: RunContext, out_dir: StoragePath, exclude: frozenset[str]
     if cfg is None:
         raise UsageError("trajectory.train: required to train a proxy trajectory (the config names an existing one)")
     holdout = holdout_of(ctx.config)
-    fingerprint = proxy_fingerprint(ctx.urls, cfg, ctx.sizes, exclude, holdout=holdout)
+    uid_from = ctx.config.data.uid_from
+    fingerprint = proxy_fingerprint(ctx.urls, cfg, ctx.sizes, exclude, holdout=holdout, uid_from=uid_from)
     if (out_dir / MANIFEST).is_file():
         existing = load_trajectory(out_dir, ctx.storage)
         if existing.source.get("fingerprint") == fingerprint:
@@ -116,7 +120,7 @@ def plan_training(ctx: RunContext, out_dir: StoragePath, exclude: frozenset[str]
         raise UsageError(
             f"{out_dir} holds a trajectory from a different configuration "
             f"({existing.source.get('fingerprint')} != {fingerprint}); use a new --run-dir or delete it")
-    return TrainTask(ctx.urls, cfg, str(out_dir), ctx.sizes, exclude, holdout, ctx.storage)
+    return TrainTask(ctx.urls, cfg, str(out_dir), ctx.sizes, exclude, holdout, ctx.storage, uid_from)
 
 
 def train_trajectory(ctx: RunContext, out_dir: StoragePath, executor: Executor,

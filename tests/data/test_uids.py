@@ -57,3 +57,33 @@ def test_vectorised_uids_match_the_scalar_conversion() -> None:
 def test_vectorised_uids_reject_non_uids(bad: object) -> None:
     with pytest.raises(ValueError, match="not 32 lowercase hex"):
         uids_to_u8u8(pa.array(["0" * 32, bad], pa.string()))
+
+
+def test_the_uid_rule_sources_in_order() -> None:
+    """json uid, else hash of (url, caption), else hash of (image bytes, caption): content only."""
+    import hashlib
+
+    from pipeline.data.uids import image_uid, sample_uid, url_uid
+
+    uid = make_uid("x", "1")
+    meta = {"uid": uid, "url": "https://a.example/1.jpg"}
+    assert sample_uid(meta, "a cat", b"img", ("json", "url")) == uid
+    assert sample_uid({"url": meta["url"]}, "a cat", b"img", ("json", "url")) == url_uid(meta["url"], "a cat")
+    assert url_uid(meta["url"], "a cat") == hashlib.blake2b(
+        f"url\x00{meta['url']}\x00a cat".encode(), digest_size=16).hexdigest()
+    assert url_uid(meta["url"], "a cat") != url_uid(meta["url"], "a dog")  # one url, two captions: two pairs
+    assert sample_uid({"uid": "not-hex"}, "a cat", b"img", ("json", "url")) is None
+    assert sample_uid(None, "a cat", b"img", ("json", "url", "image")) == image_uid(b"img", "a cat") == \
+        hashlib.blake2b(b"image\x00img\x00a cat", digest_size=16).hexdigest()
+    assert sample_uid(meta, "a cat", b"img", ("url",)) == url_uid(meta["url"], "a cat")  # order is the rule
+    assert is_uid(url_uid("u", "")) and is_uid(image_uid(b"", ""))
+
+
+@pytest.mark.parametrize("value,error", [([], "at least one"), (["json", "sha"], "unknown uid source 'sha'"),
+                                         (["url", "url"], "twice")])
+def test_bad_uid_sources(value, error) -> None:
+    from pipeline.data.uids import check_uid_from
+
+    with pytest.raises(ValueError, match=error):
+        check_uid_from(value)
+    assert check_uid_from("url") == ("url",)

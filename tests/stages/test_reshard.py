@@ -143,9 +143,58 @@ def test_reshard_resumes_and_refuses_another_plan(selection: Path, tmp_path: Pat
 def test_missing_kept_key_names_shard_and_key(selection: Path, tmp_path: Path) -> None:
     url = str(selection / "in" / "00001.tar")
     table = pa.table({"shard": [url], "keys": [["k1x000", "nope", "k1x004"]]})
-    with pytest.raises(DataError, match=f"kept key 'nope' not found in input shard {url}"):
+    with pytest.raises(DataError, match=f"input shard {url}: 1 of 3 kept pairs not found, e.g. key 'nope'"):
         reshard(table, tmp_path, ReshardConfig(shard_size=10), LocalExecutor())
     assert sorted(p.name for p in tmp_path.iterdir()) == [PLAN_FILE]  # no shard, no temporary
+
+
+def _cut_after(src: Path, dst: Path, samples: int, extra: int) -> None:
+    """``dst``: ``src`` cut ``extra`` bytes into the member after the first ``samples`` samples
+    (5 members each) — a tar whose stream breaks off there."""
+    end = 0
+    with tarfile.open(src) as tar:
+        members = tar.getmembers()
+    end = members[samples * 5].offset + extra
+    dst.write_bytes(src.read_bytes()[:end])
+
+
+@pytest.mark.parametrize("extra", [700, 100, 0], ids=["mid-data", "mid-header", "at-a-header"])
+def test_truncated_source_copies_the_kept_pairs_before_the_cut(selection: Path, tmp_path: Path, extra: int,
+                                                               caplog) -> None:
+    """The score stage read the pairs before the cut; reshard copies those kept and stops at the cut."""
+    src = tmp_path / "cut.tar"
+    _cut_after(selection / "in" / "00001.tar", src, 4, extra)
+    keys = ["k1x000", "k1x002", "k1x003"]
+    table = pa.table({"shard": [str(src)], "keys": [keys]})
+    sizes = reshard(table, tmp_path / "out", ReshardConfig(shard_size=10), LocalExecutor())
+    assert sizes == {"00000.tar": 3}
+    source = dict(input_members(selection))
+    assert raw_members(tmp_path / "out" / "00000.tar") == [m for k in keys for m in source[k]]
+
+
+@pytest.mark.parametrize("damage", ["shorter", "cut-in-kept-sample", "gone", "empty", "garbage"])
+def test_changed_source_is_one_line_and_no_output_shard(selection: Path, tmp_path: Path, damage: str) -> None:
+    """A source that lost kept pairs after scoring: one DataError naming the shard and the missing
+    count, no output shard and no temporary; the rerun once the source is back completes."""
+    src = tmp_path / "src.tar"
+    original = (selection / "in" / "00001.tar").read_bytes()
+    if damage == "shorter":
+        _cut_after(selection / "in" / "00001.tar", src, 2, 300)
+    elif damage == "cut-in-kept-sample":  # inside k1x003's members: that sample is incomplete
+        _cut_after(selection / "in" / "00001.tar", src, 3, 512 + 300)
+    elif damage == "empty":
+        src.write_bytes(b"")
+    elif damage == "garbage":
+        src.write_bytes(b"not a tar at all" * 100)
+    keys = ["k1x000", "k1x003", "k1x005", "k1x006"]
+    table = pa.table({"shard": [str(src)], "keys": [keys]})
+    missing = {"shorter": 3, "cut-in-kept-sample": 3, "gone": 4, "empty": 4, "garbage": 4}[damage]
+    with pytest.raises(DataError, match=rf"input shard {src}: {missing} of 4 kept pairs not found") as info:
+        reshard(table, tmp_path / "out", ReshardConfig(shard_size=10), LocalExecutor())
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PLAN_FILE]  # no shard, no temporary
+    src.write_bytes(original)  # the source is restored: the rerun completes
+    assert reshard(table, tmp_path / "out", ReshardConfig(shard_size=10), LocalExecutor()) == {"00000.tar": 4}
 
 
 def test_duplicate_kept_key_refused(selection: Path, tmp_path: Path) -> None:
@@ -233,3 +282,20 @@ def test_reshard_under_local_ray(selection: Path, tmp_path: Path) -> None:
     reshard(manifest, tmp_path / "local", ReshardConfig(shard_size=8), LocalExecutor())
     for name in [*sizes, "sizes.json"]:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_a_full_disk_while_copying_is_not_taken_for_a_damaged_source(selection: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    import errno
+
+    from pipeline.stages import reshard as reshard_module
+
+    def full(*args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reshard_module, "add_member", full)
+    table = pa.table({"shard": [str(selection / "in" / "00001.tar")], "keys": [["k1x000"]]})
+    with pytest.raises(DataError, match="no space left") as info:
+        reshard(table, tmp_path / "out", ReshardConfig(shard_size=10), LocalExecutor())
+    assert "kept pairs not found" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PLAN_FILE]
