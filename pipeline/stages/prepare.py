@@ -69,24 +69,27 @@ def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], siz
     """Training pairs of ``urls`` from which each checkpoint's proxy batches are drawn (never
     target pairs)."""
     settings = influence_settings(config)
-    target = require_target(config)
-    keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
-        if target.holdout_fraction is not None else None
     count = 4 * max(settings.proxy_batches, settings.unrolled.proxy_batches) * settings.proxy_batch_size
-    return sample_pairs(list(urls), image_size, count, settings.seed, "proxy-pool", sizes, keep, config.storage,
-                        config.data.uid_from)
+    return _corpus_sample(config, image_size, urls, sizes, count, "proxy-pool")
 
 
 def load_embedding_sample(config: RunConfig, image_size: int, urls: Sequence[str],
                           sizes: dict[str, int] | None) -> PairTable:
     """The corpus pairs (never target pairs) the embedding columns are computed against:
     ``score.embeddings.pool_pairs`` of them, drawn by seed."""
-    settings = influence_settings(config)
+    count = influence_settings(config).embeddings.pool_pairs
+    return _corpus_sample(config, image_size, urls, sizes, count, EMBEDDING_SAMPLE_SALT)
+
+
+def _corpus_sample(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None,
+                   count: int, salt: str) -> PairTable:
+    """Up to ``count`` training pairs of ``urls`` (never held-out target pairs), drawn by the
+    scoring seed and ``salt``."""
     target = require_target(config)
     keep = partial(_not_holdout, fraction=target.holdout_fraction, seed=target.seed) \
         if target.holdout_fraction is not None else None
-    return sample_pairs(list(urls), image_size, settings.embeddings.pool_pairs, settings.seed, EMBEDDING_SAMPLE_SALT,
-                        sizes, keep, config.storage)
+    return sample_pairs(list(urls), image_size, count, influence_settings(config).seed, salt, sizes, keep,
+                        config.storage, config.data.uid_from)
 
 
 def _not_holdout(uid: str, fraction: float, seed: int) -> bool:
