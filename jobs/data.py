@@ -3,6 +3,7 @@
     diffin data openmoji --out data/openmoji
     diffin data openclipart --out data/openclipart --workers 8
     diffin data fashion-mnist --out data/fmnist --noise 0.2 --seed 0
+    diffin data fashion-mnist --out data/fmnist-look --noise 0.2 --noise-kind lookalike
     diffin data synthetic --out data/synth --num-pairs 10000000 --noise 0.1
 
 Each writes numbered tar shards, ``sizes.json`` and ``corpus.json`` atomically and prints a
@@ -59,7 +60,7 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     """Build the Fashion-MNIST train and test corpora."""
     infos = fashion_mnist.build_fashion_mnist(
         args.out, root=args.source, noise=args.noise, seed=args.seed, limit=args.limit,
-        shard_size=args.shard_size, overwrite=args.overwrite)
+        shard_size=args.shard_size, overwrite=args.overwrite, noise_kind=args.noise_kind)
     parts = [f"{split} {info.num_pairs} pairs ({info.details['num_noisy']} noisy captions) "
              f"in {len(info.sizes)} shards" for split, info in infos.items()]
     print(f"{fashion_mnist.SOURCE}: " + ", ".join(parts) + f" -> {args.out}")
@@ -118,6 +119,10 @@ def _add_fashion_mnist(sub: Any) -> None:
                    help=f"directory of the idx .gz files (default {fashion_mnist.DEFAULT_ROOT})")
     p.add_argument("--noise", type=float, default=0.0, metavar="P",
                    help="fraction of TRAIN captions naming another class (default 0)")
+    # Checked by the builder, not argparse ``choices``, so a bad value is a one-line error.
+    p.add_argument("--noise-kind", default="uniform", metavar="KIND",
+                   help="which class a noisy caption names: uniform (any other class, the "
+                        "default) or lookalike (a similar-looking class; bags stay clean)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only the first N images of each split (for tests)")

@@ -1,9 +1,10 @@
-"""Fashion-MNIST corpus: idx reading, splits, exact and recorded label noise."""
+"""Fashion-MNIST corpus: idx reading, splits, exact recorded label noise (uniform, look-alike)."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import struct
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jobs import data as data_job
 from pipeline.data.corpora import fashion_mnist as fm
 from pipeline.errors import DataError, UsageError
 from tests.data.corpus_checks import read_corpus, tar_digests
@@ -118,4 +120,106 @@ def test_bad_noise_rejected_before_writing(tmp_path: Path, noise: float) -> None
 def test_missing_source_rejected(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not found"):
         fm.build_fashion_mnist(tmp_path / "out", root=tmp_path / "nowhere")
+    assert not (tmp_path / "out").exists()
+
+
+# --- look-alike noise -------------------------------------------------------------------------
+
+BAG = fm.CLASS_NAMES.index("Bag")
+PARTNERS = fm.lookalike_partners()
+
+
+def _check_lookalike(labels: list[int], caption_labels: list[int], noisy: list[bool]) -> None:
+    """Noisy captions name a partner of the image's class, clean ones its own; no noisy bag."""
+    for label, caption_label, is_noisy in zip(labels, caption_labels, noisy):
+        assert is_noisy == (caption_label != label)
+        assert caption_label in PARTNERS[label] if is_noisy else caption_label == label
+        assert not (is_noisy and label == BAG)
+
+
+def test_lookalike_map_covers_every_class() -> None:
+    assert tuple(fm.LOOKALIKES) == fm.CLASS_NAMES
+    for name, partners in fm.LOOKALIKES.items():
+        assert set(partners) <= set(fm.CLASS_NAMES) - {name}
+        assert len(set(partners)) == len(partners)
+        assert bool(partners) == (name != "Bag")
+        assert f"{name} -> " in " ".join(fm.__doc__.split())  # documented
+
+
+@pytest.mark.parametrize("n, noise", [(10, 0.0), (10, 0.9), (7, 0.5), (1000, 0.137), (1000, 0.9)])
+def test_lookalike_noise_exact_partner_and_never_a_bag(n: int, noise: float) -> None:
+    labels = np.arange(n) % 10
+    caption_labels, noisy = fm.lookalike_caption_labels(labels, noise, np.random.default_rng(1))
+    assert noisy.sum() == round(noise * n)
+    _check_lookalike(labels.tolist(), caption_labels.tolist(), noisy.tolist())
+
+
+def test_lookalike_draws_every_partner() -> None:
+    labels = np.arange(2000) % 10
+    caption_labels, noisy = fm.lookalike_caption_labels(labels, 0.9, np.random.default_rng(0))
+    for c, partners in enumerate(PARTNERS):
+        assert set(caption_labels[noisy & (labels == c)].tolist()) == set(partners)
+
+
+def test_lookalike_too_few_non_bags_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="36 of the 40 train images"):
+        fm.build_fashion_mnist(tmp_path / "out", root=make_source(tmp_path / "src"),
+                               noise=0.95, noise_kind="lookalike")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def _corpus_json(out_dir: Path) -> dict:
+    return json.loads((out_dir / "corpus.json").read_text())
+
+
+def test_real_data_lookalike(tmp_path: Path) -> None:
+    for name, seed, kind in (("a", 4, "lookalike"), ("b", 4, "lookalike"), ("c", 5, "lookalike"),
+                             ("u", 4, "uniform")):
+        fm.build_fashion_mnist(tmp_path / name, noise=0.3, seed=seed, limit=120, shard_size=50,
+                               noise_kind=kind)
+    train = {name: read_corpus(tmp_path / name / "train") for name in "acu"}
+    metas = [s["meta"] for s in train["a"]]
+    assert sum(m["noisy"] for m in metas) == round(0.3 * 120)
+    assert any(m["label"] == BAG for m in metas)
+    _check_lookalike([m["label"] for m in metas], [m["caption_label"] for m in metas],
+                     [m["noisy"] for m in metas])
+    _check_records(train["a"], "train")
+    assert not any(s["meta"]["noisy"] for s in read_corpus(tmp_path / "a" / "test"))
+    for split in fm.SPLITS:  # same seed: same bytes
+        assert tar_digests(tmp_path / "a" / split) == tar_digests(tmp_path / "b" / split)
+    assert [m["noisy"] for m in metas] != [s["meta"]["noisy"] for s in train["c"]]
+    # the same images under the same uids as the uniform corpus, only captions differ
+    assert [(s["meta"]["uid"], s["image"]) for s in train["a"]] == \
+        [(s["meta"]["uid"], s["image"]) for s in train["u"]]
+    assert _corpus_json(tmp_path / "a" / "train")["details"]["noise_kind"] == "lookalike"
+    assert "noise_kind" not in _corpus_json(tmp_path / "u" / "train")["details"]
+
+
+def test_cli_noise_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = make_source(tmp_path / "src", n_train=20, n_test=10)
+    code = data_job.main(["fashion-mnist", "--out", str(tmp_path / "fm"), "--source", str(src),
+                          "--noise", "0.5", "--noise-kind", "lookalike", "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "train 20 pairs (10 noisy captions)" in out
+    metas = [s["meta"] for s in read_corpus(tmp_path / "fm" / "train")]
+    _check_lookalike([m["label"] for m in metas], [m["caption_label"] for m in metas],
+                     [m["noisy"] for m in metas])
+    assert _corpus_json(tmp_path / "fm" / "train")["details"]["noise_kind"] == "lookalike"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--noise-kind", "similar"], "--noise-kind must be one of uniform, lookalike"),
+    (["--noise-kind", "lookalike", "--noise", "1"], "have a look-alike class"),
+])
+def test_cli_bad_noise_kind_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            argv: list[str], message: str) -> None:
+    src = make_source(tmp_path / "src", n_train=20, n_test=10)
+    code = data_job.main(["fashion-mnist", "--out", str(tmp_path / "out"), "--source", str(src),
+                          "--noise", "0.2", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("diffin: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

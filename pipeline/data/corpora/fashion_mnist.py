@@ -4,7 +4,25 @@
 A fraction ``noise`` of the TRAIN captions (exactly ``round(noise * n)``, chosen by a seeded
 RNG) describe another, randomly chosen class: a label-noise corpus with known ground truth
 (json ``label``, ``caption_label``, ``noisy``). The test split is always noise-free. A uid
-names the image (split, index), so an image keeps its uid at every noise level and seed.
+names the image (split, index), so an image keeps its uid at every noise level, seed and
+noise kind.
+
+``noise_kind`` (``--noise-kind``) says which class a noisy caption names:
+
+- ``uniform`` (default): any of the 9 other classes, uniformly.
+- ``lookalike``: a class that looks like the image's, drawn uniformly from its partners in
+  :data:`LOOKALIKES` — the hardest case for a filter, since the caption is nearly right::
+
+      T-shirt/top -> Shirt, Pullover        Coat       -> Pullover, Shirt
+      Trouser     -> Dress                  Sandal     -> Sneaker
+      Pullover    -> Coat, Shirt            Shirt      -> T-shirt/top, Pullover
+      Dress       -> Coat, Trouser          Sneaker    -> Sandal, Ankle boot
+      Bag         -> (none)                 Ankle boot -> Sneaker, Sandal
+
+  A bag has no look-alike, so bags are never made noisy: the ``round(noise * n)`` noisy
+  pairs are drawn among the non-bag images (a UsageError if there are fewer). The noise kind
+  is recorded in ``corpus.json`` (details ``noise_kind``) when it is not ``uniform``; a
+  ``uniform`` build is byte-identical to one made before the option existed.
 
 Images are stored losslessly as 28×28 grayscale PNG: JPEG at this size visibly smears the
 few pixels there are, and the source is grayscale, so RGB would only triple the bytes.
@@ -59,6 +77,20 @@ ATTRIBUTION = (
     "dataset-fashion-mnist. Captions are generated from the class labels.\n"
 )
 _IDX_DTYPES = {0x08: np.uint8}
+NOISE_KINDS = ("uniform", "lookalike")
+# Look-alike partners by class name: a ``lookalike`` noisy caption names one of these.
+LOOKALIKES: dict[str, tuple[str, ...]] = {
+    "T-shirt/top": ("Shirt", "Pullover"),
+    "Trouser": ("Dress",),
+    "Pullover": ("Coat", "Shirt"),
+    "Dress": ("Coat", "Trouser"),
+    "Coat": ("Pullover", "Shirt"),
+    "Sandal": ("Sneaker",),
+    "Shirt": ("T-shirt/top", "Pullover"),
+    "Sneaker": ("Sandal", "Ankle boot"),
+    "Bag": (),
+    "Ankle boot": ("Sneaker", "Sandal"),
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -116,6 +148,45 @@ def noisy_caption_labels(labels: np.ndarray, noise: float,
     return caption_labels.astype(np.int64), noisy
 
 
+def lookalike_partners() -> list[tuple[int, ...]]:
+    """:data:`LOOKALIKES` as class indices: entry ``c`` lists the partners of class ``c``."""
+    return [tuple(CLASS_NAMES.index(p) for p in LOOKALIKES[name]) for name in CLASS_NAMES]
+
+
+def lookalike_caption_labels(labels: np.ndarray, noise: float,
+                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Caption labels with exactly ``round(noise * n)`` entries changed to a look-alike class.
+
+    Returns ``(caption_labels, noisy_mask)``. The noisy entries are drawn among the images
+    whose class has partners (never a bag), each caption class uniformly from those partners;
+    UsageError if there are fewer such images than noisy captions.
+    """
+    partners = lookalike_partners()
+    counts = np.array([len(p) for p in partners], dtype=np.int64)
+    width = int(counts.max())
+    table = np.array([p + (-1,) * (width - len(p)) for p in partners], dtype=np.int64)
+    labels = labels.astype(np.int64)
+    n, k = len(labels), round(noise * len(labels))
+    eligible = np.flatnonzero(counts[labels] > 0)
+    if k > len(eligible):
+        raise UsageError(f"--noise {noise} needs {k} look-alike captions but only "
+                         f"{len(eligible)} of the {n} train images have a look-alike class "
+                         "(bags have none)")
+    chosen = np.sort(rng.choice(eligible, size=k, replace=False))
+    noisy = np.zeros(n, dtype=bool)
+    noisy[chosen] = True
+    caption_labels = labels.copy()
+    caption_labels[chosen] = table[labels[chosen], rng.integers(0, counts[labels[chosen]])]
+    return caption_labels, noisy
+
+
+def check_noise_kind(noise_kind: str) -> None:
+    """Raise UsageError unless ``noise_kind`` is one of :data:`NOISE_KINDS`."""
+    if noise_kind not in NOISE_KINDS:
+        raise UsageError(f"--noise-kind must be one of {', '.join(NOISE_KINDS)}, "
+                         f"got {noise_kind!r}")
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
     """Lossless grayscale PNG of a 2-D uint8 array (deterministic)."""
     buf = io.BytesIO()
@@ -141,25 +212,37 @@ def iter_split_pairs(images: np.ndarray, labels: np.ndarray, caption_labels: np.
 
 def build_fashion_mnist(out_dir: str | os.PathLike, *, root: str | os.PathLike = DEFAULT_ROOT,
                         noise: float = 0.0, seed: int = 0, shard_size: int = 1000,
-                        overwrite: bool = False,
-                        limit: int | None = None) -> dict[str, CorpusInfo]:
-    """Build ``out_dir/train`` and ``out_dir/test``; the whole directory appears atomically."""
+                        overwrite: bool = False, limit: int | None = None,
+                        noise_kind: str = "uniform") -> dict[str, CorpusInfo]:
+    """Build ``out_dir/train`` and ``out_dir/test``; the whole directory appears atomically.
+
+    ``noise_kind`` is ``"uniform"`` or ``"lookalike"`` (see the module docstring). Every
+    option is checked, and the noise drawn, before anything is written.
+    """
     check_fraction("--noise", noise)
+    check_noise_kind(noise_kind)
     check_min("--limit", limit, 1)
     check_min("--shard-size", shard_size, 1)
     source_files(root)
     target = prepare_out_dir(out_dir, overwrite)
     train_rng, noise_rng, test_rng = (np.random.default_rng(s)
                                       for s in np.random.SeedSequence(seed).spawn(3))
+    draw_noise = lookalike_caption_labels if noise_kind == "lookalike" else noisy_caption_labels
+    splits: dict[str, tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]] = {}
+    for split in SPLITS:
+        images, labels = load_split(root, split, limit)
+        split_noise = noise if split == "train" else 0.0
+        splits[split] = (images, labels, split_noise,
+                         *draw_noise(labels, split_noise, noise_rng))
     infos: dict[str, CorpusInfo] = {}
     with atomic_path(target) as tmp:
         for split, rng in (("train", train_rng), ("test", test_rng)):
-            images, labels = load_split(root, split, limit)
-            split_noise = noise if split == "train" else 0.0
-            caption_labels, noisy = noisy_caption_labels(labels, split_noise, noise_rng)
+            images, labels, split_noise, caption_labels, noisy = splits[split]
             details = {"split": split, "noise": split_noise, "seed": seed, "limit": limit,
                        "num_noisy": int(noisy.sum()), "classes": list(CLASS_NAMES),
                        "image_format": "png (grayscale, 28x28, lossless)"}
+            if noise_kind != "uniform":
+                details["noise_kind"] = noise_kind
             pairs = iter_split_pairs(images, labels, caption_labels, noisy, split, rng)
             info = write_corpus(pairs, tmp / split, source=SOURCE, shard_size=shard_size,
                                 details=details,
