@@ -91,8 +91,10 @@ QUICK_METHODS = ("random", "oracle", "diffin_unrolled", "diffin_unrolled+drop", 
                  "clip_score", "clip_score+drop", "neg_clip_loss", "norm_sim_2", "norm_sim_inf", "chain", "tracin",
                  "diffin", "diffin_eq9")  # every rule and column once: the machinery, not the outcome
 BUDGETS = (("keep_50", 0.5), ("keep_30", 0.3))
-DATASETS = ("fashion_mnist", "openclipart")
-METRICS = {"fashion_mnist": ("acc",), "openclipart": ("r1", "r5")}
+DATASETS = ("fashion_mnist", "openclipart", "fashion_lookalike")
+# Fashion-MNIST with captions swapped only between look-alike classes (shirt↔t-shirt, pullover↔coat, …)
+NOISE_KINDS = {"fashion_mnist": "uniform", "fashion_lookalike": "lookalike"}
+METRICS = {"fashion_mnist": ("acc",), "openclipart": ("r1", "r5"), "fashion_lookalike": ("acc",)}
 DEFAULT_OUT = "benchmarks/results/quality.json"
 DEFAULT_QUICK_OUT = "benchmarks/results/quality_quick.json"
 SPLIT_SEED = 0  # the data splits never change with --seeds
@@ -126,6 +128,7 @@ class QualitySettings:
     """Everything a quality run depends on."""
 
     fashion_mnist: DatasetSettings
+    fashion_lookalike: DatasetSettings
     openclipart: DatasetSettings
     seeds: tuple[int, ...] = (0, 1, 2)
     datasets: tuple[str, ...] = DATASETS
@@ -147,6 +150,8 @@ def full_settings() -> QualitySettings:
     return QualitySettings(
         fashion_mnist=DatasetSettings(num_train=6000, num_target=1024, num_eval=2000, train=train,
                                       influence=influence),
+        fashion_lookalike=DatasetSettings(num_train=6000, num_target=1024, num_eval=2000, train=train,
+                                          influence=influence),
         openclipart=DatasetSettings(num_train=4800, num_target=768, num_eval=500, train=train,
                                     influence=influence),
         workers=2)
@@ -161,9 +166,11 @@ def quick_settings() -> QualitySettings:
     return QualitySettings(
         fashion_mnist=DatasetSettings(num_train=240, num_target=80, num_eval=100, train=train,
                                       influence=influence),
+        fashion_lookalike=DatasetSettings(num_train=240, num_target=80, num_eval=100, train=train,
+                                          influence=influence),
         openclipart=DatasetSettings(num_train=120, num_target=64, num_eval=40, train=train,
                                     influence=influence, corpus_limit=260),
-        seeds=(0,), methods=QUICK_METHODS)
+        seeds=(0,), methods=QUICK_METHODS, datasets=("fashion_mnist", "openclipart"))
 
 
 def settings_for(quick: bool = False, seeds: int | None = None, workers: int | None = None,
@@ -201,8 +208,8 @@ def _check_settings(settings: QualitySettings) -> None:
         if spec.num_target <= spec.influence.bank_size:
             raise UsageError(f"{name}: {spec.num_target} target pairs leave none for V beside a bank of "
                              f"{spec.influence.bank_size}")
-        if name == "fashion_mnist" and spec.num_target + spec.num_eval > spec.num_train:
-            raise UsageError(f"fashion_mnist: target + eval ({spec.num_target + spec.num_eval}) must not "
+        if name in NOISE_KINDS and spec.num_target + spec.num_eval > spec.num_train:
+            raise UsageError(f"{name}: target + eval ({spec.num_target + spec.num_eval}) must not "
                              f"exceed num_train ({spec.num_train}): both come from that many test images")
 
 
@@ -227,16 +234,20 @@ def _refuse_foreign(directory: Path, what: str) -> None:
         raise UsageError(f"{directory} exists but is not a complete {what}; remove it or pass another --data-dir")
 
 
-def ensure_fashion_mnist(data_dir: str | Path, noise: float, limit: int) -> Path:
-    """``<data_dir>/fashion_mnist_noise<P>_n<limit>`` (train/ and test/): reused when complete."""
-    directory = Path(data_dir) / f"fashion_mnist_noise{round(noise * 100)}_n{limit}"
-    wanted = {"train": {"noise": noise, "seed": 0, "limit": limit}, "test": {"noise": 0.0, "seed": 0, "limit": limit}}
+def ensure_fashion_mnist(data_dir: str | Path, noise: float, limit: int, noise_kind: str = "uniform") -> Path:
+    """``<data_dir>/fashion_mnist_noise<P>_n<limit>`` (``…_lookalike<P>_…`` for look-alike noise;
+    train/ and test/): reused when complete."""
+    kind = "noise" if noise_kind == "uniform" else noise_kind
+    directory = Path(data_dir) / f"fashion_mnist_{kind}{round(noise * 100)}_n{limit}"
+    extra = {} if noise_kind == "uniform" else {"noise_kind": noise_kind}
+    wanted = {"train": {"noise": noise, "seed": 0, "limit": limit, **extra},
+              "test": {"noise": 0.0, "seed": 0, "limit": limit, **extra}}
     if all(_corpus_matches(directory / split, "fashion-mnist", d) for split, d in wanted.items()):
         log.info("reusing the Fashion-MNIST corpus in %s", directory)
         return directory
     _refuse_foreign(directory, f"Fashion-MNIST corpus (noise {noise}, first {limit} images)")
     log.info("building the Fashion-MNIST corpus into %s", directory)
-    build_fashion_mnist(directory, noise=noise, seed=0, limit=limit)
+    build_fashion_mnist(directory, noise=noise, seed=0, limit=limit, noise_kind=noise_kind)
     return directory
 
 
@@ -284,9 +295,10 @@ def _model_size(spec: DatasetSettings) -> int:
     return int(model_spec(spec.train.model)["config"]["vision_cfg"]["image_size"])
 
 
-def load_fashion_mnist(spec: DatasetSettings, data_dir: str | Path, noise: float) -> DatasetData:
+def load_fashion_mnist(spec: DatasetSettings, data_dir: str | Path, noise: float,
+                       name: str = "fashion_mnist") -> DatasetData:
     """Training pairs with noisy captions; target and eval pairs from the clean test split."""
-    directory = ensure_fashion_mnist(data_dir, noise, spec.num_train)
+    directory = ensure_fashion_mnist(data_dir, noise, spec.num_train, NOISE_KINDS[name])
     size = _model_size(spec)
     train, test = load_shard_dir(directory / "train", size), load_shard_dir(directory / "test", size)
     train_meta, test_meta = read_json_meta(directory / "train"), read_json_meta(directory / "test")
@@ -296,7 +308,7 @@ def load_fashion_mnist(spec: DatasetSettings, data_dir: str | Path, noise: float
     noisy = np.array([bool(train_meta[u]["noisy"]) for u in train.uids])
     labels = np.array([int(test_meta[u]["label"]) for u in evaluation.uids])
     train_labels = np.array([int(train_meta[u]["label"]) for u in train.uids])
-    return DatasetData("fashion_mnist", train, target, evaluation, eval_labels=labels, noisy=noisy,
+    return DatasetData(name, train, target, evaluation, eval_labels=labels, noisy=noisy,
                        train_labels=train_labels, corpus=str(directory))
 
 
@@ -318,8 +330,8 @@ def load_openclipart(spec: DatasetSettings, data_dir: str | Path) -> DatasetData
 def load_dataset(name: str, settings: QualitySettings, data_dir: str | Path) -> DatasetData:
     """Build or reuse the corpus of ``name`` and split it."""
     spec = settings.dataset(name)
-    if name == "fashion_mnist":
-        return load_fashion_mnist(spec, data_dir, settings.noise)
+    if name in NOISE_KINDS:
+        return load_fashion_mnist(spec, data_dir, settings.noise, name)
     return load_openclipart(spec, data_dir)
 
 
@@ -379,7 +391,7 @@ def oracle_uids(uids: Sequence[str], noisy: np.ndarray, fraction: float, seed: i
 
 def evaluate_model(model: nn.Module, data: DatasetData) -> dict[str, float]:
     """The dataset's metrics for one trained model."""
-    if data.name == "fashion_mnist":
+    if data.eval_labels is not None:
         return {"acc": zero_shot_accuracy(model, data.eval.images, data.eval_labels, class_prompts())}
     return retrieval_recall(model, data.eval)
 

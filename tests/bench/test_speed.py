@@ -17,7 +17,8 @@ def test_measure_model_schema() -> None:
                                  bank_size=7, target_size=16, reference_samples=1, seed=0, proxy_batch=8,
                                  lanczos_steps=3)
     per_sample = result["s_per_sample_per_ckpt"]
-    assert set(per_sample) == {"forward", "unrolled", "tracin", "diffin_fd", "diffin_exact", "reference"}
+    assert set(per_sample) == {"forward", "embedding_columns", "unrolled", "tracin", "diffin_fd", "diffin_exact",
+                               "reference"}
     assert result["prepare_unrolled_s_per_ckpt"] > 0 and result["settings"]["lanczos_steps"] == 3
     assert all(v > 0 for v in per_sample.values())
     assert result["ratio_to_forward"]["forward"] == 1.0
@@ -37,9 +38,10 @@ def test_quick_run_writes_schema(tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "speed.json"
     assert bench_job.main(["speed", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("tiny-clip-32: forward 1.00x  unrolled ") and printed[-1] == f"wrote {out}"
+    assert printed[0].startswith("tiny-clip-32: forward 1.00x  embedding_columns ") and printed[-1] == f"wrote {out}"
     data = json.loads(out.read_text())
-    assert set(data["tiny-clip-32"]) == {"forward", "unrolled", "tracin", "diffin_fd", "diffin_exact"}
+    assert set(data["tiny-clip-32"]) == {"forward", "embedding_columns", "unrolled", "tracin", "diffin_fd",
+                                         "diffin_exact"}
     assert data["_meta"]["command"] == "diffin bench speed --quick"
     data["_details"]["other-model"] = {"s_per_sample_per_ckpt": {"forward": 1.0}}
     out.write_text(json.dumps(data))
