@@ -67,7 +67,7 @@ class Method:
             return SelectConfig(rule="random", fraction=fraction, seed=seed)
         if self.rule == "chain":
             steps = [{"column": c, "fraction": min(1.0, round(multiple * fraction, 6))} for c, multiple in CHAIN_STEPS]
-            return SelectConfig(rule="chain", steps=steps, fraction=fraction)
+            return SelectConfig(rule="chain", steps=steps)
         if self.rule == "top":
             return SelectConfig(column=self.column, rule="top_fraction", fraction=fraction)
         drop = ({"drop_below": 0.0} if self.column in ESTIMATE_COLUMNS
