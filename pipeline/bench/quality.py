@@ -577,8 +577,8 @@ def run_cell(job: CellJob) -> None:
     with tempfile.TemporaryDirectory(dir=job.work_dir, prefix=f"select-{data.name}-s{job.seed}-") as tmp:
         files = write_score_files(train, {k: torch.from_numpy(v) for k, v in arrays.items()}, Path(tmp) / "scores",
                                   f"quality-{data.name}-seed{job.seed}")
-        for budget, fraction in BUDGETS:
-            for method in job.methods:
+        for method in job.methods:  # both budgets of a method before the next: a partial run compares methods
+            for budget, fraction in BUDGETS:
                 if (job.fingerprint, data.name, job.seed, "retrain", budget, method) in done:
                     continue
                 if Method.parse(method).needs_labels and data.noisy is None:
