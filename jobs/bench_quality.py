@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(dataset, seed) cells run in N processes (default 2; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads per process (default 1)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="compute nothing: write the report from the cells the results file already holds")
     parser.add_argument("--methods", default=None, metavar="LIST",
                         help="comma-separated methods: COLUMN (top fraction), COLUMN+drop, COLUMN+cluster, chain, "
                              "random, oracle (default: the full comparison; see docs/QUALITY.md)")
@@ -47,7 +49,8 @@ def command(args: argparse.Namespace, out: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """``diffin bench quality``: run, print the tables, write the JSON report."""
     out = args.out or (DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT)
-    report = quality.run_benchmark(settings(args), out, args.data_dir, command(args, out))
+    report = quality.run_benchmark(settings(args), out, args.data_dir, command(args, out),
+                                   report_only=args.report_only)
     print(quality.format_table(report))
     print(f"wrote {out} ({report['_meta']['seconds']['total_this_run']:.0f} s)")
     return 0

@@ -666,9 +666,10 @@ def _worker_logging() -> None:
 
 
 def run_benchmark(settings: QualitySettings, out: str | Path, data_dir: str | Path = "data",
-                  command: str = "", work_dir: str | Path | None = None) -> dict[str, Any]:
+                  command: str = "", work_dir: str | Path | None = None, report_only: bool = False) -> dict[str, Any]:
     """Run every (dataset, seed, budget, method) cell not yet in the results file beside
-    ``out`` (:func:`cells_path`), then write the JSON report to ``out`` and return it."""
+    ``out`` (:func:`cells_path`), then write the JSON report to ``out`` and return it.
+    ``report_only``: compute nothing, report the cells the results file already holds."""
     _check_settings(settings)
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -683,7 +684,8 @@ def run_benchmark(settings: QualitySettings, out: str | Path, data_dir: str | Pa
         jobs = [CellJob(datasets[name], settings.dataset(name), seed, settings.threads, settings.methods,
                         str(cells_file), prints[name], str(work))
                 for name in settings.datasets for seed in settings.seeds]
-        _run_cells(jobs, settings.workers)
+        if not report_only:
+            _run_cells(jobs, settings.workers)
     finally:
         torch.set_num_threads(previous_threads)
     cells = [c for c in read_cells(cells_file) if prints.get(c["dataset"]) == c["settings"]]

@@ -187,6 +187,10 @@ def test_quick_run_resumes_from_its_results_file(quick_report: tuple[dict, Path]
     assert code == 0 and cells.read_text() == before
     again = json.loads(out.read_text())
     assert again["fashion_mnist"] == report["fashion_mnist"] and again["openclipart"] == report["openclipart"]
+    only = out.with_name("report_only.json")  # --report-only: nothing computed, the report from the cells
+    quality.cells_path(only).write_text(before)
+    code = bench_job.main(["quality", "--quick", "--report-only", "--out", str(only), "--data-dir", str(out.parent.parent / "data")])
+    assert code == 0 and json.loads(only.read_text())["fashion_mnist"] == report["fashion_mnist"]
 
 
 # --------------------------------------------------------------------------- methods and cells
