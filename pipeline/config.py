@@ -472,7 +472,7 @@ def _is_local(url: str) -> bool:
 
 def check_paths(config: RunConfig, source: str) -> None:
     """Check that local input paths named by the config exist (remote URLs are checked when a
-    stage opens them; the model name by :func:`pipeline.stages.trajectory.check_train_model`)."""
+    stage opens them; the model name by :func:`pipeline.stages.context.check_train_model`)."""
     from pipeline.data.shards import expand_shards  # local import: keeps config import light
 
     sections = [("data", config.data)] + ([("target", config.target)] if config.target else [])

@@ -55,6 +55,7 @@ from pipeline.errors import UsageError
 from pipeline.influence.scores import METHOD_COMPONENTS, columns_computed
 from pipeline.bench.sampler import MB, RssSampler, proc_memory, reset_peak
 from pipeline.io.atomic import write_json_atomic
+from pipeline.io.layout import RunLayout, shard_stem
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def ensure_trajectory(plan: ScalePlan, work: Path, executor) -> tuple[Path, floa
                            "trajectory": {"train": _train_settings(plan)},
                            "resources": {"num_cpus": plan.actor_cpus, "threads": 1}}, "scale proxy")
     run_dir = work / f"proxy-{plan.train_pairs}-{plan.train_steps}"
-    existed = (run_dir / "trajectory" / MANIFEST).is_file()
+    existed = (RunLayout.of(run_dir).trajectory / MANIFEST).is_file()
     start = time.perf_counter()
     trajectory = ensure(RunContext.resolve(config, run_dir), executor)
     return Path(trajectory.root), None if existed else round(time.perf_counter() - start, 1)
@@ -182,7 +183,7 @@ def scale_config(plan: ScalePlan, corpus: dict[str, Any], target: dict[str, Any]
 
 
 def _scored_pairs_counter(scores_dir: Path, sizes: dict[str, int]) -> Callable[[], int]:
-    by_stem = {name.removesuffix(".tar"): count for name, count in sizes.items()}
+    by_stem = {shard_stem(name): count for name, count in sizes.items()}
 
     def count() -> int:
         if not scores_dir.is_dir():
@@ -207,7 +208,7 @@ def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict
     try:
         trajectory, train_s = ensure_trajectory(plan, work, executor)
         config = scale_config(plan, corpus, target, trajectory)
-        sampler = RssSampler(_scored_pairs_counter(run_dir / "scores", load_sizes(corpus["sizes"])),
+        sampler = RssSampler(_scored_pairs_counter(RunLayout.of(run_dir).scores, load_sizes(corpus["sizes"])),
                              plan.checkpoint_pairs, plan.interval, progress_path=run_dir / "scale_progress.json",
                              expected_actors=plan.actors)  # the only actors: prepare, select, reshard are tasks
         driver_reset = reset_peak()
@@ -227,7 +228,7 @@ def measure_pipeline(plan: ScalePlan, work: Path, progress: bool = True) -> dict
 
 
 def _prepare_finished(run_dir: Path) -> float | None:
-    times = [p.stat().st_mtime for p in (run_dir / "prepared").glob("ckpt_*.pt")]
+    times = [p.stat().st_mtime for p in RunLayout.of(run_dir).prepared_checkpoints()]
     return max(times) if times else None
 
 
@@ -301,7 +302,7 @@ def write_reducer_rows(directory: Path, rows: int, files: int, seed: int) -> flo
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
     for f in range(files):
         n = int(bounds[f + 1] - bounds[f])
-        write_scores(directory / "scores" / f"{f:05d}.parquet", _synthetic_rows(rng, f, n),
+        write_scores(RunLayout.of(directory).scores / f"{f:05d}.parquet", _synthetic_rows(rng, f, n),
                      "scale-bench", "scale-bench", "scale-bench")
     write_json_atomic(marker, wanted)
     return round(time.perf_counter() - start, 1)
@@ -386,12 +387,13 @@ def measure_reducer(plan: ScalePlan, work: Path) -> dict[str, Any]:
 
     directory = work / f"reducer-{plan.reducer_rows}-{plan.reducer_files}"
     write_s = write_reducer_rows(directory, plan.reducer_rows, plan.reducer_files, plan.seed)
-    out_dir = directory / "selection"
+    layout = RunLayout.of(directory)  # the synthetic score files sit where a run's would
+    out_dir = layout.selection
     shutil.rmtree(out_dir, ignore_errors=True)
     code = "import sys; from pipeline.bench.scale import reducer_child; reducer_child(sys.argv[1:])"
     load_start = os.getloadavg()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(directory / "scores"), str(out_dir),
+    proc = subprocess.run([sys.executable, "-c", code, str(layout.scores), str(out_dir),
                            repr(plan.fraction), plan.reducer_strategy, plan.reducer_executor,
                            repr(plan.ray_cpus)], capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -38,6 +38,9 @@ UNROLLED_FILE = "unrolled.pt"
 EMBEDDINGS_FILE = "embeddings.pt"  # the embedding columns' reference sets (corpus sample, pools, targets, centroids)
 
 
+PREPARED_CHECKPOINT_GLOB = "ckpt_*.pt"
+
+
 def prepared_checkpoint_name(k: int) -> str:
     """File name of the k-th selected checkpoint's prepared vectors (in ``prepared/``)."""
     return f"ckpt_{k:03d}.pt"
@@ -119,6 +122,10 @@ class RunLayout:
     def prepared_checkpoint(self, k: int) -> StoragePath:
         """``prepared/ckpt_XXX.pt`` of the k-th selected checkpoint."""
         return self.prepared / prepared_checkpoint_name(k)
+
+    def prepared_checkpoints(self) -> list[StoragePath]:
+        """The prepared checkpoint files present now (``prepared/ckpt_*.pt``), sorted."""
+        return sorted(self.prepared.glob(PREPARED_CHECKPOINT_GLOB))
 
     def score_file(self, url: str) -> StoragePath:
         """``scores/<stem>.parquet`` of input shard ``url``."""

@@ -44,6 +44,19 @@ def influence_settings(config: RunConfig):
         checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None)
 
 
+def check_train_model(config: RunConfig, source: str = "config") -> None:
+    """Refuse (one line naming ``source``, the config file; exit 2) a proxy-training model name
+    that is neither a model config we ship nor an open_clip model: before any work."""
+    from pipeline.model.clip import resolve_model_config
+
+    if config.trajectory.train is None:
+        return
+    try:
+        resolve_model_config(config.trajectory.train.model)
+    except UsageError as exc:
+        raise UsageError(f"{source}: trajectory.train.model: {exc}") from None
+
+
 def score_device(config: RunConfig) -> str:
     """Device from the config, never from probing the driver: cuda iff the actor has GPUs."""
     if config.score.device != "auto":
@@ -71,8 +84,6 @@ class RunContext:
     def resolve(cls, config: RunConfig, run_dir: str | os.PathLike, source: str = "config") -> "RunContext":
         """Expand ``data.shards``, refuse shards whose score files would collide, read
         ``data.sizes``, check the proxy-training model: before anything is trained or scored."""
-        from pipeline.stages.trajectory import check_train_model
-
         check_train_model(config, source)
         urls = tuple(expand_shards(config.data.shards))
         check_unique_stems(urls)

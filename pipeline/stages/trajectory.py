@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.data.uids import DEFAULT_UID_FROM
@@ -22,9 +22,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, download_dir, is_remote
 from pipeline.model.trajectory import MANIFEST, Trajectory
 from pipeline.runtime.executor import Executor, Resources
-
-if TYPE_CHECKING:
-    from pipeline.stages.context import RunContext
+from pipeline.stages.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +65,6 @@ def holdout_of(config: RunConfig) -> tuple[float, int] | None:
     if target is None or target.holdout_fraction is None:
         return None
     return (target.holdout_fraction, target.seed)
-
-
-def check_train_model(config: RunConfig, source: str = "config") -> None:
-    """Refuse (one line naming ``source``, the config file; exit 2) a proxy-training model name
-    that is neither a model config we ship nor an open_clip model: before any work."""
-    from pipeline.model.clip import resolve_model_config
-
-    if config.trajectory.train is None:
-        return
-    try:
-        resolve_model_config(config.trajectory.train.model)
-    except UsageError as exc:
-        raise UsageError(f"{source}: trajectory.train.model: {exc}") from None
 
 
 def ensure_trajectory(ctx: RunContext, executor: Executor) -> Trajectory:

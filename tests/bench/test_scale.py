@@ -138,32 +138,32 @@ def test_quick_run_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "scale", "--quick", "--pairs", "400", "--shard-size", "100",
-         "--checkpoint-pairs", "100,200", "--reducer-rows", "8000", "--reducer-files", "4",
+        [sys.executable, "-m", "jobs.bench", "scale", "--quick", "--pairs", "200", "--shard-size", "50",
+         "--checkpoint-pairs", "50,100", "--bank-size", "7", "--reducer-rows", "4000", "--reducer-files", "4",
          "--work-dir", str(tmp_path / "work"), "--out", str(out), "--no-progress"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    run = data["pipeline"]["unrolled_400"]
-    assert run["pairs_scored"] == 400 and run["failed"] == {}
+    run = data["pipeline"]["unrolled_200"]
+    assert run["pairs_scored"] == 200 and run["failed"] == {}
     assert set(run["stage_seconds"]) == {"prepare", "score", "select", "reshard"}
     assert run["reshard"]["pairs"] == run["selection"]["kept"]
     assert run["score_pairs_per_s"] > 0
-    assert run["selection"]["kept"] == run["expected_kept"] == round_half_up(0.3, 400)
+    assert run["selection"]["kept"] == run["expected_kept"] == round_half_up(0.3, 200)
     checkpoints = run["rss_at_checkpoints"]
-    assert set(checkpoints) == {"100", "200"}
+    assert set(checkpoints) == {"50", "100"}
     for snap in (*checkpoints.values(), run["rss_at_end"]):
         assert snap["driver"]["hwm_mb"] > 0 and snap["actor_hwm_max_mb"] > 0
     assert len(run["rss_at_end"]["actors"]) == 2  # both actors found (at a checkpoint maybe not yet)
-    assert checkpoints["100"]["pairs"] >= 100 and checkpoints["200"]["pairs"] >= 200
-    assert run["rss_at_end"]["pairs"] == 400 and run["sampler_errors"] == []
+    assert checkpoints["50"]["pairs"] >= 50 and checkpoints["100"]["pairs"] >= 100
+    assert run["rss_at_end"]["pairs"] == 200 and run["sampler_errors"] == []
     assert run["rss_at_end"]["actor_cpu_s"] > 0 and run["rss_at_end"]["pairs_per_actor_cpu_s"] > 0
     assert all(r >= 1.0 for r in run["actor_hwm_end_over_checkpoint"].values())  # peaks never fall
     assert all(run["actors_started_after_prepare"].values())
     assert run["extrapolated_1m"]["extrapolated"] is True
-    reducer = data["reducer"]["8000_rows"]
-    assert reducer["counts"]["in"] == 8000 and reducer["files"] == 4
+    reducer = data["reducer"]["4000_rows"]
+    assert reducer["counts"]["in"] == 4000 and reducer["files"] == 4
     assert reducer["counts"]["kept"] == reducer["expected_kept"] > 0
     assert reducer["peak_hwm_mb"] >= reducer["baseline_hwm_mb"] > 0
     assert data["_meta"]["machine"]["cores"] == os.cpu_count()
-    assert "pipeline unrolled_400" in proc.stdout and "reducer 8000_rows" in proc.stdout
+    assert "pipeline unrolled_200" in proc.stdout and "reducer 4000_rows" in proc.stdout

@@ -28,6 +28,17 @@ class WhereStage:
         return task, os.getpid(), gpus, self.setups
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One embedded local Ray for this module's Ray tests (2 CPUs, 2 logical GPUs: GPU
+    scheduling is tested on CPU): starting one costs ~5 s, so the tests share it. An executor
+    made while it runs attaches to it and leaves it running; the fixture's executor, which
+    started it, shuts it down at the end."""
+    executor = RayExecutor(num_cpus=2, num_gpus=2)
+    yield executor
+    executor.shutdown()
+
+
 def test_local_executor_sets_up_once_and_keeps_order() -> None:
     seen = []
     results = LocalExecutor().run_stage(WhereStage(), [3, 1, 2], workers=4,
@@ -37,13 +48,9 @@ def test_local_executor_sets_up_once_and_keeps_order() -> None:
 
 
 @pytest.mark.ray
-def test_ray_actor_pool_honours_declared_logical_gpus() -> None:
-    executor = RayExecutor(num_cpus=2, num_gpus=2)  # logical GPUs: scheduling is tested on CPU
-    try:
-        stage = WhereStage(Resources(num_cpus=0.5, num_gpus=1))
-        results = executor.run_stage(stage, list(range(6)), workers=2)
-    finally:
-        executor.shutdown()
+def test_ray_actor_pool_honours_declared_logical_gpus(ray_cluster: RayExecutor) -> None:
+    stage = WhereStage(Resources(num_cpus=0.5, num_gpus=1))
+    results = ray_cluster.run_stage(stage, list(range(6)), workers=2)
     assert [r[0] for r in results] == list(range(6))
     pids = {r[1] for r in results}
     assert len(pids) == 2 and os.getpid() not in pids  # two actors, not the driver
@@ -52,15 +59,11 @@ def test_ray_actor_pool_honours_declared_logical_gpus() -> None:
 
 
 @pytest.mark.ray
-def test_ray_pool_larger_than_the_cluster_finishes(caplog) -> None:
+def test_ray_pool_larger_than_the_cluster_finishes(ray_cluster: RayExecutor, caplog) -> None:
     """Four workers of one CPU on a two-CPU cluster: two can never start; before the pool was
     capped at the cluster's room, their tasks waited on them forever (the run hung)."""
-    executor = RayExecutor(num_cpus=2, num_gpus=0)
-    try:
-        with caplog.at_level("WARNING", logger="pipeline.runtime.executor"):
-            results = executor.run_stage(WhereStage(Resources(num_cpus=1.0)), list(range(8)), workers=4)
-    finally:
-        executor.shutdown()
+    with caplog.at_level("WARNING", logger="pipeline.runtime.executor"):
+        results = ray_cluster.run_stage(WhereStage(Resources(num_cpus=1.0)), list(range(8)), workers=4)
     assert [r[0] for r in results] == list(range(8))
     assert len({r[1] for r in results}) <= 2
     assert "4 workers of" in caplog.text and "room for 2" in caplog.text
@@ -95,11 +98,7 @@ class DiesOnceStage:
 
 
 @pytest.mark.ray
-def test_dead_actor_is_replaced_and_its_task_retried(tmp_path) -> None:
-    executor = RayExecutor(num_cpus=2, num_gpus=0)
-    try:
-        results = executor.run_stage(DiesOnceStage(str(tmp_path / "died")), list(range(5)), workers=2)
-    finally:
-        executor.shutdown()
+def test_dead_actor_is_replaced_and_its_task_retried(ray_cluster: RayExecutor, tmp_path) -> None:
+    results = ray_cluster.run_stage(DiesOnceStage(str(tmp_path / "died")), list(range(5)), workers=2)
     assert (tmp_path / "died").exists()  # the worker really died once
     assert results == [0, 10, 20, 30, 40]  # every task exactly once, in order

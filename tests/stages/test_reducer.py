@@ -13,14 +13,14 @@ from pydantic import ValidationError
 from pipeline.config import SelectConfig
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
-from pipeline.stages import select as select_module
 from pipeline.stages.keep_rule import Rows, rule_order
-from pipeline.stages.reducer import driver
-from pipeline.stages.reducer.driver import _row_groups
-from pipeline.stages.reducer.keys import (RULE_WIDTHS, Search, count_le, depth, digits, interpolate, lex_le,
-                                          lex_order, prefix_mask, quantile_positions, rule_key, score_from_key,
-                                          score_key)
-from pipeline.stages.reducer.merge import merge_sorted
+from pipeline.stages.select import files as select_files
+from pipeline.stages.select.bounded import driver
+from pipeline.stages.select.bounded.driver import _row_groups
+from pipeline.stages.select.bounded.keys import (RULE_WIDTHS, Search, count_le, depth, digits, interpolate, lex_le,
+                                                lex_order, prefix_mask, quantile_positions, rule_key,
+                                                score_from_key, score_key)
+from pipeline.stages.select.bounded.merge import merge_sorted
 from pipeline.stages.select import KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, QUANTILES, SUMMARY_FILE, select
 from tests.stages.scorefiles import write_score_file
 from tests.stages.test_s3 import s3_server  # noqa: F401  (the moto S3 server fixture)
@@ -202,7 +202,7 @@ def same_outputs(files: list[Path], cfg: SelectConfig, tmp_path: Path, name: str
 
 @pytest.mark.parametrize("budget", [1, 4, 40, 1_000_000])
 def test_bounded_outputs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
-    monkeypatch.setattr(select_module, "_WRITE_BATCH_ROWS", 7)  # several row groups and manifest tables
+    monkeypatch.setattr(select_files, "WRITE_BATCH_ROWS", 7)  # several row groups and manifest tables
     monkeypatch.setattr(driver, "_MIN_RUN_BATCH", 2)  # merges of many small batches
     files = corpus(tmp_path)
     kept = set()

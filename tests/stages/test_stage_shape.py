@@ -13,7 +13,7 @@ from pipeline.runtime.executor import Resources
 from pipeline.stages.context import RunContext
 from pipeline.stages.pipeline import STAGES
 from pipeline.stages.prepare import PrepareStage, run_prepare
-from pipeline.stages.reducer.tasks import ReducerStage
+from pipeline.stages.select.bounded.tasks import ReducerStage
 from pipeline.stages.reshard import ReshardStage, run_reshard
 from pipeline.stages.score import ScoreStage, run_score
 from pipeline.stages.select import run_select

@@ -9,8 +9,7 @@ import pytest
 from jobs import train
 from pipeline.config import load_config
 from pipeline.errors import UsageError
-from pipeline.stages.context import RunContext
-from pipeline.stages.trajectory import check_train_model
+from pipeline.stages.context import RunContext, check_train_model
 from tests.conftest import write_config
 
 

@@ -1,5 +1,5 @@
 """The bounded reducer's driver: plans the per-file tasks, finds the cut and the quantiles,
-merges the parts into the outputs (see :mod:`pipeline.stages.reducer`)."""
+merges the parts into the outputs (see :mod:`pipeline.stages.select.bounded`)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StoragePath, is_remote
 from pipeline.runtime.executor import Executor, LocalExecutor, Resources
 from pipeline.stages.keep_rule import kept_count
-from pipeline.stages.reducer.keys import (DIGITS, SCORE_WIDTHS, Search, dense, interpolate, lex_order, prefix_value,
-                                          quantile_positions, score_from_key, score_key)
-from pipeline.stages.reducer.merge import merge_sorted
-from pipeline.stages.reducer.tasks import (RANKS_FILE, RULE_MERGE_KEYS, UID_MERGE_KEYS, FileScan, FileTask,
-                                           KeptTask, RankTask, ReducerStage, ReducerTask, RefineTask, Request,
-                                           ScanTask, final_keys, final_run, rule_run)
-from pipeline.stages.select import (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, QUANTILES, UID_DTYPE, _check_distinct_shards,
-                                    _check_failed, _check_score_files, _read_columns, _RowBuffer, _Scan, _summary,
-                                    _write_parquet, finish_summary, kept_schema, quantile_dict, selection_metadata,
-                                    write_manifest)
+from pipeline.stages.select.bounded.keys import (DIGITS, SCORE_WIDTHS, Search, dense, interpolate, lex_order,
+                                                prefix_value, quantile_positions, score_from_key, score_key)
+from pipeline.stages.select.bounded.merge import merge_sorted
+from pipeline.stages.select.bounded.tasks import (RANKS_FILE, RULE_MERGE_KEYS, UID_MERGE_KEYS, FileScan, FileTask,
+                                                 KeptTask, RankTask, ReducerStage, ReducerTask, RefineTask, Request,
+                                                 ScanTask, final_keys, final_run, rule_run)
+from pipeline.stages.select.files import (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, QUANTILES, UID_DTYPE,
+                                          finish_summary, kept_schema, quantile_dict, selection_metadata,
+                                          start_summary, write_manifest, write_parquet)
+from pipeline.stages.select.scan import RowBuffer, Scan, check_distinct_shards, check_failed, check_score_files, read_columns
 
 _HISTOGRAM_ROWS = 16384  # what one file's histogram result counts against the budget, in rows
 _MIN_WAVE = 8
@@ -71,7 +71,7 @@ def select_bounded(paths: list[StoragePath], cfg: SelectConfig, out: StoragePath
                    resources: Resources, write_rows: int) -> dict[str, Any]:
     """The reducer with memory independent of the row count; outputs byte-identical to the
     in-memory reducer's. ``write_rows``: rows per row group of ``kept.parquet``."""
-    prints, _ = _check_score_files(paths, [*_read_columns(cfg.column, None), "key"])
+    prints, _ = check_score_files(paths, [*read_columns(cfg.column, None), "key"])
     executor = LocalExecutor() if is_remote(out) else executor  # parts live on a local disk
     meta = selection_metadata(cfg, prints)
     with _scratch(out) as parts:
@@ -83,7 +83,7 @@ def select_bounded(paths: list[StoragePath], cfg: SelectConfig, out: StoragePath
         n_kept = kept_count(n_ok, totals.at_or_above, cfg)
         found = _find(plan, eligible, _searches(n_ok, n_kept, totals.histograms))
         cut, last_score = found[("rule", n_kept - 1)] if n_kept else (None, None)
-        summary = _summary(cfg, scan, sum(s.n_in for s in scan.files), n_ok, n_kept, last_score,
+        summary = start_summary(cfg, scan, sum(s.n_in for s in scan.files), n_ok, n_kept, last_score,
                            _quantiles(n_ok, found), prints)
         per_file = _write_parts(plan, eligible, cut)
         _rank(plan, per_file, parts)
@@ -103,7 +103,7 @@ class _Totals:
     """The scan's results merged in file order: counts (as the in-memory scan keeps them),
     top-digit histograms, rows at or above the threshold."""
 
-    scan: _Scan
+    scan: Scan
     histograms: dict[str, np.ndarray] = field(
         default_factory=lambda: {"rule": np.zeros(DIGITS, np.int64), "score": np.zeros(DIGITS, np.int64)})
     at_or_above: int = 0
@@ -121,11 +121,11 @@ class _Totals:
 
 def _scan(plan: _Plan, cfg: SelectConfig) -> _Totals:
     """Scan every file; refuse failed rows under ``failed: error`` and shards scored twice."""
-    totals = _Totals(_Scan(cfg.column, None, _RowBuffer.allocate(0)))
+    totals = _Totals(Scan(cfg.column, None, RowBuffer.allocate(0)))
     threshold = cfg.threshold if cfg.rule == "threshold" else None
     plan.run([ScanTask(f, threshold) for f in plan.files], totals.add, plan.wave)
-    _check_failed(totals.scan, cfg)
-    _check_distinct_shards(totals.scan.files)
+    check_failed(totals.scan, cfg)
+    check_distinct_shards(totals.scan.files)
     return totals
 
 
@@ -308,7 +308,7 @@ def _write_kept(out: StoragePath, parts: Path, per_file: list[int], shards: pa.A
                 duplicates.add(hi, lo)
                 yield _kept_table(batch, hi, lo, shards, schema)
 
-        _write_parquet(out / KEPT_FILE, schema, tables(), ["shard"])
+        write_parquet(out / KEPT_FILE, schema, tables(), ["shard"])
     return duplicates.count
 
 

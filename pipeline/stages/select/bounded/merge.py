@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.stages.reducer.keys import count_le, lex_le, lex_order
+from pipeline.stages.select.bounded.keys import count_le, lex_le, lex_order
 
 
 class _Buffers:

@@ -34,9 +34,9 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import StoragePath
 from pipeline.runtime.executor import Resources
 from pipeline.stages.keep_rule import Rows
-from pipeline.stages.reducer.keys import (RULE_WIDTHS, SCORE_WIDTHS, digits, lex_le, lex_order,
-                                          prefix_mask, rule_columns, rule_key, score_key, sparse_histogram)
-from pipeline.stages.select import _FileStats, _kept_keys, scan_one_file
+from pipeline.stages.select.bounded.keys import (RULE_WIDTHS, SCORE_WIDTHS, digits, lex_le, lex_order,
+                                                prefix_mask, rule_columns, rule_key, score_key, sparse_histogram)
+from pipeline.stages.select.scan import FileStats, kept_keys, scan_one_file
 
 RANKS_FILE = "ranks.i64"
 RULE_MERGE_KEYS = ("primary", "hi", "lo", "file", "position")
@@ -110,7 +110,7 @@ class FileScan:
     """What the scan of one file returns: its counts, and histograms of the top digit of
     the ``rule`` and ``score`` keys of its eligible rows."""
 
-    stats: _FileStats
+    stats: FileStats
     failed_by_status: dict[str, int]
     ok_without_score: dict[str, int]
     first_failed: str | None
@@ -205,7 +205,7 @@ def write_kept(task: KeptTask) -> int:
     by_uid = kept[lex_order([rows.hi[kept], rows.lo[kept], rows.index[kept]])]
     batch = pa.record_batch({
         "hi": rows.hi[by_uid], "lo": rows.lo[by_uid], "index": pa.array(rows.index[by_uid], pa.int32()),
-        "score": rows.score[by_uid], "key": _kept_keys(task.file.path, rows.index[by_uid]),
+        "score": rows.score[by_uid], "key": kept_keys(task.file.path, rows.index[by_uid]),
         "position": position[by_uid]})
     _write_arrow(kept_part(parts, file_no), [batch])
     return len(kept)

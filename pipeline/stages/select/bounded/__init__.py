@@ -52,6 +52,6 @@ it must be on a shared filesystem; about 28 bytes per eligible row plus ~100 per
 with a remote output directory the tasks run in the driver's process.
 """
 
-from pipeline.stages.reducer.driver import select_bounded
+from pipeline.stages.select.bounded.driver import select_bounded
 
 __all__ = ["select_bounded"]
