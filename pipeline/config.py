@@ -257,13 +257,13 @@ class SelectConfig(Section):
     def _check_rule_fields(self) -> "SelectConfig":
         uses = _RULE_FIELDS[self.rule]
         for name in _RULE_OPTIONAL:
-            if name in self.model_fields_set and getattr(self, name) is not None and name not in uses:
+            if self._given(name) and getattr(self, name) is not None and name not in uses:
                 raise ValueError(f"'{name}' is not used by rule '{self.rule}'")
-        if self.rule == "drop_fill" and self.fill != "cluster" and "cluster_power" in self.model_fields_set:
+        if self.rule == "drop_fill" and self.fill != "cluster" and self._given("cluster_power"):
             raise ValueError("'cluster_power' is used only with fill 'cluster'")
         if self.rule in self.MEMORY_ONLY_RULES and self.stratify_by is not None:
             raise ValueError(f"'stratify_by' is not used by rule '{self.rule}'")
-        if self.rule == "chain" and "column" in self.model_fields_set:
+        if self.rule == "chain" and self._given("column"):
             raise ValueError("'column' is not used by rule 'chain' (each step names its column)")
         if self.rule == "top_k" and self.k is None:
             raise ValueError("rule 'top_k' needs 'k'")
@@ -271,13 +271,18 @@ class SelectConfig(Section):
             raise ValueError("rule 'threshold' needs a finite 'threshold'")
         if self.rule in ("top_fraction", "random", "drop_fill") and self.k is None and self.fraction is None:
             raise ValueError(f"rule '{self.rule}' needs 'fraction'")
-        if self.rule in ("random", "drop_fill") and self.k is not None and "fraction" in self.model_fields_set:
+        if self.rule in ("random", "drop_fill") and self.k is not None and self._given("fraction"):
             raise ValueError(f"rule '{self.rule}' takes either 'fraction' or 'k', not both")
         if self.rule == "chain":
             self._check_steps()
         if self.rule == "drop_fill":
             self._check_drop()
         return self
+
+    def _given(self, name: str) -> bool:
+        """True when ``name`` was set to something other than its default: a config written
+        back in full (``config.json``, every field at its value) reads again as it was."""
+        return name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default
 
     def _check_steps(self) -> None:
         steps = self.steps or []

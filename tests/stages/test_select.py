@@ -262,15 +262,26 @@ def test_bad_inputs_refused(tmp_path: Path) -> None:
     ({"rule": "top_k"}, "needs 'k'"), ({"rule": "top_k", "k": 0}, "greater than 0"),
     ({"rule": "threshold"}, "needs a finite 'threshold'"),
     ({"rule": "threshold", "threshold": float("nan")}, "finite"),
-    ({"rule": "top_k", "k": 3, "fraction": 0.3}, "'fraction' is not used by rule 'top_k'"),
+    ({"rule": "top_k", "k": 3, "fraction": 0.5}, "'fraction' is not used by rule 'top_k'"),
     ({"rule": "top_fraction", "threshold": 0.1}, "'threshold' is not used"),
-    ({"rule": "random", "k": 3, "fraction": 0.3}, "either 'fraction' or 'k'"),
+    ({"rule": "random", "k": 3, "fraction": 0.5}, "either 'fraction' or 'k'"),
     ({"column": "loss"}, "column"), ({"failed": "keep"}, "failed"), ({"stratify_by": ""}, "stratify_by"),
     ({"colum": "diffin"}, "Extra inputs"),
 ])
 def test_config_validation(settings: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         SelectConfig(**settings)
+
+
+@pytest.mark.parametrize("settings", [
+    {"rule": "top_k", "k": 5}, {"rule": "threshold", "threshold": 0.1}, {"rule": "random", "k": 4},
+    {"rule": "chain", "steps": [{"column": "neg_clip_loss", "fraction": 0.5}, {"column": "norm_sim_inf", "fraction": 0.3}]},
+    {"rule": "drop_fill", "fill": "cluster", "cluster_power": 0.5}, {"rule": "top_fraction", "fraction": 0.4},
+])
+def test_a_config_written_in_full_reads_back_the_same(settings: dict) -> None:
+    """config.json holds every field at its value (defaults included): it must parse again."""
+    cfg = SelectConfig(**settings)
+    assert SelectConfig(**cfg.model_dump(mode="json")) == cfg
 
 
 def test_config_defaults_are_valid() -> None:

@@ -255,7 +255,7 @@ def run_config(tmp_path: Path, select_section: dict, method: str = "unrolled") -
     ({"rule": "drop_fill", "fill": "cluster", "cluster_power": -0.1}, "unrolled", "greater than or equal to 0"),
     ({"rule": "drop_fill", "drop_column": "tracin"}, "unrolled", "select.drop_column: 'tracin' is not computed"),
     ({"rule": "drop_fill", "fill": "random", "cluster_power": 0.5}, "unrolled", "only with fill 'cluster'"),
-    ({"rule": "drop_fill", "fraction": 0.3, "k": 5}, "unrolled", "either 'fraction' or 'k'"),
+    ({"rule": "drop_fill", "fraction": 0.4, "k": 5}, "unrolled", "either 'fraction' or 'k'"),
     ({"rule": "top_fraction", "drop_below": 0.0}, "unrolled", "'drop_below' is not used by rule 'top_fraction'"),
     ({"rule": "chain", "column": "clip_score", "steps": [{"column": "clip_score", "fraction": 0.3},
                                                          {"column": "norm_sim_inf", "fraction": 0.2}]},
