@@ -20,9 +20,10 @@ finishes, so a run cut short still leaves the numbers measured so far):
 - ``methods``   seconds per sample per checkpoint of ``diffin_unrolled`` (d, one JVP), ``tracin``
                 (a, one JVP), ``diffin`` (a, b and the finite-difference c) and ``all``; and the
                 JVP-only scores in TF32 and bfloat16 with their relative error against float32
-- ``score_task`` pairs/s of a whole score task (every checkpoint), with JPEG decode, resize,
-                tokenisation and normalisation in a pool of CPU worker processes: decode alone,
-                the device alone (inputs already decoded) and both overlapped; which one bounds
+- ``score_task`` pairs/s of a whole score task (every checkpoint), with JPEG decode, resize and
+                tokenisation in a pool of CPU worker processes (uint8 images copied to the device and
+                normalised there): decode alone, the device alone (inputs already decoded) and both
+                overlapped; which one bounds
 - ``memory``    peak memory per scoring batch size and the largest batch that fits
 - ``compile``   ``score.compile`` on and off (the one-off compile time apart)
 
@@ -432,11 +433,12 @@ def section_forward(state: BenchState) -> dict:
     return result
 
 
-def section_prepare(state: BenchState) -> dict:
-    """Per checkpoint: u alone, u + g + w, and the unrolled directions (float32)."""
-    s, influence = state.settings, state.influence
+def _prepare_all(state: BenchState, influence: TrajectoryInfluence) -> dict:
+    """Prepare every checkpoint with ``influence``'s sizes, timed; sets ``state.prepared``."""
+    s = state.settings
     u_only = copy.copy(influence)
     u_only.settings = replace(influence.settings, components=METHOD_COMPONENTS["unrolled"])
+    reset_peak_memory(state.device)
     u_s, ugw_s, prepared = [], [], []
     for k in range(s.checkpoints):
         u_s.append(timed(lambda k=k: u_only.prepare_checkpoint(k, state.target, state.train), state.device))
@@ -455,9 +457,33 @@ def section_prepare(state: BenchState) -> dict:
     hvps = int(unrolled.diagnostics["hvps"])
     return {"u_s_per_ckpt": u_s, "u_g_w_s_per_ckpt": ugw_s, "unrolled_s": unrolled_s,
             "unrolled_s_per_ckpt": unrolled_s / s.checkpoints, "unrolled_hvps": hvps,
-            "unrolled_s_per_hvp": unrolled_s / max(hvps, 1),
-            "sizes": {"target_pairs": s.target_pairs, "bank_size": s.bank_size, "proxy_batch_size": s.proxy_batch_size,
+            "unrolled_s_per_hvp": unrolled_s / max(hvps, 1), "peak_mib": peak_memory_mib(state.device),
+            "sizes": {"target_pairs": s.target_pairs, "bank_size": s.bank_size,
+                      "proxy_batch_size": influence.settings.proxy_batch_size,
+                      "target_batch_size": influence.settings.batch_size,
                       "lanczos_steps": s.lanczos_steps, "hvp": influence.settings.hvp}}
+
+
+def section_prepare(state: BenchState) -> dict:
+    """Per checkpoint: u alone, u + g + w, and the unrolled directions (float32). Out of memory,
+    it tries again with the proxy and target batches halved (down to 8), and says so: the later
+    sections need prepared vectors, whatever their batch."""
+    influence, failed = state.influence, []
+    while True:
+        try:
+            result = _prepare_all(state, influence)
+            break
+        except Exception as exc:
+            sizes = (influence.settings.proxy_batch_size, influence.settings.batch_size)
+            if not is_out_of_memory(exc) or max(sizes) <= 8:
+                raise
+            failed.append({"proxy_batch_size": sizes[0], "target_batch_size": sizes[1], "error": _error_line(exc)})
+        reset_peak_memory(state.device)
+        influence = copy.copy(influence)
+        influence.settings = replace(influence.settings, proxy_batch_size=max(8, sizes[0] // 2),
+                                     batch_size=max(8, sizes[1] // 2))
+    result["out_of_memory"] = failed
+    return result
 
 
 def _score_fn(facade: TrajectoryInfluence, batch: tuple[Tensor, Tensor], precision: str = "highest") -> Callable[[], dict]:
@@ -515,8 +541,10 @@ def section_methods(state: BenchState) -> dict:
 
 
 class DecodedBatches(torch.utils.data.Dataset):
-    """Batches of model inputs made on the CPU from JPEG bytes: decode + resize (as the score stage
-    does), stack, normalise, tokenise. Item i is batch i (for a DataLoader with ``batch_size=None``)."""
+    """Batches made on the CPU from JPEG bytes: decode + resize (as the score stage does), stack,
+    tokenise; images stay uint8 (a quarter of float32's bytes to pass between processes and to
+    copy to the device, where they are normalised). Item i is batch i (for a DataLoader with
+    ``batch_size=None``)."""
 
     def __init__(self, jpegs: Sequence[bytes], pairs: int, batch_size: int, image_size: int, context_length: int) -> None:
         self.jpegs, self.pairs, self.batch_size = list(jpegs), pairs, batch_size
@@ -531,8 +559,8 @@ class DecodedBatches(torch.utils.data.Dataset):
             self._tokenizer = make_tokenizer(self.context_length)
         ids = range(index * self.batch_size, (index + 1) * self.batch_size)
         images = np.stack([decode_image(self.jpegs[i % len(self.jpegs)], self.image_size) for i in ids])
-        uint8 = torch.from_numpy(images).permute(0, 3, 1, 2)
-        return normalize_images(uint8), self._tokenizer([synthetic_caption(i) for i in ids])
+        uint8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        return uint8, self._tokenizer([synthetic_caption(i) for i in ids])
 
 
 def decode_loader(state: BenchState) -> torch.utils.data.DataLoader:
@@ -542,7 +570,7 @@ def decode_loader(state: BenchState) -> torch.utils.data.DataLoader:
     dataset = DecodedBatches(state.jpegs, s.score_pairs, s.batch_size, state.influence.image_size,
                              int(state.influence.model.context_length))
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=s.workers,
-                                       pin_memory=state.device.type == "cuda", prefetch_factor=4,
+                                       pin_memory=state.device.type == "cuda", prefetch_factor=2,
                                        persistent_workers=True, multiprocessing_context="fork")
 
 
@@ -576,7 +604,8 @@ def section_score_task(state: BenchState) -> dict:
     dtype = state.influence.dtype
 
     def to_device(images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        return (images.to(device, dtype, non_blocking=True), tokens.to(device, non_blocking=True))
+        pixels = normalize_images(images.to(device, non_blocking=True)).to(dtype)
+        return pixels, tokens.to(device, non_blocking=True)
 
     loader = decode_loader(state)
     decode = _stream(iter(loader), lambda images, tokens: None, device, s.budget_s)
@@ -599,9 +628,9 @@ def section_score_task(state: BenchState) -> dict:
         result[method] = {"device_only": device_only, "overlapped": overlapped, "bottleneck": bound,
                           "overlap_efficiency": overlapped["pairs_per_s"] / max(
                               min(decode["pairs_per_s"], device_only["pairs_per_s"]), 1e-12)}
-    result["note"] = ("pairs/s for all checkpoints together; device_only feeds one decoded batch from host memory "
-                      "again and again (host-to-device copy included); overlapped decodes in worker processes "
-                      "while the device scores")
+    result["note"] = ("pairs/s for all checkpoints together; decode_only: JPEG decode, resize and tokenisation in "
+                      "the worker processes, nothing else; device_only feeds one decoded uint8 batch from host "
+                      "memory again and again (host-to-device copy and normalisation included); overlapped: both")
     return result
 
 

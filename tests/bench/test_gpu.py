@@ -138,3 +138,31 @@ def test_run_sh_help_and_missing_output(tmp_path: Path) -> None:
     assert shown.returncode == 0 and "--deadline-s" in shown.stdout
     missing = subprocess.run(["bash", str(RUN_SH), "--tiny"], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no output folder" in missing.stderr
+
+
+def test_prepare_halves_its_batches_when_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.model.scorer import InfluenceSettings
+
+    calls = []
+
+    def prepare_all(state, influence) -> dict:
+        calls.append((influence.settings.proxy_batch_size, influence.settings.batch_size))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"u_s_per_ckpt": [1.0]}
+
+    monkeypatch.setattr(gpu, "_prepare_all", prepare_all)
+    influence = SimpleNamespace(settings=InfluenceSettings(proxy_batch_size=128, batch_size=256))
+    state = SimpleNamespace(influence=influence, device=torch.device("cpu"))
+    result = gpu.section_prepare(state)
+    assert calls == [(128, 256), (64, 128)] and influence.settings.proxy_batch_size == 128  # the original is kept
+    assert result["out_of_memory"] == [{"proxy_batch_size": 128, "target_batch_size": 256,
+                                        "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}]
+
+    monkeypatch.setattr(gpu, "_prepare_all", lambda state, influence: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # only running out of memory is retried
+        gpu.section_prepare(state)
