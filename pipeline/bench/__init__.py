@@ -5,5 +5,7 @@
 measures, writes the result file and returns the report; the command line (options, printing,
 exit codes) is in :mod:`jobs.bench` and ``jobs/bench_<name>.py``. ``digits``,
 ``openmoji_clip``, ``protocol``, ``metrics`` and ``sampler`` are their parts. Results and the
-commands that reproduce them are in ``benchmarks/results/`` and ``docs/``.
+commands that reproduce them are in ``benchmarks/results/`` and ``docs/``. ``gpu`` is the
+one-call throughput benchmark for a lent accelerator (``benchmarks/gpu/run.sh``): synthetic data
+only, writing ``speed_gpu.json`` section by section.
 """

@@ -51,7 +51,8 @@ DEFAULT_OUT = "benchmarks/results/speed.json"
 QUICK_OUT = "benchmarks/results/speed_quick.json"
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of ``fn`` (the device synchronised before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -61,14 +62,21 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_min(methods: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Run each method once to warm up, then ``repeats`` rounds in turn; keep each minimum."""
+def interleaved_min(methods: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                    budget_s: float | None = None) -> dict[str, float]:
+    """Run each method once to warm up, then ``repeats`` rounds in turn; keep each minimum.
+
+    ``budget_s``: no further round starts once this many seconds (warm-up included) have
+    passed; at least one timed round always runs."""
+    start = time.perf_counter()
     for fn in methods.values():
         fn()
     best = {name: float("inf") for name in methods}
-    for _ in range(repeats):
+    for round_index in range(repeats):
+        if round_index and budget_s is not None and time.perf_counter() - start > budget_s:
+            break
         for name, fn in methods.items():
-            best[name] = min(best[name], _timed(fn, device))
+            best[name] = min(best[name], timed(fn, device))
     return best
 
 
@@ -148,12 +156,12 @@ def measure_model(name: str, device: torch.device, batch_size: int, repeats: int
         return run
 
     methods = {"forward": forward, "embedding_columns": embedding_columns, **{k: scored(v) for k, v in scorers.items()}}
-    compile_s = _timed(methods["unrolled_compiled"], device) if compiled else None  # the first call compiles
+    compile_s = timed(methods["unrolled_compiled"], device) if compiled else None  # the first call compiles
     best = interleaved_min(methods, repeats, device)
     per_sample = {k: v / batch_size for k, v in best.items()}
     if reference_samples > 0:
         with forward_mode_safe():
-            ref_times = [_timed(lambda i=i: reference_per_sample(objective, params, target, proxy, (batch[0][i:i + 1], batch[1][i:i + 1])), device)
+            ref_times = [timed(lambda i=i: reference_per_sample(objective, params, target, proxy, (batch[0][i:i + 1], batch[1][i:i + 1])), device)
                          for i in range(reference_samples)]
         per_sample["reference"] = min(ref_times)
     fwd = per_sample["forward"]

@@ -89,10 +89,11 @@ def context_length(model: nn.Module) -> int:
 
 
 def normalize_images(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW images → float32, scaled to [0, 1] and normalised with CLIP's mean/std."""
+    """uint8 NCHW images → float32, scaled to [0, 1] and normalised with CLIP's mean/std (on the
+    images' device)."""
     x = images_uint8.float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
