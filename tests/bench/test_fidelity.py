@@ -244,7 +244,8 @@ def test_tiny_run_writes_the_schema(tmp_path: Path) -> None:
     assert meta["datasets"]["openmoji"]["data"]["bank"] == 7
     assert set(meta["datasets"]["digits"]["score_stats"]) == {"diffin_unrolled", "diffin", "diffin_eq9", "tracin"}
     assert set(meta["datasets"]["openmoji"]["score_stats"]) == {"diffin_unrolled", "diffin_unrolled_adam", "diffin",
-                                                                "diffin_eq9", "tracin", "tracin_adam", "clip_score"}
+                                                                "diffin_eq9", "tracin", "tracin_adam", "clip_score",
+                                                                "neg_clip_loss", "norm_sim_2", "norm_sim_inf"}
     for method in ("diffin_unrolled", "diffin_unrolled_adam"):
         assert on_disk["openmoji"][method]["relerr_loo"] is not None
     assert on_disk["digits"]["diffin_unrolled"]["relerr_loo"] is not None
