@@ -200,9 +200,9 @@ class ScoreConfig(Section):
 
 _RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"threshold"},
                 "random": {"fraction", "k", "seed"}, "chain": {"steps"},
-                "drop_fill": {"fraction", "k", "seed", "drop_below", "drop_fraction", "drop_column", "fill",
-                              "cluster_power"}}
-_NEW_RULE_FIELDS = ("steps", "drop_below", "drop_fraction", "drop_column", "fill", "cluster_power")
+                "drop_fill": {"fraction", "k", "seed", "drop_below", "drop_fraction", "drop_share_from", "drop_column",
+                              "fill", "cluster_power"}}
+_NEW_RULE_FIELDS = ("steps", "drop_below", "drop_fraction", "drop_share_from", "drop_column", "fill", "cluster_power")
 _RULE_OPTIONAL = ("fraction", "k", "threshold", *_NEW_RULE_FIELDS)  # refused when set for a rule not using them
 RESHARD_PLAN_FILE = "reshard_plan.json"
 
@@ -235,6 +235,9 @@ class SelectConfig(Section):
                                                "(default 0.0 for an influence estimate)")
     drop_fraction: float | None = Field(
         None, ge=0, lt=1, description="drop_fill: drop this bottom share of the eligible rows by drop_column")
+    drop_share_from: Literal[ESTIMATE_COLUMNS] | None = Field(  # type: ignore[valid-type]
+        None, description="drop_fill: drop as many rows as this influence estimate scores below 0 (its "
+                          "harmful share), the lowest by drop_column")
     drop_column: Literal[SCORE_COLUMNS] | None = Field(  # type: ignore[valid-type]
         None, description="drop_fill: the column the drop reads (default: column)")
     fill: Literal["random", "score", "cluster"] = Field(
@@ -294,11 +297,13 @@ class SelectConfig(Section):
                                  f"({steps[i - 1].fraction}); fractions are of the whole pool and must not increase")
 
     def _check_drop(self) -> None:
-        if self.drop_below is not None and self.drop_fraction is not None:
-            raise ValueError("rule 'drop_fill' takes either 'drop_below' or 'drop_fraction', not both")
-        if self.drop_below is None and self.drop_fraction is None and self.drop_by not in ESTIMATE_COLUMNS:
+        given = [n for n in ("drop_below", "drop_fraction", "drop_share_from") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"rule 'drop_fill' takes one of 'drop_below', 'drop_fraction', 'drop_share_from', "
+                             f"not {' and '.join(repr(n) for n in given)}")
+        if not given and self.drop_by not in ESTIMATE_COLUMNS:
             raise ValueError(f"rule 'drop_fill' on '{self.drop_by}' (not an influence estimate: its zero means "
-                             "nothing) needs 'drop_below' or 'drop_fraction'")
+                             "nothing) needs 'drop_below', 'drop_fraction' or 'drop_share_from'")
 
     @property
     def stratum_column(self) -> str | None:
@@ -324,7 +329,7 @@ class SelectConfig(Section):
     def drop_below_applied(self) -> float | None:
         """drop_fill: the drop threshold as applied (0.0 for an influence estimate when
         neither ``drop_below`` nor ``drop_fraction`` is given); None otherwise."""
-        if self.rule != "drop_fill" or self.drop_fraction is not None:
+        if self.rule != "drop_fill" or self.drop_fraction is not None or self.drop_share_from is not None:
             return None
         return self.drop_below if self.drop_below is not None else 0.0
 
@@ -335,7 +340,7 @@ class SelectConfig(Section):
         if self.rule == "chain":
             named = [self.score_column, *(s.column for s in self.steps or [])]
         elif self.rule == "drop_fill":
-            named = [self.column, self.drop_by]
+            named = [self.column, self.drop_by, *([self.drop_share_from] if self.drop_share_from else [])]
         else:
             named = [self.column]
         return tuple(dict.fromkeys(named))
@@ -534,4 +539,6 @@ def _select_columns(select: SelectConfig) -> list[tuple[str, str]]:
     named = [("select.column", select.column)]
     if select.rule == "drop_fill" and select.drop_column is not None:
         named.append(("select.drop_column", select.drop_column))
+    if select.rule == "drop_fill" and select.drop_share_from is not None:
+        named.append(("select.drop_share_from", select.drop_share_from))
     return named

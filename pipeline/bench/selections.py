@@ -10,6 +10,9 @@ label oracle:
   (:data:`EMBEDDING_COLUMNS`) drops its bottom :data:`CHEAP_DROP_FRACTION`;
 - ``COLUMN+cluster`` — the same drop, the budget filled per k-means cluster of the image
   embeddings (each cluster its share, random within it);
+- ``COLUMN+share`` — the hybrid: drop as many pairs as the default influence estimate scores
+  below 0 (its harmful share, no tuning), choosing them as the column's lowest, then fill per
+  cluster (``select.drop_share_from``);
 - ``chain`` — the published negCLIPLoss ∩ NormSim recipe (Wang et al., NeurIPS 2024): the top
   ``CHAIN_FIRST × budget`` of the pool by ``neg_clip_loss``, then the budget by ``norm_sim_inf``;
 - ``random`` — the seeded random rule;
@@ -26,11 +29,11 @@ from dataclasses import dataclass
 
 from pipeline.config import SelectConfig
 from pipeline.errors import UsageError
-from pipeline.influence.scores import EMBEDDING_COLUMNS, ESTIMATE_COLUMNS, SCORE_COLUMNS
+from pipeline.influence.scores import DEFAULT_COLUMN, EMBEDDING_COLUMNS, ESTIMATE_COLUMNS, SCORE_COLUMNS
 
 CHEAP_DROP_FRACTION = 0.35  # bottom share a column without a meaningful zero drops (the issue's measured setting)
 CHAIN_STEPS = (("neg_clip_loss", 1.5), ("norm_sim_inf", 1.0))  # (column, multiple of the budget): 30 % → 20 % in the paper
-RULE_SUFFIXES = {"": "top", "+drop": "drop", "+cluster": "cluster"}
+RULE_SUFFIXES = {"": "top", "+drop": "drop", "+cluster": "cluster", "+share": "share"}
 SPECIAL = ("chain", "random", "oracle")
 
 
@@ -40,7 +43,7 @@ class Method:
 
     name: str
     column: str | None
-    rule: str  # top | drop | cluster | chain | random | oracle
+    rule: str  # top | drop | cluster | share | chain | random | oracle
 
     @classmethod
     def parse(cls, name: str) -> "Method":
@@ -70,6 +73,9 @@ class Method:
             return SelectConfig(rule="chain", steps=steps)
         if self.rule == "top":
             return SelectConfig(column=self.column, rule="top_fraction", fraction=fraction)
+        if self.rule == "share":
+            return SelectConfig(column=self.column, rule="drop_fill", fraction=fraction, seed=seed, fill="cluster",
+                                drop_share_from=DEFAULT_COLUMN)
         drop = ({"drop_below": 0.0} if self.column in ESTIMATE_COLUMNS
                 else {"drop_fraction": CHEAP_DROP_FRACTION})
         return SelectConfig(column=self.column, rule="drop_fill", fraction=fraction, seed=seed,
@@ -81,8 +87,8 @@ def default_methods(estimates: tuple[str, ...] = ("diffin_unrolled", "tracin"),
     """The full comparison, most informative first (a partial run still answers the question):
     the references, then every column under each rule, the paper's second-order forms last."""
     ruled = [f"{c}{suffix}" for c in ("diffin_unrolled", "clip_score", "neg_clip_loss", "norm_sim_inf")
-             for suffix in RULE_SUFFIXES]
-    rest = [f"{c}{suffix}" for c in (*cheap, *estimates) for suffix in RULE_SUFFIXES]
+             for suffix in RULE_SUFFIXES if suffix != "+share"] + ["neg_clip_loss+share", "clip_score+share"]
+    rest = [f"{c}{suffix}" for c in (*cheap, *estimates) for suffix in RULE_SUFFIXES if suffix != "+share"]
     tail = [c for c in SCORE_COLUMNS if c not in (*cheap, *estimates) and c in ESTIMATE_COLUMNS]
     ordered = ["random", "oracle", *ruled, "chain", *rest, *tail]
     return tuple(dict.fromkeys(m for m in ordered if not m.endswith("_adam") and "_adam+" not in m))

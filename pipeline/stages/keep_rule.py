@@ -256,7 +256,13 @@ def _drop_fill(rows: Rows, cfg: SelectConfig) -> Decision:
     drop_values = rows.values(cfg.drop_by, cfg)
     drop_order = order_by(rows, drop_values)
     survives = np.zeros(n, bool)
-    if cfg.drop_fraction is not None:
+    share = None
+    if cfg.drop_share_from is not None:  # the estimate's harmful share, the lowest by the drop column
+        share = int((rows.values(cfg.drop_share_from, cfg) < 0).sum())
+        survivors = drop_order[:n - share]
+        survives[survivors] = True
+        threshold = _score_or_none(drop_values, survivors)
+    elif cfg.drop_fraction is not None:
         survivors = drop_order[:n - round_half_up(cfg.drop_fraction, n)]
         survives[survivors] = True
         threshold = _score_or_none(drop_values, survivors)  # every survivor is at or above it
@@ -278,7 +284,8 @@ def _drop_fill(rows: Rows, cfg: SelectConfig) -> Decision:
     positions = np.concatenate([chosen, refill])
     details: dict[str, Any] = {
         "drop_column": cfg.drop_by, "drop_threshold": threshold, "eligible": n, "dropped": n - n_survivors,
-        "budget": budget, "fill": cfg.fill, "filled_from_dropped": len(refill)}
+        "budget": budget, "fill": cfg.fill, "filled_from_dropped": len(refill),
+        **({"drop_share_from": cfg.drop_share_from, "below_zero": share} if share is not None else {})}
     if clusters is not None:
         kept_per = _cluster_counts(rows, positions, [c["cluster"] for c in clusters])
         details["clusters"] = [{**c, "kept": k} for c, k in zip(clusters, kept_per)]

@@ -72,6 +72,18 @@ def test_drop_fraction_drops_the_bottom_share_ties_by_uid(tmp_path: Path) -> Non
     assert (summary["drop_fill"]["dropped"], summary["drop_fill"]["drop_threshold"]) == (3, 0.2)
 
 
+def test_drop_share_from_an_estimate_drops_that_many_by_the_drop_column(tmp_path: Path) -> None:
+    """The estimate's sign says how many pairs hurt (3 of 10 below 0); the cheap column says which."""
+    clip = [0.1, 0.2, 0.3, 0.2, 0.05, 0.9, 0.6, 0.7, 0.5, 0.4]
+    f = score_file(tmp_path, {"diffin_unrolled": ESTIMATE, "clip_score": clip})
+    cfg = SelectConfig(rule="drop_fill", column="clip_score", drop_share_from="diffin_unrolled", k=7, fill="score")
+    summary = select([f], cfg, tmp_path / "out")
+    # 3 below 0 in the estimate → the 3 lowest clip_score rows go: 4, 0, then 3 (the tie at 0.2, larger uid)
+    assert by_rank(tmp_path / "out") == [5, 7, 6, 8, 9, 2, 1]
+    assert summary["drop_fill"]["dropped"] == 3 and summary["drop_fill"]["below_zero"] == 3
+    assert summary["drop_fill"]["drop_share_from"] == "diffin_unrolled"
+
+
 def test_fill_random_takes_the_seeded_order_of_the_rest(tmp_path: Path) -> None:
     f = score_file(tmp_path, {"diffin_unrolled": ESTIMATE})
     cfg = SelectConfig(rule="drop_fill", fraction=0.3, seed=11)
@@ -245,11 +257,15 @@ def run_config(tmp_path: Path, select_section: dict, method: str = "unrolled") -
                                  {"column": "tracin", "fraction": 0.2}]}, "unrolled",
      r"select.steps\[1\].column: 'tracin' is not computed when score.method is 'unrolled'"),
     ({"rule": "drop_fill", "column": "norm_sim_2"}, "unrolled",
-     "rule 'drop_fill' on 'norm_sim_2' .* needs 'drop_below' or 'drop_fraction'"),
+     "rule 'drop_fill' on 'norm_sim_2' .* needs 'drop_below', 'drop_fraction' or 'drop_share_from'"),
     ({"rule": "drop_fill", "column": "tracin", "drop_column": "clip_score"}, "tracin",
      "rule 'drop_fill' on 'clip_score'"),
     ({"rule": "drop_fill", "drop_below": 0.0, "drop_fraction": 0.1}, "unrolled",
-     "either 'drop_below' or 'drop_fraction', not both"),
+     "one of 'drop_below', 'drop_fraction', 'drop_share_from', not 'drop_below' and 'drop_fraction'"),
+    ({"rule": "drop_fill", "column": "clip_score", "drop_share_from": "clip_score"}, "unrolled",
+     "select.drop_share_from: Input should be"),
+    ({"rule": "drop_fill", "column": "clip_score", "drop_share_from": "tracin"}, "unrolled",
+     "select.drop_share_from: 'tracin' is not computed"),
     ({"rule": "drop_fill", "fill": "cluster", "cluster_power": 1.5}, "unrolled",
      "select.cluster_power: Input should be less than or equal to 1"),
     ({"rule": "drop_fill", "fill": "cluster", "cluster_power": -0.1}, "unrolled", "greater than or equal to 0"),
