@@ -6,7 +6,7 @@ One owner for the layout; stages, jobs and the report ask it for paths::
       config.json            the configuration as applied
       run_summary.json       what the last ``diffin run`` (or stage job) did
       trajectory/            the proxy trajectory (trajectory.json = completion marker)
-      prepared/              bank.pt, ckpt_XXX.pt, unrolled.pt (each stamped with a fingerprint)
+      prepared/              bank.pt, ckpt_XXX.pt, embeddings.pt, unrolled.pt (each stamped with a fingerprint)
       scores/<stem>.parquet  one score file per input shard (fingerprint in its metadata)
       stats/<stem>.json      per-shard statistics of the score stage
       selection/             kept.parquet, kept_uids.npy, manifest.parquet, summary.json, done.json
