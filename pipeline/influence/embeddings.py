@@ -142,20 +142,25 @@ class EmbeddingReference:
     temperature: float
     centroids: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # built once, not per batch: the pools as float64 [K, P, D], the uid → sample position map
+        self._pool_img = self.sample_img.double()[self.pools]
+        self._pool_txt = self.sample_txt.double()[self.pools]
+        self._target = self.target_img.double()
+        self._where = {u: i for i, u in enumerate(self.sample_uids)}
+
     def columns(self, img: Tensor, txt: Tensor, uids: Sequence[str] | None = None) -> dict[str, Tensor]:
         """``neg_clip_loss``, ``norm_sim_2``, ``norm_sim_inf`` (float64 [B]) and ``cluster``
         (int64 [B], absent without centroids) for normalised embeddings of a batch; a pair
         that is itself in the sample (by ``uids``) is left out of its own pools."""
         img64, txt64 = img.double(), txt.double()
-        pool_img = self.sample_img.to(img.device, torch.float64)[self.pools]
-        pool_txt = self.sample_txt.to(img.device, torch.float64)[self.pools]
+        pool_img, pool_txt = self._pool_img.to(img.device), self._pool_txt.to(img.device)
         mask = None
         if uids is not None:
-            where = {u: i for i, u in enumerate(self.sample_uids)}
-            own = torch.tensor([where.get(u, -1) for u in uids], device=img.device)
+            own = torch.tensor([self._where.get(u, -1) for u in uids], device=img.device)
             if bool((own >= 0).any()):
                 mask = self.pools.to(img.device)[None, :, :] == own[:, None, None]
-        target = self.target_img.to(img.device, torch.float64)
+        target = self._target.to(img.device)
         out = {"neg_clip_loss": neg_clip_loss(img64, txt64, pool_img, pool_txt, self.temperature, mask),
                "norm_sim_2": norm_sim(img64, target, 2.0), "norm_sim_inf": norm_sim(img64, target, math.inf)}
         if self.centroids is not None:
