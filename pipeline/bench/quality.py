@@ -543,8 +543,8 @@ def _score_report(data: DatasetData, arrays: dict[str, np.ndarray]) -> dict[str,
     return report
 
 
-def kept_uids(method: str, job: CellJob, arrays: dict[str, np.ndarray], fraction: float,
-              score_files: Sequence[Path], out_dir: Path) -> list[str]:
+def kept_uids(method: str, job: CellJob, fraction: float, score_files: Sequence[Path],
+              out_dir: Path) -> list[str]:
     """The uids ``method`` keeps at ``fraction`` (the reducer, or the oracle by hand)."""
     cfg = selection_config(method, fraction, job.seed)
     if cfg is None:
@@ -584,7 +584,7 @@ def run_cell(job: CellJob) -> None:
                 if Method.parse(method).needs_labels and data.noisy is None:
                     continue
                 start = time.perf_counter()
-                uids = kept_uids(method, job, arrays, fraction, files, Path(tmp) / "selection" / f"{budget}_{method}")
+                uids = kept_uids(method, job, fraction, files, Path(tmp) / "selection" / f"{budget}_{method}")
                 model = train_final(train, cfg, exclude=set(train.uids) - set(uids))
                 metrics = evaluate_model(model, data)
                 log.info("quality %s seed %d %s %s: %s (%d pairs, %.0f s)", data.name, job.seed, budget, method,
