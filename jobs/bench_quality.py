@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(dataset, seed) cells run in N processes (default 2; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch threads per process (default 1)")
+    parser.add_argument("--noise", type=float, default=None, metavar="P",
+                        help="share of mismatched captions in the Fashion-MNIST corpora (default 0.3; "
+                             "use its own --out: the report holds one noise rate)")
     parser.add_argument("--report-only", action="store_true",
                         help="compute nothing: write the report from the cells the results file already holds")
     parser.add_argument("--methods", default=None, metavar="LIST",
@@ -37,13 +40,15 @@ def settings(args: argparse.Namespace) -> quality.QualitySettings:
     """The preset chosen by ``--quick``, with the command-line overrides applied."""
     return quality.settings_for(args.quick, seeds=args.seeds, workers=args.workers,
                                 datasets=args.datasets.split(",") if args.datasets else None,
-                                threads=args.threads, methods=args.methods.split(",") if args.methods else None)
+                                threads=args.threads, methods=args.methods.split(",") if args.methods else None,
+                                noise=args.noise)
 
 
 def command(args: argparse.Namespace, out: str) -> str:
     """The canonical ``diffin bench quality …`` command that reproduces ``args``."""
     return bench_command("quality", args, out, (("--seeds", args.seeds), ("--workers", args.workers),
-                                                 ("--datasets", args.datasets), ("--methods", args.methods)))
+                                                 ("--datasets", args.datasets), ("--methods", args.methods),
+                                                 ("--noise", args.noise)))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,7 +60,7 @@ def _trajectory(data, cfg, where: Path, exclude=()) -> Trajectory:
     return train_proxy(data.train, cfg, where, exclude=exclude, log_every=0)
 
 
-def run_cell(data, spec, seed: int, lever: str, work: Path, cheap: np.ndarray, base_scores: dict | None) -> dict:
+def run_cell(data, spec, seed: int, lever: str, work: Path, base_scores: dict | None, noise: float) -> dict:
     cfg = spec.train.model_copy(update={"seed": seed, "threads": 1})
     influence = dataclasses.replace(spec.influence, seed=seed, components=("a", "d"))
     exclude: list[str] = []
@@ -76,19 +76,21 @@ def run_cell(data, spec, seed: int, lever: str, work: Path, cheap: np.ndarray, b
         exclude = [u for u, s in zip(data.train.uids, du) if s < 0]
         tag = "round2"
     start = time.perf_counter()
-    trajectory = _trajectory(data, cfg, work / f"{data.name}_s{seed}_{tag}", exclude)
+    stem = f"{data.name}_n{round(noise * 100)}_s{seed}"
+    trajectory = _trajectory(data, cfg, work / f"{stem}_{tag}", exclude)
     t_train = time.perf_counter() - start
     scorer = TrajectoryInfluence(trajectory, influence)
     prepared = scorer.prepare(data.target, data.train)
     scorer.load_prepared(prepared)
     scores = scorer.score_table(data.train)
     columns = {c: scores[c].double().numpy() for c in scores
-               if c in ("tracin", "diffin_unrolled", "tracin_adam", "diffin_unrolled_adam")}
-    np.savez(work / f"{data.name}_s{seed}_{lever}.npz", **columns)
-    return {"dataset": data.name, "seed": seed, "lever": lever, "excluded": len(exclude),
+               if c in ("tracin", "diffin_unrolled", "tracin_adam", "diffin_unrolled_adam", "clip_score",
+                        "neg_clip_loss")}
+    np.savez(work / f"{stem}_{lever}.npz", **columns)
+    return {"dataset": data.name, "noise": noise, "seed": seed, "lever": lever, "excluded": len(exclude),
             "target_loss": [round(p.target_loss, 5) for p in prepared.prepared],
             "seconds": {"proxy": round(t_train, 1), "score": round(time.perf_counter() - start - t_train, 1)},
-            "columns": _report(data.noisy, columns, cheap)}
+            "columns": _report(data.noisy, columns, columns["neg_clip_loss"])}
 
 
 def main() -> None:
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["fashion_mnist"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
+    parser.add_argument("--noise", type=float, default=0.3, help="share of mismatched captions in the corpus")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--work", default="data/levers_work")
     parser.add_argument("--out", default="benchmarks/results/harm_levers.jsonl")
@@ -104,20 +107,18 @@ def main() -> None:
     settings = quality.full_settings()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    done = {(r["dataset"], r["seed"], r["lever"]) for r in map(json.loads, out.read_text().splitlines())} \
-        if out.is_file() else set()
+    done = {(r["dataset"], r.get("noise", 0.3), r["seed"], r["lever"])
+            for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else set()
     for name in args.datasets:
         spec = settings.dataset(name)
-        data = quality.load_fashion_mnist(spec, args.data_dir, settings.noise, name)
+        data = quality.load_fashion_mnist(spec, args.data_dir, args.noise, name)
         for seed in args.seeds:
-            cache = np.load(Path(args.work).parent / "quality_work" / f"{name}_s{seed}_eaaa1173a721741a.npz")
-            cheap = cache["neg_clip_loss"]
             for lever in args.levers:
-                if (name, seed, lever) in done:
+                if (name, args.noise, seed, lever) in done:
                     continue
-                base_file = work / f"{name}_s{seed}_base.npz"
+                base_file = work / f"{name}_n{round(args.noise * 100)}_s{seed}_base.npz"
                 base = dict(np.load(base_file)) if base_file.is_file() else None
-                record = run_cell(data, spec, seed, lever, work, cheap, base)
+                record = run_cell(data, spec, seed, lever, work, base, args.noise)
                 with out.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 print(json.dumps(record), flush=True)

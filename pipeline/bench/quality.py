@@ -175,9 +175,9 @@ def quick_settings() -> QualitySettings:
 
 def settings_for(quick: bool = False, seeds: int | None = None, workers: int | None = None,
                  datasets: Sequence[str] | None = None, threads: int = 1,
-                 methods: Sequence[str] | None = None) -> QualitySettings:
+                 methods: Sequence[str] | None = None, noise: float | None = None) -> QualitySettings:
     """The quick or full preset with these overrides (None or empty: the preset's value);
-    ``seeds``: run seeds 0..seeds-1."""
+    ``seeds``: run seeds 0..seeds-1; ``noise``: the mismatched share of the Fashion-MNIST corpora."""
     settings = quick_settings() if quick else full_settings()
     changes: dict[str, Any] = {"threads": threads}
     if methods:
@@ -188,6 +188,10 @@ def settings_for(quick: bool = False, seeds: int | None = None, workers: int | N
         changes["seeds"] = tuple(range(seeds))
     if workers is not None:
         changes["workers"] = workers
+    if noise is not None:
+        if not 0.0 < noise < 1.0:
+            raise UsageError(f"--noise must be in (0, 1), got {noise}")
+        changes["noise"] = noise
     if datasets:
         changes["datasets"] = tuple(datasets)
     return dataclasses.replace(settings, **changes)

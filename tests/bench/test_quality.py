@@ -102,14 +102,17 @@ def test_presets_and_command() -> None:
         assert spec.train.checkpoint_steps()[-1] == spec.train.steps
     with pytest.raises(UsageError, match="seeds"):
         quality.settings_for(seeds=0)
+    assert quality.settings_for(noise=0.1).noise == 0.1 and full.noise == 0.3
+    with pytest.raises(UsageError, match="--noise"):
+        quality.settings_for(noise=1.0)
     with pytest.raises(UsageError, match="datasets"):
         quality.run_benchmark(quality.dataclasses.replace(quick, datasets=("mnist",)), "unused.json")
     parser = argparse.ArgumentParser()
     bench_quality.add_arguments(parser)
     assert bench_quality.settings(parser.parse_args([])) == full
     assert bench_quality.settings(parser.parse_args(["--quick", "--seeds", "2", "--workers", "3",
-                                                     "--datasets", "openclipart", "--threads", "2"])) == (
-        quality.settings_for(quick=True, seeds=2, workers=3, datasets=["openclipart"], threads=2))
+                                                     "--datasets", "openclipart", "--threads", "2", "--noise", "0.5"])) == (
+        quality.settings_for(quick=True, seeds=2, workers=3, datasets=["openclipart"], threads=2, noise=0.5))
     assert bench_quality.command(parser.parse_args(["--quick"]), quality.DEFAULT_QUICK_OUT) == (
         "diffin bench quality --quick --out benchmarks/results/quality_quick.json --data-dir data --threads 1")
 
