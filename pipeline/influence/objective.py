@@ -213,6 +213,38 @@ class CLIPBankObjective:
         return bank_infonce(img, txt, logit_scale, bank_img, bank_txt, batch[2] if len(batch) > 2 else None)
 
 
+class ZeroShotObjective:
+    """A zero-shot classification task as the target loss L_V, for any open_clip CLIP model.
+
+    ``batch`` is ``(images, labels)``; the context is the temperature and one embedding per
+    class — the normalised mean of the normalised embeddings of its ``prompts_per_class``
+    prompts (``class_tokens`` [classes × prompts, L], class-major), as zero-shot evaluation
+    builds it. The loss of image x with label y is the cross-entropy of the logits
+    exp(logit_scale) · ⟨x, c_k⟩ over the classes: every class appears once, so images of the
+    same class are never each other's negatives (as they are in a caption bank with repeated
+    captions).
+    """
+
+    def __init__(self, model: nn.Module, class_tokens: Tensor, prompts_per_class: int) -> None:
+        if prompts_per_class < 1 or class_tokens.shape[0] % prompts_per_class:
+            raise ValueError(f"{class_tokens.shape[0]} prompts do not split into classes of {prompts_per_class}")
+        self.model = model.eval()
+        self.class_tokens = class_tokens
+        self.prompts_per_class = prompts_per_class
+
+    def features(self, params: ParamDict, batch: Batch) -> Features:
+        return (functional_call(self.model, params, (batch[0], None))[0],)
+
+    def context(self, params: ParamDict) -> Context:
+        texts = functional_call(self.model, params, (None, self.class_tokens))[1]
+        classes = texts.reshape(-1, self.prompts_per_class, texts.shape[-1]).mean(1)
+        return params["logit_scale"], classes / classes.norm(dim=-1, keepdim=True)
+
+    def loss(self, features: Features, context: Context, batch: Batch) -> Tensor:
+        logit_scale, classes = context
+        return F.cross_entropy(logit_scale.exp() * features[0] @ classes.T, batch[1], reduction="none")
+
+
 class ClassifierObjective:
     """Cross-entropy per sample for a classifier ``model(x) -> logits``; ``batch`` = (x, y)."""
 

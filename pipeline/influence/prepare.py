@@ -111,38 +111,44 @@ class PreparedCheckpoint:
 def prepare_checkpoint(objective: PerSampleObjective, params: ParamDict,
                        target_batches: Sequence[Batch], train_batches: Sequence[Batch],
                        hvp: HVPMode = "exact", eps: float = 1e-3,
-                       vectors: Collection[str] = ("u", "g", "w")) -> PreparedCheckpoint:
+                       vectors: Collection[str] = ("u", "g", "w"),
+                       target_objective: PerSampleObjective | None = None) -> PreparedCheckpoint:
     """u_t = ∇L_V(θ_t), g_t = ∇L_B(θ_t) over the proxy batches, w_t = H_B u_t.
 
     u is always computed (it also gives the target loss); g and w only when in ``vectors``.
+    L_V is ``target_objective``'s mean loss over ``target_batches`` (default: the training
+    objective's, i.e. the target pairs' CLIP loss).
     """
     if hvp not in ("exact", "fd"):
         raise ValueError(f"unknown hvp mode {hvp!r}")
-    u = mean_loss_grad(objective, params, target_batches)
+    target_objective = target_objective or objective
+    u = mean_loss_grad(target_objective, params, target_batches)
     g = mean_loss_grad(objective, params, train_batches) if "g" in vectors else None
     w = None
     if "w" in vectors:  # the forward difference starts from g (computed here if not asked for)
         w = (hvp_exact(objective, params, train_batches, u) if hvp == "exact"
              else hvp_fd(objective, params, train_batches, u, eps, base_grad=g))
     with torch.no_grad():
-        losses = torch.cat([per_sample_loss(objective, params, b) for b in target_batches])
+        losses = torch.cat([per_sample_loss(target_objective, params, b) for b in target_batches])
     return PreparedCheckpoint(u, g, w, hvp, float(losses.mean()))
 
 
 def prepare_unrolled(objective: PerSampleObjective, checkpoint_params: Sequence[ParamDict],
                      target_batches: Sequence[Batch], proxy_batches_at: Callable[[int], Sequence[Batch]],
                      segment_lrs: Sequence[Sequence[float]], settings: UnrolledSettings,
-                     geometry: Sequence[AdamGeometry] | None = None) -> list[UnrolledCheckpoint]:
+                     geometry: Sequence[AdamGeometry] | None = None,
+                     target_objective: PerSampleObjective | None = None) -> list[UnrolledCheckpoint]:
     """The unrolled score directions of every checkpoint, sequentially.
 
-    u = ∇L_V at the last checkpoint starts the backward recursion; H_k is the Hessian of
+    u = ∇L_V at the last checkpoint (L_V: ``target_objective``, default ``objective``, over
+    ``target_batches``) starts the backward recursion; H_k is the Hessian of
     the mean loss over ``proxy_batches_at(k)`` at ``checkpoint_params[k]``, applied through
     K = ``settings.lanczos_steps`` products. Cost: m·K Hessian–vector products, independent
     of the corpus size. Directions are flat (:func:`pipeline.influence.params.from_vector`).
     """
     if len(checkpoint_params) != len(segment_lrs):
         raise ValueError(f"{len(checkpoint_params)} checkpoints but {len(segment_lrs)} segments")
-    u = to_vector(mean_loss_grad(objective, checkpoint_params[-1], target_batches))
+    u = to_vector(mean_loss_grad(target_objective or objective, checkpoint_params[-1], target_batches))
     return unrolled_directions(
         u, lambda k: BatchHessian(objective, checkpoint_params[k], proxy_batches_at(k)), segment_lrs,
         settings.lanczos_steps, settings.factor, geometry)
