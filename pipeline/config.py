@@ -250,10 +250,11 @@ class SelectConfig(Section):
     failed: Literal["drop", "error"] = "drop"
     # how the reducer runs, not what it selects: left out of effective() and the selection's fingerprint
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"max_rows_in_memory"})
-    MEMORY_ONLY_RULES: ClassVar[frozenset[str]] = frozenset({"chain", "drop_fill"})  # no bounded reducer
+    UNSTRATIFIED_RULES: ClassVar[frozenset[str]] = frozenset({"chain", "drop_fill"})  # no stratify_by
+    MEMORY_ONLY_RULES: ClassVar[frozenset[str]] = frozenset({"chain"})  # no bounded reducer
 
     max_rows_in_memory: PositiveInt = Field(
-        1_000_000, description="bounded reducer: rows it sorts at once (not stratify_by); "
+        1_000_000, description="bounded reducer: rows it sorts at once (not stratify_by or chain); "
                                "does not change the outputs")
 
     @model_validator(mode="after")
@@ -264,7 +265,7 @@ class SelectConfig(Section):
                 raise ValueError(f"'{name}' is not used by rule '{self.rule}'")
         if self.rule == "drop_fill" and self.fill != "cluster" and self._given("cluster_power"):
             raise ValueError("'cluster_power' is used only with fill 'cluster'")
-        if self.rule in self.MEMORY_ONLY_RULES and self.stratify_by is not None:
+        if self.rule in self.UNSTRATIFIED_RULES and self.stratify_by is not None:
             raise ValueError(f"'stratify_by' is not used by rule '{self.rule}'")
         if self.rule == "chain" and self._given("column"):
             raise ValueError("'column' is not used by rule 'chain' (each step names its column)")

@@ -17,7 +17,9 @@ budget (fraction or k of all n) from the rest — ``random``: the seeded hash or
 each cluster in the seeded hash order, kept in that order. When fewer rows survive the
 drop than the budget, all survivors are kept (in the fill's order) and the rest comes
 from the dropped rows, least harmful (highest ``drop_column``) first. :func:`decide`
-returns the kept positions with what the summary reports; :func:`rows_from_arrays` builds
+returns the kept positions with what the summary reports (the bounded reducer reaches the
+same decision with cuts, sharing :func:`ranked_drop`, :func:`cluster_table` and
+:func:`drop_fill_details`); :func:`rows_from_arrays` builds
 :class:`Rows` from plain arrays (benchmarks: a kept set without files).
 """
 
@@ -256,14 +258,10 @@ def _drop_fill(rows: Rows, cfg: SelectConfig) -> Decision:
     drop_values = rows.values(cfg.drop_by, cfg)
     drop_order = order_by(rows, drop_values)
     survives = np.zeros(n, bool)
-    share = None
-    if cfg.drop_share_from is not None:  # the estimate's harmful share, the lowest by the drop column
-        share = int((rows.values(cfg.drop_share_from, cfg) < 0).sum())
-        survivors = drop_order[:n - share]
-        survives[survivors] = True
-        threshold = _score_or_none(drop_values, survivors)
-    elif cfg.drop_fraction is not None:
-        survivors = drop_order[:n - round_half_up(cfg.drop_fraction, n)]
+    share = int((rows.values(cfg.drop_share_from, cfg) < 0).sum()) if cfg.drop_share_from is not None else None
+    dropped = ranked_drop(cfg, n, share)
+    if dropped is not None:  # the lowest by the drop column
+        survivors = drop_order[:n - dropped]
         survives[survivors] = True
         threshold = _score_or_none(drop_values, survivors)  # every survivor is at or above it
     else:
@@ -282,23 +280,41 @@ def _drop_fill(rows: Rows, cfg: SelectConfig) -> Decision:
         chosen = fill_order[:budget]
     refill = drop_order[~survives[drop_order]][:max(budget - n_survivors, 0)]
     positions = np.concatenate([chosen, refill])
+    kept_per = None if clusters is None else _cluster_counts(rows, positions, [c["cluster"] for c in clusters])
+    return Decision(positions, drop_fill_details(cfg, threshold, n, n_survivors, budget, share, clusters, kept_per))
+
+
+def ranked_drop(cfg: SelectConfig, n: int, below_zero: int | None) -> int | None:
+    """drop_fill: how many of the ``n`` rows the drop takes from the bottom of the drop
+    column's order — round-half-up(drop_fraction × n), or ``below_zero`` (the rows
+    ``drop_share_from`` scores below 0); None under ``drop_below`` (a threshold decides)."""
+    if cfg.drop_share_from is not None:
+        return int(below_zero or 0)
+    if cfg.drop_fraction is not None:
+        return round_half_up(cfg.drop_fraction, n)
+    return None
+
+
+def drop_fill_details(cfg: SelectConfig, threshold: float | None, n: int, n_survivors: int, budget: int,
+                      below_zero: int | None, clusters: list[dict[str, Any]] | None,
+                      kept_per_cluster: Sequence[int] | None) -> dict[str, Any]:
+    """The summary's ``drop_fill`` entry (both reducers build it here): the drop, the budget,
+    the rows refilled from the dropped ones and, for ``fill: cluster``, :func:`cluster_table`
+    with each cluster's kept count."""
     details: dict[str, Any] = {
         "drop_column": cfg.drop_by, "drop_threshold": threshold, "eligible": n, "dropped": n - n_survivors,
-        "budget": budget, "fill": cfg.fill, "filled_from_dropped": len(refill),
-        **({"drop_share_from": cfg.drop_share_from, "below_zero": share} if share is not None else {})}
-    if clusters is not None:
-        kept_per = _cluster_counts(rows, positions, [c["cluster"] for c in clusters])
-        details["clusters"] = [{**c, "kept": k} for c, k in zip(clusters, kept_per)]
-    return Decision(positions, {"drop_fill": details})
+        "budget": budget, "fill": cfg.fill, "filled_from_dropped": max(budget - n_survivors, 0),
+        **({"drop_share_from": cfg.drop_share_from, "below_zero": below_zero}
+           if cfg.drop_share_from is not None else {})}
+    if clusters is not None and kept_per_cluster is not None:
+        details["clusters"] = [{**c, "kept": int(k)} for c, k in zip(clusters, kept_per_cluster)]
+    return {"drop_fill": details}
 
 
 def _cluster_groups(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     """Distinct cluster ids (null first, then ascending) and each row's group number."""
     if rows.cluster is None:
         raise ValueError("fill 'cluster' needs the rows' cluster ids")
-    if len(rows) and bool((rows.cluster == NULL_CLUSTER).all()):
-        raise UsageError("select.fill: 'cluster' needs cluster ids, but the score files' cluster column is "
-                         "null in every eligible row; score with clustering on (score.embeddings.clusters > 0)")
     ids, group = np.unique(rows.cluster, return_inverse=True)
     return ids, group.reshape(-1)
 
@@ -316,12 +332,26 @@ def _cluster_fill(rows: Rows, survives: np.ndarray, fill_order: np.ndarray, budg
     ids, group = _cluster_groups(rows)
     eligible = np.bincount(group, minlength=len(ids))
     available = np.bincount(group[survives], minlength=len(ids))
-    quotas = np.asarray(cluster_quotas(budget, eligible.tolist(), available.tolist(), power), np.int64)
+    table = cluster_table(ids, eligible, available, budget, power)
+    quotas = np.array([c["quota"] for c in table], np.int64)
     groups = group[fill_order]
     chosen = fill_order[_position_in_group(groups, len(ids)) < quotas[groups]]
-    summary = [{"cluster": None if i == NULL_CLUSTER else int(i), "eligible": int(e), "not_dropped": int(a),
-                "quota": int(q)} for i, e, a, q in zip(ids, eligible, available, quotas)]
-    return chosen, summary
+    return chosen, table
+
+
+def cluster_table(ids: Sequence[int] | np.ndarray, eligible: Sequence[int] | np.ndarray,
+                  available: Sequence[int] | np.ndarray, budget: int, power: float) -> list[dict[str, Any]]:
+    """Per cluster (``ids`` ascending, NULL_CLUSTER first; every cluster of the eligible rows):
+    its id (None: no cluster), eligible and not-dropped counts, and its quota of ``budget``
+    (:func:`cluster_quotas`). Refuses, in one line, rows that all lack a cluster id."""
+    ids = [int(i) for i in ids]
+    if ids == [NULL_CLUSTER]:
+        raise UsageError("select.fill: 'cluster' needs cluster ids, but the score files' cluster column is "
+                         "null in every eligible row; score with clustering on (score.embeddings.clusters > 0)")
+    eligible, available = [int(e) for e in eligible], [int(a) for a in available]
+    quotas = cluster_quotas(budget, eligible, available, power)
+    return [{"cluster": None if i == NULL_CLUSTER else i, "eligible": e, "not_dropped": a, "quota": q}
+            for i, e, a, q in zip(ids, eligible, available, quotas)]
 
 
 def cluster_quotas(budget: int, eligible: Sequence[int], available: Sequence[int], power: float) -> list[int]:

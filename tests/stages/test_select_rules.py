@@ -202,7 +202,9 @@ DROP_FILL = [SelectConfig(rule="drop_fill", fraction=0.5, fill="cluster", cluste
 
 
 @pytest.mark.parametrize("cfg", [CHAIN, *DROP_FILL])
-def test_auto_is_in_memory_bounded_refuses_and_runs_repeat_bytes(tmp_path: Path, cfg: SelectConfig) -> None:
+def test_strategies_write_the_same_bytes_and_runs_repeat_them(tmp_path: Path, cfg: SelectConfig) -> None:
+    """chain: ``auto`` runs it in memory and the bounded reducer refuses it in one line;
+    drop_fill: the bounded reducer (``auto``'s choice) writes the in-memory reducer's bytes."""
     columns = {"neg_clip_loss": NEG_CLIP[:-1] + [0.1], "norm_sim_inf": NORM_SIM[:-1] + [0.9],
                "diffin_unrolled": CLUSTER_ESTIMATE[:-1]}
     files = [score_file(tmp_path, {k: v[:6] for k, v in columns.items()}, "a", CLUSTERS[:6]),
@@ -213,6 +215,11 @@ def test_auto_is_in_memory_bounded_refuses_and_runs_repeat_bytes(tmp_path: Path,
     for name in OUTPUTS:
         assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "auto" / name).read_bytes(), name
     assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == sorted(OUTPUTS)
+    if cfg.rule == "drop_fill":
+        select(files, cfg, tmp_path / "bounded", strategy="bounded")
+        for name in OUTPUTS:
+            assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "bounded" / name).read_bytes(), name
+        return
     with pytest.raises(UsageError, match=f"bounded reducer does not run rule '{cfg.rule}'") as info:
         select(files, cfg, tmp_path / "bounded", strategy="bounded")
     assert "\n" not in str(info.value) and not (tmp_path / "bounded").exists()

@@ -50,12 +50,12 @@ atomically, byte-identical for identical inputs (:mod:`.files` owns them: names,
 writers, the summary).
 
 Two strategies, byte-identical outputs (``select(..., strategy=)``)
-    ``bounded`` (default without ``stratify_by``): :mod:`.bounded` — per-file tasks on the
-    executor, a search for the cut over histograms, k-way merges of per-file parts; its
-    memory does not grow with the row count (``select.max_rows_in_memory`` bounds what it
-    sorts at once). ``memory`` (always with ``stratify_by`` and the rules ``chain`` and
-    ``drop_fill``, which the bounded reducer refuses): :mod:`.memory`, every eligible row in
-    this process.
+    ``bounded`` (default without ``stratify_by``; every rule but ``chain``, ``drop_fill``
+    included): :mod:`.bounded` — per-file tasks on the executor, a search for the cuts over
+    histograms, k-way merges of per-file parts; its memory does not grow with the row count
+    (``select.max_rows_in_memory`` bounds what it sorts at once). ``memory`` (always with
+    ``stratify_by`` and the rule ``chain``, which the bounded reducer refuses; any rule on
+    request): :mod:`.memory`, every eligible row in this process.
 
 The package, one job a module (no module imports another's private names)
     ``__init__`` (this module): the stage — :func:`select` picks the strategy,
@@ -101,9 +101,9 @@ def select(score_files: Sequence[str | os.PathLike], cfg: SelectConfig, out_dir:
     ``score_files`` are the run's score files in input-shard order (that order is the
     manifest's): local paths or remote path objects from :func:`pipeline.io.storage.as_path`.
     ``strategy``: ``bounded`` (:mod:`.bounded`: memory independent of the row
-    count, per-file work as ``executor`` tasks with ``resources``; no ``stratify_by``),
-    ``memory`` (every eligible row in this process), ``auto`` (bounded unless stratified or
-    the rule is ``chain`` or ``drop_fill``).
+    count, per-file work as ``executor`` tasks with ``resources``; no ``stratify_by``, no
+    ``chain``), ``memory`` (every eligible row in this process), ``auto`` (bounded unless
+    stratified or the rule is ``chain``).
     Both write byte-identical outputs. Returns the summary (also written as
     ``summary.json``). Raises :class:`UsageError` for files of different runs, missing
     columns, bad uids, or failed rows under ``failed: error``.

@@ -1,5 +1,5 @@
 """The in-memory reducer: every eligible row in this process (``strategy: memory``; always
-with ``stratify_by`` and the rules ``chain`` and ``drop_fill``).
+with ``stratify_by`` and the rule ``chain``).
 
 Memory: the driver holds 36 bytes per input row (two uint64 uid halves, score, file number,
 index, stratum; preallocated from the files' row counts; 8 more bytes a row per extra score

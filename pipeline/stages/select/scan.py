@@ -265,13 +265,21 @@ def check_distinct_shards(files: Sequence[FileStats]) -> None:
             seen[stats.shard] = stats.path
 
 
+def required_columns(cfg: SelectConfig) -> list[str]:
+    """The columns every score file must have for ``cfg``: what pass 1 reads, and ``key``."""
+    return [*read_columns(cfg.score_column, cfg.stratum_column, cfg.score_columns[1:], cfg.reads_clusters), "key"]
+
+
+def _new_scan(cfg: SelectConfig, capacity: int) -> Scan:
+    more = cfg.score_columns[1:]
+    return Scan(cfg.score_column, cfg.stratum_column, RowBuffer.allocate(capacity, more, cfg.reads_clusters),
+                more, cfg.reads_clusters)
+
+
 def scan_files(paths: list[str], cfg: SelectConfig) -> tuple[tuple[str, str], Scan]:
     """Check the score files and run pass 1; refuse failed rows under ``failed: error``."""
-    more = cfg.score_columns[1:]
-    prints, n_rows = check_score_files(
-        paths, [*read_columns(cfg.score_column, cfg.stratum_column, more, cfg.reads_clusters), "key"])
-    scan = Scan(cfg.score_column, cfg.stratum_column, RowBuffer.allocate(n_rows, more, cfg.reads_clusters),
-                 more, cfg.reads_clusters)
+    prints, n_rows = check_score_files(paths, required_columns(cfg))
+    scan = _new_scan(cfg, n_rows)
     for path in paths:
         scan.scan_file(path)
     check_failed(scan, cfg)
@@ -279,11 +287,12 @@ def scan_files(paths: list[str], cfg: SelectConfig) -> tuple[tuple[str, str], Sc
     return prints, scan
 
 
-def scan_one_file(path: str, column: str) -> tuple[Scan, Rows]:
-    """Pass 1 over one score file on its own (a task of the bounded reducer): its counts
-    and checks, and its eligible rows (``file`` 0, ``stratum`` 0)."""
+def scan_one_file(path: str, cfg: SelectConfig) -> tuple[Scan, Rows]:
+    """Pass 1 over one score file on its own (a task of the bounded reducer, no strata): its
+    counts and checks, and its eligible rows (``file`` 0, ``stratum`` 0) with the rule's
+    other score columns and the cluster ids it reads."""
     where, filesystem = arrow_source(path)
-    scan = Scan(column, None, RowBuffer.allocate(pq.read_metadata(where, filesystem=filesystem).num_rows))
+    scan = _new_scan(cfg, pq.read_metadata(where, filesystem=filesystem).num_rows)
     scan.scan_file(path)
     return scan, scan.buffer.rows()
 

@@ -1,12 +1,20 @@
 """The bounded reducer's orders as unsigned integer keys, their 16-bit digits, and the
 search for the row at a given position of an order (pure numpy, no I/O).
 
-Two orders are searched:
+Three orders are searched:
 
 ``rule``
-    The keep rule's order, best first (:mod:`pipeline.stages.keep_rule`): the primary key
-    (:func:`rule_key`), then uid (hi, lo), file number, index — five columns of 64, 64, 64,
-    32 and 32 bits, compared left to right. The key is unique per row (a file's indices are).
+    The keep order (:func:`keep_columns`): a 64-bit *segment*, then the rule's order, best
+    first (:mod:`pipeline.stages.keep_rule`): the primary key (:func:`rule_key`), uid (hi,
+    lo), file number, index — six columns of 64, 64, 64, 64, 32 and 32 bits, compared left
+    to right. The key is unique per row (a file's indices are). A plain rule has one segment
+    (0). ``drop_fill`` (:class:`KeepOrder`): the rows that survive the drop are in segment 0
+    (``fill: cluster``: their cluster's segment, :func:`cluster_segment`) ordered by the
+    fill's primary key; the dropped rows are in segment :data:`DROPPED`, last, ordered by the
+    drop column descending. Each segment keeps its first rows, so each has its own cut.
+``drop``
+    ``drop_fill``'s drop column descending, then uid, file, index (:data:`RULE_WIDTHS`): the
+    order whose bottom the ``drop_fraction`` / ``drop_share_from`` drop removes.
 ``score``
     The score ascending (:func:`score_key`, one 64-bit column), for the summary's quantiles.
 
@@ -29,8 +37,10 @@ DIGITS = 1 << DIGIT_BITS
 _SIGN = np.uint64(1 << 63)
 _DIGIT_MASK = np.uint64(DIGITS - 1)
 RULE_WIDTHS = (64, 64, 64, 32, 32)  # primary, hi, lo, file, index
+KEEP_WIDTHS = (64, *RULE_WIDTHS)  # segment, then the rule's order
 SCORE_WIDTHS = (64,)
-WIDTHS = {"rule": RULE_WIDTHS, "score": SCORE_WIDTHS}
+WIDTHS = {"rule": KEEP_WIDTHS, "drop": RULE_WIDTHS, "score": SCORE_WIDTHS}
+DROPPED = (1 << 64) - 1  # drop_fill: the segment of the dropped rows, after every fill segment
 
 
 # ------------------------------------------------------------------------------- the keys
@@ -49,12 +59,18 @@ def score_from_key(key: int) -> float:
     return float(np.array([bits], np.uint64).view(np.float64)[0])
 
 
+def descending_key(values: np.ndarray) -> np.ndarray:
+    """Finite float64 → uint64 ascending as the values descend, -0.0 equal to 0.0 (as
+    ``order_by`` compares ``-values``)."""
+    return ~score_key(values + 0.0)  # + 0.0 turns -0.0 into 0.0
+
+
 def rule_key(rows: Rows, rule: str, seed: int) -> np.ndarray:
     """The rule's primary key, ascending = best first: the seeded uid hash (``random``), else
-    the score descending with -0.0 equal to 0.0 (as ``rule_order`` compares ``-score``)."""
+    the score descending (:func:`descending_key`)."""
     if rule == "random":
         return seeded_uid_hash(rows.hi, rows.lo, seed)
-    return ~score_key(rows.score + 0.0)  # + 0.0 turns -0.0 into 0.0
+    return descending_key(rows.score)
 
 
 def rule_columns(rows: Rows, primary: np.ndarray, file_no: int) -> list[np.ndarray]:
@@ -63,15 +79,87 @@ def rule_columns(rows: Rows, primary: np.ndarray, file_no: int) -> list[np.ndarr
             rows.index.astype(np.uint64)]
 
 
-def lex_le(columns: Sequence[np.ndarray], bound: Sequence[int]) -> np.ndarray:
-    """Rows whose key (``columns``, most significant first) is <= ``bound``."""
+def lex_le(columns: Sequence[np.ndarray], bound: Sequence[int] | Sequence[np.ndarray]) -> np.ndarray:
+    """Rows whose key (``columns``, most significant first) is <= ``bound`` (one key, or a
+    key per row: a column each)."""
     n = len(columns[0])
     below, equal = np.zeros(n, bool), np.ones(n, bool)
     for column, value in zip(columns, bound):
-        value = np.uint64(value)
+        value = np.asarray(value, np.uint64)
         below |= equal & (column < value)
         equal &= column == value
     return below | equal
+
+
+# ------------------------------------------------------------------- the keep order's segments
+
+
+def cluster_segment(cluster: np.ndarray) -> np.ndarray:
+    """Cluster ids (int64, ``NULL_CLUSTER`` for none) → their segments, in the same order
+    (none → 0). Ids come from int32 columns, so none reaches :data:`DROPPED`."""
+    return np.asarray(cluster, np.int64).view(np.uint64) ^ _SIGN
+
+
+def segment_prefix(segment: int) -> tuple[int, ...]:
+    """The digits of a segment: the keep order's prefix shared by the segment's rows."""
+    return tuple((segment >> (64 - DIGIT_BITS * (i + 1))) & (DIGITS - 1) for i in range(64 // DIGIT_BITS))
+
+
+@dataclass(frozen=True)
+class Survival:
+    """``drop_fill``: the rows that survive the drop — drop value >= ``threshold``
+    (``drop_below``), or drop key <= ``cut``, the key of the drop order's last survivor
+    (``drop_fraction``, ``drop_share_from``); neither: no row survives."""
+
+    threshold: float | None = None
+    cut: tuple[int, ...] | None = None
+
+    def survives(self, values: np.ndarray, drop_columns: Sequence[np.ndarray]) -> np.ndarray:
+        """Per row (its drop value and its drop order key): does it survive?"""
+        if self.threshold is not None:
+            return values >= self.threshold
+        if self.cut is not None:
+            return lex_le(drop_columns, self.cut)
+        return np.zeros(len(values), bool)
+
+
+@dataclass(frozen=True)
+class KeepOrder:
+    """How a file's rows get their keep order key (:func:`keep_columns`)."""
+
+    rule: str  # the survivors' primary key: "random" (the seeded uid hash), any other: score descending
+    seed: int
+    survival: Survival | None = None  # drop_fill: the drop (None: a plain rule, one segment)
+    clusters: bool = False  # drop_fill's fill cluster: a segment per cluster
+
+
+def keep_columns(rows: Rows, order: KeepOrder, file_no: int, drop_values: np.ndarray) -> list[np.ndarray]:
+    """The keep order's key columns of one file's rows (segment, primary, hi, lo, file,
+    index), as uint64; ``drop_values``: the rows' drop column (drop_fill)."""
+    primary = rule_key(rows, order.rule, order.seed)
+    if order.survival is None:
+        return [np.zeros(len(rows), np.uint64), *rule_columns(rows, primary, file_no)]
+    drop_primary = descending_key(drop_values)
+    dropped = ~order.survival.survives(drop_values, rule_columns(rows, drop_primary, file_no))
+    segment = cluster_segment(rows.cluster) if order.clusters else np.zeros(len(rows), np.uint64)
+    segment[dropped] = np.uint64(DROPPED)
+    return [segment, *rule_columns(rows, np.where(dropped, drop_primary, primary), file_no)]
+
+
+def rank_columns(keep: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The order of the ranks from the keep order's columns: survivors (lead 0) before the
+    dropped rows (lead 1), then primary, hi, lo, file, index — the fill's order across the
+    clusters, where the keep order groups the survivors by cluster."""
+    return [(keep[0] == np.uint64(DROPPED)).astype(np.uint64), *keep[1:]]
+
+
+def segment_le(columns: Sequence[np.ndarray], cuts: np.ndarray) -> np.ndarray:
+    """Rows whose key is <= the cut of their segment: ``cuts`` holds one key a row (the
+    segment first), sorted by segment; rows of a segment without a cut: False."""
+    if not len(cuts):
+        return np.zeros(len(columns[0]), bool)
+    at = np.minimum(np.searchsorted(cuts[:, 0], columns[0]), len(cuts) - 1)
+    return (cuts[at, 0] == columns[0]) & lex_le(columns, [cuts[at, c] for c in range(cuts.shape[1])])
 
 
 def count_le(columns: Sequence[np.ndarray], start: int, bound: Sequence[int]) -> int:
