@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vmap
 
-from pipeline.influence.objective import fused_layer_norm_jvp
+from pipeline.influence.objective import ZeroShotObjective, fused_layer_norm_jvp
+from pipeline.influence.prepare import mean_loss_grad, per_sample_loss, prepare_checkpoint
+from tests.influence.conftest import clip_batch, make_clip_case
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -55,3 +57,53 @@ def test_fused_layer_norm_refuses_backward() -> None:
         y = F.layer_norm(x, (4,))
     with pytest.raises(RuntimeError, match="forward-mode"):
         y.sum().backward()
+
+
+def _brute_zero_shot_losses(model, images, labels, class_tokens, per_class):
+    """The zero-shot cross-entropy written out with the model's own encoders, one image at a time."""
+    texts = model.encode_text(class_tokens, normalize=True)
+    classes = torch.stack([texts[c * per_class:(c + 1) * per_class].mean(0)
+                           for c in range(class_tokens.shape[0] // per_class)])
+    classes = classes / classes.norm(dim=-1, keepdim=True)
+    losses = []
+    for image, label in zip(images, labels):
+        x = model.encode_image(image[None], normalize=True)[0]
+        logits = model.logit_scale.exp() * torch.stack([x @ c for c in classes])
+        losses.append(torch.logsumexp(logits, 0) - logits[label])
+    return torch.stack(losses)
+
+
+def test_zero_shot_objective_loss_and_gradient_match_brute_force() -> None:
+    model, _, _ = make_clip_case(torch.float64)
+    images, _ = clip_batch(6, torch.float64, 7)
+    _, class_tokens = clip_batch(3 * 2, torch.float64, 8)  # 3 classes × 2 prompts
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
+    objective = ZeroShotObjective(model, class_tokens, prompts_per_class=2)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    got = per_sample_loss(objective, params, (images, labels))
+    want = _brute_zero_shot_losses(model, images, labels, class_tokens, 2)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    grad = mean_loss_grad(objective, params, [(images[:4], labels[:4]), (images[4:], labels[4:])])
+    model.zero_grad()
+    want.mean().backward()
+    for name, p in model.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(grad[name], expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="do not split"):
+        ZeroShotObjective(model, class_tokens[:5], prompts_per_class=2)
+
+
+def test_prepare_checkpoint_takes_u_and_the_target_loss_from_the_target_objective() -> None:
+    model, objective, _ = make_clip_case(torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    images, _ = clip_batch(4, torch.float64, 7)
+    _, class_tokens = clip_batch(2, torch.float64, 8)
+    target = [(images, torch.tensor([0, 1, 1, 0]))]
+    zero_shot = ZeroShotObjective(model, class_tokens, prompts_per_class=1)
+    train = [clip_batch(3, torch.float64, 9)]
+    prepared = prepare_checkpoint(objective, params, target, train, vectors=("u", "g"), target_objective=zero_shot)
+    want_u = mean_loss_grad(zero_shot, params, target)
+    for name in params:
+        torch.testing.assert_close(prepared.u[name], want_u[name])
+        torch.testing.assert_close(prepared.g[name], mean_loss_grad(objective, params, train)[name])
+    assert prepared.target_loss == pytest.approx(float(_brute_zero_shot_losses(model, *target[0], class_tokens, 1).mean()))
