@@ -29,9 +29,14 @@ def print_summary(summary: dict, run_dir: str) -> None:
     known = sum(x is not None for x in losses)
     if known:
         shown = ", ".join("–" if x is None else f"{x:.4f}" for x in losses)
-        verdict = ("  (does NOT fall: the scores measure influence on a loss training does not reduce)"
-                   if summary.get("target_loss_warning") else "  (falls)" if known > 1 else "")
+        window = summary.get("checkpoint_window")
+        over = " over the scored checkpoints" if window else ""
+        verdict = (f"  (does NOT fall{over}: the scores measure influence on a loss training does not reduce)"
+                   if summary.get("target_loss_warning") else f"  (falls{over})" if known > 1 else "")
         print(f"  target loss L_V per checkpoint: {shown}{verdict}")
+        if window:
+            print(f"  scored checkpoints (score.checkpoint_window: {window['rule']}): {window['scored']} "
+                  f"(steps {window['steps']}); dropped after L_V's lowest: {window['dropped'] or 'none'}")
     if "scores" in summary:
         print(f"  scores: {summary['scores']}/  (scored now: {summary['shards_scored_now']} shards, "
               f"{summary['pairs_scored_now']} pairs; failed now: {summary['failed_now'] or 'none'})")

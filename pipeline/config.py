@@ -21,6 +21,7 @@ from pipeline.errors import UsageError
 from pipeline.influence.scores import (DEFAULT_COLUMN, DEFAULT_METHOD, ESTIMATE_COLUMNS, METHOD_COMPONENTS,
                                        SCORE_COLUMNS, columns_computed, method_components)
 from pipeline.influence.unrolled import STEP_FACTORS
+from pipeline.influence.window import CHECKPOINT_WINDOWS, MIN_WINDOW
 
 
 class Section(BaseModel):
@@ -169,7 +170,13 @@ class EmbeddingsConfig(Section):
 class ScoreConfig(Section):
     """How pairs are scored."""
 
-    checkpoints: list[NonNegativeInt] | None = None
+    checkpoints: list[NonNegativeInt] | None = Field(
+        None, description="indices of the trajectory's checkpoints to score (null: all); checkpoint_window "
+                          "chooses among them")
+    checkpoint_window: Literal[CHECKPOINT_WINDOWS] = Field(  # type: ignore[valid-type]
+        "all", description="all: score every checkpoint of score.checkpoints (or of the trajectory); falling: "
+                           "only those up to the one with the lowest target loss L_V (ties: the earliest), the "
+                           "later ones, where L_V rises again, dropped; at least 2 must remain")
     batch_size: PositiveInt = 128
     c_mode: Literal["fd", "exact"] = "fd"
     hvp: Literal["exact", "fd"] = "exact"
@@ -196,6 +203,17 @@ class ScoreConfig(Section):
         if value is not None and (not value or len(set(value)) != len(value)):
             raise ValueError("must be a non-empty list of distinct checkpoint indices (or null for all)")
         return value
+
+    @model_validator(mode="after")
+    def _check_window(self) -> "ScoreConfig":
+        if self.checkpoint_window == "falling" and self.checkpoints is not None:
+            if len(self.checkpoints) < MIN_WINDOW:
+                raise ValueError(f"checkpoint_window 'falling' chooses among score.checkpoints and needs at least "
+                                 f"{MIN_WINDOW} of them, got {self.checkpoints}")
+            if self.checkpoints != sorted(self.checkpoints):
+                raise ValueError(f"checkpoint_window 'falling' reads score.checkpoints in step order: list them "
+                                 f"increasing, got {self.checkpoints}")
+        return self
 
 
 _RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"threshold"},

@@ -55,3 +55,32 @@ def write_config(path: Path, corpus: Path, **train) -> Path:
               "trajectory": {"train": settings}, "resources": {"num_cpus": 0.5}}
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def overfit_trajectory(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A proxy trajectory over tiny_corpus whose target loss rises after its minimum (read-only).
+
+    Trained to steps 2, 4 and 6; its manifest lists 4 checkpoints at steps 2, 4, 5, 6 holding
+    the weights of steps 2, 4, 6 and again 2: L_V falls, then the last checkpoint's is back at
+    the first's — what an overfitting proxy looks like to the checkpoint window.
+    """
+    from dataclasses import replace
+
+    from pipeline.config import TrainConfig
+    from pipeline.data.pairs import load_pairs
+    from pipeline.data.shards import expand_shards
+    from pipeline.model.schedule import LRSchedule
+    from pipeline.model.train import train_proxy
+    from pipeline.model.trajectory import CheckpointRef
+
+    table = load_pairs(expand_shards(str(tiny_corpus / "*.tar")), 32)
+    cfg = TrainConfig(model="tiny-clip-32", steps=6, batch_size=8, lr=3e-3, warmup=2, save_steps=[2, 4, 6], seed=0)
+    out = tmp_path_factory.mktemp("overfit") / "trajectory"
+    trained = train_proxy(table, cfg, out, log_every=0)
+    schedule = LRSchedule(**trained.schedule)
+    files = [c.path for c in trained.checkpoints]
+    refs = [CheckpointRef(path, step, schedule.checkpoint_lr(step))
+            for path, step in zip([files[0], files[1], files[2], files[0]], [2, 4, 5, 6])]
+    replace(trained, checkpoints=refs).save(out)
+    return out

@@ -73,6 +73,24 @@ def test_bad_config_is_one_clear_line(base: dict, key: str, value, expected: str
     assert "\n" not in message
 
 
+def test_checkpoint_window_setting(base: dict) -> None:
+    """``score.checkpoint_window``: all by default; falling chooses among ``score.checkpoints``
+    (at least 2, in step order); errors name both keys."""
+    assert parse_config(base).score.checkpoint_window == "all"
+    falling = _set(base, "score.checkpoint_window", "falling")
+    assert parse_config(falling).score.checkpoint_window == "falling"
+    assert parse_config(_set(falling, "score.checkpoints", [0, 2, 3])).score.checkpoints == [0, 2, 3]
+    for checkpoints, expected in [([2], "needs at least 2 of them"), ([3, 1], "list them increasing")]:
+        with pytest.raises(UsageError) as info:
+            parse_config(_set(falling, "score.checkpoints", checkpoints))
+        message = str(info.value)
+        assert "checkpoint_window 'falling'" in message and "score.checkpoints" in message
+        assert expected in message and "\n" not in message
+    parse_config(_set(base, "score.checkpoints", [3, 1]))  # any order without the window, as before
+    with pytest.raises(UsageError, match="score.checkpoint_window"):
+        parse_config(_set(base, "score.checkpoint_window", "rising"))
+
+
 def test_missing_trajectory_path_named(base: dict) -> None:
     cfg = _set(base, "trajectory", {"path": "/nonexistent/traj"})
     with pytest.raises(UsageError, match="trajectory.path: trajectory manifest not found"):

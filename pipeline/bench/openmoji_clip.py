@@ -33,7 +33,8 @@ from pipeline.influence.objective import CLIPBankObjective, per_sample_loss
 from pipeline.influence.params import ParamDict
 from pipeline.influence.scores import SCORE_COLUMNS
 from pipeline.model.clip import build_clip, model_spec
-from pipeline.model.scorer import InfluenceSettings, PreparedTrajectory, TrajectoryInfluence, split_bank
+from pipeline.model.scorer import (InfluenceSettings, PreparedTrajectory, TrajectoryInfluence, settings_record,
+                                   split_bank)
 from pipeline.model.train import train_final, train_proxy
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 
@@ -240,4 +241,5 @@ def unrolled_variants(trajectory: Trajectory, settings: OpenMojiSettings, train:
 def _settings_dict(settings: OpenMojiSettings) -> dict:
     out = asdict(settings)
     out["train"] = settings.train.model_dump(mode="json")
+    out["influence"] = settings_record(settings.influence)
     return out

@@ -77,7 +77,8 @@ from pipeline.influence.scores import ESTIMATE_COLUMNS, METHOD_COMPONENTS, colum
 from pipeline.io.scores import CLUSTER_COLUMN, COMPONENTS, SCORE_COLUMNS, write_scores
 from pipeline.model.clip import build_clip, model_spec
 from pipeline.influence.unrolled import UnrolledSettings
-from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence
+from pipeline.influence.window import checkpoint_window
+from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence, settings_record
 from pipeline.model.train import train_final, train_proxy
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 from pipeline.stages.keep_rule import round_half_up, seeded_uid_hash
@@ -421,7 +422,8 @@ def cells_path(out: str | Path) -> Path:
 
 def settings_fingerprint(spec: DatasetSettings, noise: float) -> str:
     """What a dataset's cells depend on (sizes, training, scoring); cells of another are ignored."""
-    payload = json.dumps({"spec": dataclasses.asdict(spec) | {"train": spec.train.model_dump(mode="json")},
+    payload = json.dumps({"spec": dataclasses.asdict(spec) | {"train": spec.train.model_dump(mode="json"),
+                                                             "influence": settings_record(spec.influence)},
                           "noise": noise}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -485,11 +487,12 @@ def _seeded(spec: DatasetSettings, seed: int, threads: int) -> tuple[TrainConfig
 def score_training_pairs(trajectory: Trajectory, influence: InfluenceSettings,
                          data: DatasetData) -> tuple[dict[str, Tensor], list[float]]:
     """Every score column for the training pairs, V and the bank from the target pairs; and
-    the target loss L_V at each checkpoint."""
+    the target loss L_V at each checkpoint (all of them: with ``influence.checkpoint_window:
+    falling`` only the first up to L_V's lowest are scored)."""
     scorer = TrajectoryInfluence(trajectory, influence)
     prepared = scorer.prepare(data.target, data.train)
     scorer.load_prepared(prepared)
-    return scorer.score_table(data.train), [p.target_loss for p in prepared.prepared]
+    return scorer.score_table(data.train), list(scorer.target_losses or [])
 
 
 def _scores_cache(job: CellJob) -> Path:
@@ -527,6 +530,8 @@ def cell_scores(job: CellJob) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     record = {"settings": job.fingerprint, "dataset": data.name, "seed": job.seed, "kind": "scores",
               "full": full, "target_loss": [round(x, 6) for x in target_loss],
               "target_loss_falls": bool(target_loss[-1] < target_loss[0]),
+              **({"scored_checkpoints": checkpoint_window(influence.checkpoint_window, target_loss)}
+                 if influence.checkpoint_window != "all" else {}),
               "seconds": {"proxy_train": round(t_train, 1), "score": round(t_score, 1)},
               **_score_report(data, arrays)}
     append_cell(Path(job.cells_file), record)
@@ -710,7 +715,7 @@ def _meta(settings: QualitySettings, datasets: dict[str, DatasetData], cells: li
         data[name] = {"corpus": d.corpus, "train": len(d.train), "target": len(d.target), "eval": len(d.eval),
                       "bank": spec.influence.bank_size, "v": len(d.target) - spec.influence.bank_size,
                       "train_settings": spec.train.model_dump(mode="json"),
-                      "influence": dataclasses.asdict(spec.influence),
+                      "influence": settings_record(spec.influence),
                       "expected_subset_sizes": {b: round_half_up(f, len(d.train)) for b, f in BUDGETS},
                       "settings_fingerprint": settings_fingerprint(spec, settings.noise)}
         if d.noisy is not None:

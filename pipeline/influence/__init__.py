@@ -4,6 +4,7 @@
 - :mod:`.prepare`   — per checkpoint: u_t, g_t, w_t = H_B u_t (exact or finite difference)
 - :mod:`.forward`   — per sample: a, b, c by forward-mode differentiation
 - :mod:`.scores`    — tracin, diffin_eq9, diffin from the components
+- :mod:`.window`    — which checkpoints are scored (all, or those up to L_V's lowest)
 """
 
 from pipeline.influence.forward import CheckpointScorer, Components

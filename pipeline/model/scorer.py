@@ -7,10 +7,11 @@ decoded pairs at every checkpoint, returning per-checkpoint components and the s
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, p
 from pipeline.influence.scores import (ADAM_TWINS, METHOD_COMPONENTS, CheckpointWeights, ScoreContext,
                                         compute_columns, with_adam_twins)
 from pipeline.influence.unrolled import AdamGeometry, UnrolledSettings, segment_updates
+from pipeline.influence.window import CHECKPOINT_WINDOWS, CheckpointWindow, checkpoint_window
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, normalize_images
 from pipeline.model.schedule import LRSchedule
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
@@ -53,13 +55,32 @@ class InfluenceSettings:
     adam_eps_floor: float = 0.0  # P = 1/(√v̂ + max(ε, floor)): bounds Adam's preconditioner on rarely seen coordinates
     dtype: str = "float32"
     checkpoints: tuple[int, ...] | None = None  # indices into the trajectory; None = all
+    checkpoint_window: CheckpointWindow = "all"  # falling: of those, only the ones up to L_V's lowest (prepare)
     compile: bool = False  # single-direction JVPs through torch.compile (one-off compile per shape)
     embeddings: EmbeddingSettings = EmbeddingSettings()  # the embedding columns' reference sets
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_window not in CHECKPOINT_WINDOWS:
+            raise ValueError(f"unknown checkpoint_window {self.checkpoint_window!r}; choose from {CHECKPOINT_WINDOWS}")
 
     @property
     def computed_components(self) -> tuple[str, ...]:
         """``components`` plus, with ``adam``, their optimizer-aware twins (what gets written)."""
         return with_adam_twins(self.components, self.adam)
+
+
+OPT_IN_DEFAULTS: dict[str, Any] = {"checkpoint_window": "all"}  # settings added after fingerprints were recorded
+
+
+def settings_record(settings: InfluenceSettings) -> dict[str, Any]:
+    """``asdict(settings)`` for fingerprints and records: the opt-in settings
+    (:data:`OPT_IN_DEFAULTS`) are left out at their default, so the fingerprints of runs made
+    before they existed stay what they were."""
+    record = asdict(settings)
+    for name, default in OPT_IN_DEFAULTS.items():
+        if record[name] == default:
+            del record[name]
+    return record
 
 
 def checkpoint_params(state_dict: dict[str, Tensor], model: torch.nn.Module,
@@ -174,7 +195,9 @@ class TrajectoryInfluence:
         self.trajectory, self.settings, self.device = trajectory, settings, torch.device(device)
         self.dtype = getattr(torch, settings.dtype)
         indices = settings.checkpoints or tuple(range(len(trajectory.checkpoints)))
+        self.indices = list(indices)  # the trajectory's index of each checkpoint scored
         self.checkpoints = [trajectory.checkpoints[i] for i in indices]
+        self.target_losses: list[float] | None = None  # L_V at every selected checkpoint, set by prepare()
         self.model = build_clip(trajectory.model).to(self.device, self.dtype).eval()
         self.tokenizer = make_tokenizer(context_length(self.model))
         self.params: list[ParamDict] = []
@@ -187,6 +210,22 @@ class TrajectoryInfluence:
         self._context = ScoreContext(self.weights, trajectory.num_samples, trajectory.total_steps)
         self._scorers: list[CheckpointScorer] | None = None
         self._embeddings: EmbeddingReference | None = None
+
+    def first(self, count: int) -> "TrajectoryInfluence":
+        """This influence over only its first ``count`` checkpoints (a copy sharing the model
+        and the parameters): what scoring over a checkpoint window uses."""
+        other = copy.copy(self)
+        other._keep_first(count)
+        return other
+
+    def _keep_first(self, count: int) -> None:
+        if not 1 <= count <= len(self.params):
+            raise ValueError(f"cannot keep {count} of {len(self.params)} checkpoints")
+        self.indices, self.checkpoints = self.indices[:count], self.checkpoints[:count]
+        self.params, self.optimizer_states = self.params[:count], self.optimizer_states[:count]
+        self.weights = self.weights[:count]
+        self._context = ScoreContext(self.weights, self.trajectory.num_samples, self.trajectory.total_steps)
+        self._scorers = None
 
     @property
     def image_size(self) -> int:
@@ -234,9 +273,21 @@ class TrajectoryInfluence:
     def prepare(self, target: PairTable, train: PairTable) -> PreparedTrajectory:
         """Prepare every checkpoint in this process (the pipeline runs one task per checkpoint),
         then the unrolled directions when component d is asked for, then the embedding
-        columns' reference sets (the corpus sample drawn from ``train`` by seed)."""
+        columns' reference sets (the corpus sample drawn from ``train`` by seed).
+
+        L_V at every checkpoint is kept in ``target_losses``; under ``checkpoint_window:
+        falling`` this influence then keeps only the window's checkpoints (``indices``), and
+        the unrolled directions, the embeddings and the scores use only those.
+        """
         bank_idx, _ = split_bank(target, self.settings.bank_size, self.settings.seed)
         results = [self.prepare_checkpoint(k, target, train) for k in range(len(self.params))]
+        self.target_losses = [r[0].target_loss for r in results]
+        count = len(checkpoint_window(self.settings.checkpoint_window, self.target_losses))
+        if count < len(results):
+            log.info("checkpoint window %s: L_V %s, scoring checkpoints %s", self.settings.checkpoint_window,
+                     [round(x, 4) for x in self.target_losses], self.indices[:count])
+            self._keep_first(count)
+            results = results[:count]
         unrolled = self.prepare_unrolled(target, train) if "d" in self.settings.components else None
         sample = train.subset(rank_select(train, self.settings.embeddings.pool_pairs, self.settings.seed,
                                           EMBEDDING_SAMPLE_SALT))

@@ -211,11 +211,17 @@ def _target_loss_note(summary: dict[str, Any]) -> str:
     losses = [c["target_loss"] for c in summary.get("checkpoints") or [] if c.get("target_loss") is not None]
     text = ("Target loss per checkpoint (L_V: mean loss of the target pairs against the negative bank, "
             "from the prepare stage): " + " → ".join(render.fmt_number(x) for x in losses) + ".")
+    window = summary.get("checkpoint_window")
+    if window:
+        text += (f" Scored checkpoints (score.checkpoint_window: {window['rule']}): "
+                 f"{', '.join(str(i) for i in window['scored'])}; dropped after L_V's lowest: "
+                 f"{', '.join(str(i) for i in window['dropped']) or 'none'}.")
     warning = summary.get("target_loss_warning")
     if warning:
         return f'<p class="note">{escape(text)}</p><p class="warn">Warning: {escape(str(warning))}</p>'
     if len(losses) > 1:
-        text += " It falls: the scores measure influence on a loss that training reduces."
+        text += (" It falls over the scored checkpoints: the scores measure influence on a loss that training "
+                 "reduces." if window else " It falls: the scores measure influence on a loss that training reduces.")
     return f'<p class="note">{escape(text)}</p>'
 
 

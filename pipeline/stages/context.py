@@ -41,7 +41,8 @@ def influence_settings(config: RunConfig):
         unrolled=UnrolledSettings(score.unrolled.lanczos_steps, score.unrolled.f, score.unrolled.proxy_batches),
         adam=score.adam, dtype=score.dtype, compile=score.compile,
         embeddings=EmbeddingSettings(**score.embeddings.model_dump()),
-        checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None)
+        checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None,
+        checkpoint_window=score.checkpoint_window)
 
 
 def check_train_model(config: RunConfig, source: str = "config") -> None:

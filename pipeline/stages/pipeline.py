@@ -21,7 +21,8 @@ from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
 from pipeline.runtime.executor import Executor
 from pipeline.stages.context import RunContext
-from pipeline.stages.prepare import prepare_fingerprint, prepared_target_losses, run_prepare
+from pipeline.stages.prepare import (prepare_fingerprint, prepared_target_losses, run_prepare, scored_checkpoints,
+                                     selected_checkpoints)
 from pipeline.stages.reshard import damaged_sources, run_reshard
 from pipeline.stages.score import run_score
 from pipeline.stages.select import run_select
@@ -52,17 +53,29 @@ def target_loss_warning(losses: Sequence[float], min_drop: float = TARGET_LOSS_M
             f"is not {min_drop:.0%} below the first): the scores measure influence on a loss that "
             f"training does not reduce (the proxy model overfits or has not started learning). "
             f"Train longer or with a lower learning rate, or choose checkpoints where L_V still falls "
-            f"(trajectory.train.save_steps, score.checkpoints).")
+            f"(trajectory.train.save_steps, score.checkpoints, score.checkpoint_window: falling).")
 
 
-def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn: bool) -> None:
+def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn: bool,
+                        window: tuple[str, Sequence[int]] | None = None) -> None:
     """Put L_V into the summary's checkpoint entries (None where not prepared) and the rule's
-    verdict into ``target_loss_warning``; log the warning when ``warn``."""
+    verdict into ``target_loss_warning``; log the warning when ``warn``.
+
+    ``window``: (rule, scored trajectory indices) of a checkpoint window, recorded as
+    ``checkpoint_window``; the verdict is then on the scored checkpoints' L_V only.
+    """
     if not losses:
         return
     for index, entry in enumerate(summary["checkpoints"]):
         entry["target_loss"] = losses.get(index)
-    warning = target_loss_warning([losses[i] for i in sorted(losses)])
+    judged = sorted(losses)
+    if window is not None:
+        rule, scored = window
+        judged = [i for i in scored if i in losses]
+        summary["checkpoint_window"] = {"rule": rule, "scored": list(scored),
+                                        "steps": [summary["checkpoints"][i]["step"] for i in scored],
+                                        "dropped": [i for i in sorted(losses) if i not in scored]}
+    warning = target_loss_warning([losses[i] for i in judged])
     summary["target_loss_warning"] = warning
     if warning and warn:
         log.warning("%s", warning)
@@ -108,7 +121,12 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Execut
     if "prepare" in stages and scoring:
         timed("prepare", run_prepare, ctx, trajectory, executor)
     if scoring and config.target is not None:
-        _record_target_loss(summary, prepared_target_losses(ctx, trajectory), warn="prepare" in stages)
+        losses = prepared_target_losses(ctx, trajectory)
+        window = None
+        if config.score.checkpoint_window != "all" and \
+                set(selected_checkpoints(ctx.influence_settings(), trajectory)) <= set(losses):
+            window = (config.score.checkpoint_window, scored_checkpoints(ctx, trajectory, losses))
+        _record_target_loss(summary, losses, warn="prepare" in stages, window=window)
     if "score" in stages and scoring:
         results = timed("score", run_score, ctx, trajectory, prepare_fingerprint(config, trajectory),
                         executor, progress)

@@ -8,6 +8,11 @@ and, when the unrolled score is computed, ``unrolled.pt`` (the direction acc_k o
 checkpoint — one task after the others, since the recursion runs backward over the checkpoints), each stamped
 with the prepare fingerprint (trajectory + data + target + settings). A file with the current
 fingerprint is reused; one with another fingerprint is refused.
+
+Under ``score.checkpoint_window: falling`` the checkpoints are prepared first; their L_V
+decides the window (:func:`scored_checkpoints`: the first checkpoints up to L_V's lowest),
+and ``embeddings.pt`` and ``unrolled.pt`` are then computed over the window only (each records
+how many checkpoints it covers; one of another window is computed again).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Sequence
 
@@ -31,8 +36,9 @@ from pipeline.influence.embeddings import EmbeddingReference
 from pipeline.io.layout import BANK_FILE, EMBEDDINGS_FILE, UNROLLED_FILE, prepared_checkpoint_name
 from pipeline.io.storage import StorageOptions, StoragePath, as_path, is_remote, read_torch
 from pipeline.model.clip import resolve_model_config
-from pipeline.model.scorer import (EMBEDDING_SAMPLE_SALT, PreparedTrajectory, UnrolledPrepared, segment_lrs,
-                                   split_bank)
+from pipeline.influence.window import checkpoint_window
+from pipeline.model.scorer import (EMBEDDING_SAMPLE_SALT, InfluenceSettings, PreparedTrajectory, UnrolledPrepared,
+                                   segment_lrs, settings_record, split_bank)
 from pipeline.model.trajectory import Trajectory
 from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.context import RunContext, influence_settings, require_target
@@ -100,7 +106,7 @@ def prepare_fingerprint(config: RunConfig, trajectory: Trajectory) -> str:
     """Hash of everything the prepared vectors depend on."""
     payload = {"trajectory": trajectory.fingerprint(), "data": config.data.model_dump(mode="json"),
                "target": require_target(config).model_dump(mode="json"),
-               "settings": {k: v for k, v in asdict(influence_settings(config)).items()
+               "settings": {k: v for k, v in settings_record(influence_settings(config)).items()
                             if k not in ("batch_size", "compile")}}  # scoring-only settings
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
@@ -114,12 +120,18 @@ class PrepareTask:
 
 @dataclass(frozen=True)
 class UnrolledTask:
-    """Compute the unrolled directions of all (selected) checkpoints."""
+    """Compute the unrolled directions of all (selected) checkpoints, or of the first
+    ``checkpoints`` of them (the checkpoint window)."""
+
+    checkpoints: int | None = None
 
 
 @dataclass(frozen=True)
 class EmbeddingTask:
-    """Compute the embedding columns' reference sets (at the last selected checkpoint)."""
+    """Compute the embedding columns' reference sets at the last selected checkpoint, or at
+    the last of the first ``checkpoints`` of them (the checkpoint window)."""
+
+    checkpoints: int | None = None
 
 
 @dataclass
@@ -153,18 +165,24 @@ class PrepareStage:
     def process(self, task: PrepareTask | UnrolledTask | EmbeddingTask) -> str:
         """Compute and write the task's file (atomically); return its path."""
         if isinstance(task, UnrolledTask):
-            return self._write_unrolled()
+            return self._write_unrolled(task.checkpoints)
         if isinstance(task, EmbeddingTask):
-            return self._write_embeddings()
+            return self._write_embeddings(task.checkpoints)
         return self._write_checkpoint(task.index)
 
-    def _write_embeddings(self) -> str:
-        """The embedding columns' reference sets → ``embeddings.pt``."""
+    def _window(self, checkpoints: int | None):
+        """The influence over all selected checkpoints, or over the first ``checkpoints``."""
+        return self._influence if checkpoints is None else self._influence.first(checkpoints)
+
+    def _write_embeddings(self, checkpoints: int | None = None) -> str:
+        """The embedding columns' reference sets → ``embeddings.pt`` (with the window's size
+        when there is one)."""
         sample = load_embedding_sample(self.config, self._influence.image_size, self.urls, self.sizes)
-        ref = self._influence.prepare_embeddings(self._target, sample)
+        ref = self._window(checkpoints).prepare_embeddings(self._target, sample)
         path = as_path(self.out_dir, self.config.storage) / EMBEDDINGS_FILE
+        window = {"checkpoints": checkpoints} if checkpoints is not None else {}
         with atomic_path(path) as tmp:
-            torch.save({"fingerprint": self.fingerprint, **embedding_payload(ref)}, tmp)
+            torch.save({"fingerprint": self.fingerprint, **embedding_payload(ref), **window}, tmp)
         return str(path)
 
     def _write_checkpoint(self, index: int) -> str:
@@ -177,9 +195,10 @@ class PrepareStage:
                         "target_loss": prepared.target_loss, "hvp": prepared.hvp}, tmp)
         return str(path)
 
-    def _write_unrolled(self) -> str:
-        """The unrolled directions of every checkpoint (one sequential task) → ``unrolled.pt``."""
-        unrolled = self._influence.prepare_unrolled(self._target, self._pool)
+    def _write_unrolled(self, checkpoints: int | None = None) -> str:
+        """The unrolled directions of every checkpoint (of the window, when there is one; one
+        sequential task) → ``unrolled.pt``."""
+        unrolled = self._window(checkpoints).prepare_unrolled(self._target, self._pool)
         path = as_path(self.out_dir, self.config.storage) / UNROLLED_FILE
         with atomic_path(path) as tmp:
             torch.save({"fingerprint": self.fingerprint, "directions": [_cpu(d) for d in unrolled.directions],
@@ -260,7 +279,8 @@ def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> 
     """Write (or reuse) ``<run>/prepared/``: the bank, then one task per checkpoint still to
     prepare (Ray tasks: they reuse Ray's worker processes, and each loads what it needs; in
     process the stage is set up once), then the unrolled directions (every checkpoint in one
-    task)."""
+    task). Under a checkpoint window the embedding references wait for the checkpoints: their
+    L_V decides the window (:func:`prepare_window`)."""
     out = ctx.layout.prepared
     fingerprint = prepare_fingerprint(ctx.config, trajectory)
     todo, unrolled = plan_prepare(ctx, trajectory, fingerprint)
@@ -268,19 +288,83 @@ def run_prepare(ctx: RunContext, trajectory: Trajectory, executor: Executor) -> 
                          trajectory_dir=trajectory_location(trajectory), out_dir=str(out),
                          fingerprint=fingerprint, device=ctx.device, threads=ctx.threads,
                          resources=ctx.model_resources)
+    computed = len(todo)
+    if ctx.influence_settings().checkpoint_window != "all":
+        computed = sum(isinstance(t, PrepareTask) for t in todo)
+        todo, unrolled = prepare_window(ctx, trajectory, executor, stage, todo)
+        computed += len(todo)
     if todo:
         executor.run_stage(stage, todo)
     if unrolled is not None:
         executor.run_stage(stage, [unrolled])
     count = len(ctx.influence_settings().checkpoints or trajectory.checkpoints)
-    log.info("prepared %d checkpoints in %s (%d files computed now)", count, out, len(todo))
+    log.info("prepared %d checkpoints in %s (%d files computed now)", count, out, computed)
     return out
+
+
+def prepare_window(ctx: RunContext, trajectory: Trajectory, executor: Executor, stage: PrepareStage,
+                   todo: Sequence[PrepareTask | EmbeddingTask]) -> tuple[list[EmbeddingTask], UnrolledTask | None]:
+    """Run the checkpoint tasks of ``todo``, decide the window from their L_V, and return the
+    embedding and unrolled tasks of the window still due (a file covering another number of
+    checkpoints is due again)."""
+    checkpoints = [t for t in todo if isinstance(t, PrepareTask)]
+    if checkpoints:
+        executor.run_stage(stage, checkpoints)
+    scored = scored_checkpoints(ctx, trajectory)
+    count, out = len(scored), ctx.layout.prepared
+    log.info("checkpoint window %s: scoring checkpoints %s of %s", ctx.config.score.checkpoint_window,
+             list(scored), list(selected_checkpoints(ctx.influence_settings(), trajectory)))
+    embeddings = [EmbeddingTask(count)] if _covers(out / EMBEDDINGS_FILE) != count else []
+    due = "d" in ctx.influence_settings().components and _covers(out / UNROLLED_FILE) != count
+    return embeddings, UnrolledTask(count) if due else None
+
+
+def _covers(path: StoragePath) -> int | None:
+    """How many checkpoints a prepared ``embeddings.pt`` or ``unrolled.pt`` of a checkpoint
+    window covers (None when absent)."""
+    if not path.is_file():
+        return None
+    obj = _scalars(path)
+    return len(obj["directions"]) if "directions" in obj else obj.get("checkpoints")
+
+
+def selected_checkpoints(settings: InfluenceSettings, trajectory: Trajectory) -> tuple[int, ...]:
+    """The trajectory indices ``score.checkpoints`` names (default: all), in its order."""
+    return tuple(settings.checkpoints or range(len(trajectory.checkpoints)))
+
+
+def scored_checkpoints(ctx: RunContext, trajectory: Trajectory,
+                       losses: dict[int, float] | None = None) -> tuple[int, ...]:
+    """The trajectory indices the run scores: ``score.checkpoints`` (default all) and, under
+    ``score.checkpoint_window: falling``, the first of them up to the one with the lowest L_V
+    (:func:`pipeline.influence.window.checkpoint_window`). ``losses``: L_V by trajectory index
+    (default: read from the prepared checkpoint files, which must all be there)."""
+    settings = ctx.influence_settings()
+    selected = selected_checkpoints(settings, trajectory)
+    if settings.checkpoint_window == "all":
+        return selected
+    losses = prepared_target_losses(ctx, trajectory) if losses is None else losses
+    missing = [i for i in selected if i not in losses]
+    if missing:
+        raise UsageError(f"score.checkpoint_window: '{settings.checkpoint_window}' needs L_V at every checkpoint "
+                         f"from the prepare stage; checkpoint(s) {missing} are not prepared in {ctx.layout.prepared} "
+                         "(run `diffin prepare` with this config and run dir first)")
+    return selected[:len(checkpoint_window(settings.checkpoint_window, [losses[i] for i in selected]))]
+
+
+def scoring_settings(ctx: RunContext, trajectory: Trajectory) -> InfluenceSettings:
+    """The scoring settings with the checkpoint window applied: ``checkpoints`` are the
+    scored ones (:func:`scored_checkpoints`); unchanged without a window."""
+    settings = ctx.influence_settings()
+    if settings.checkpoint_window == "all":
+        return settings
+    return replace(settings, checkpoints=scored_checkpoints(ctx, trajectory))
 
 
 def prepared_target_losses(ctx: RunContext, trajectory: Trajectory) -> dict[int, float]:
     """L_V per trajectory checkpoint index, from ``<run>/prepared/ckpt_XXX.pt`` (written by this
     stage); checkpoints not prepared (yet, or under another configuration) are absent."""
-    indices = ctx.influence_settings().checkpoints or tuple(range(len(trajectory.checkpoints)))
+    indices = selected_checkpoints(ctx.influence_settings(), trajectory)
     fingerprint = prepare_fingerprint(ctx.config, trajectory)
     losses: dict[int, float] = {}
     for k, index in enumerate(indices):
@@ -295,7 +379,8 @@ def prepared_target_losses(ctx: RunContext, trajectory: Trajectory) -> dict[int,
 
 def load_prepared_dir(directory: str | StoragePath, count: int,
                       storage: StorageOptions | None = None) -> tuple[PreparedTrajectory, str]:
-    """Read ``bank.pt`` and ``ckpt_000..`` back into a :class:`PreparedTrajectory`."""
+    """Read ``bank.pt`` and ``ckpt_000..`` (the first ``count``: all selected checkpoints, or
+    those of the checkpoint window) back into a :class:`PreparedTrajectory`."""
     d = as_path(directory, storage)
     bank = read_torch(d / BANK_FILE)
     prepared, preconds = [], []
@@ -312,8 +397,8 @@ def load_prepared_dir(directory: str | StoragePath, count: int,
             raise UsageError(f"{d}: {UNROLLED_FILE} was prepared under another configuration")
         unrolled = UnrolledPrepared(obj["directions"], obj["adam_directions"], obj["diagnostics"])
     obj = read_torch(d / EMBEDDINGS_FILE)
-    if obj["fingerprint"] != bank["fingerprint"]:
+    if obj["fingerprint"] != bank["fingerprint"] or obj.get("checkpoints", count) != count:
         raise UsageError(f"{d}: {EMBEDDINGS_FILE} was prepared under another configuration")
-    embeddings = EmbeddingReference(**{k: v for k, v in obj.items() if k != "fingerprint"})
+    embeddings = EmbeddingReference(**{k: v for k, v in obj.items() if k not in ("fingerprint", "checkpoints")})
     return (PreparedTrajectory(bank["uids"], bank["images"], bank["captions"], prepared, preconds, unrolled,
                                embeddings), bank["fingerprint"])

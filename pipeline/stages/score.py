@@ -46,6 +46,8 @@ def score_fingerprint(prepare_fp: str, config: RunConfig) -> str:
     score = config.score.model_dump(mode="json")
     for key in ("batch_size", "device"):  # do not change what is computed
         score.pop(key)
+    if score["checkpoint_window"] == "all":  # opt-in: the fingerprints of earlier runs stay as they were
+        score.pop("checkpoint_window")
     payload = json.dumps({"prepare": prepare_fp, "score": score, "uid_from": list(config.data.uid_from)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -225,7 +227,8 @@ def plan_score(ctx: RunContext, fingerprint: str) -> tuple[list[ShardTask], int]
 def run_score(ctx: RunContext, trajectory, prepare_fp: str, executor: Executor,
               progress: bool = True) -> list[ShardResult]:
     """Score every input shard of ``ctx`` that has no score file of this configuration yet
-    (resumable, :func:`plan_score`) on a pool of ``resources.actors`` workers.
+    (resumable, :func:`plan_score`) on a pool of ``resources.actors`` workers, over the
+    checkpoints of the checkpoint window (:func:`pipeline.stages.prepare.scoring_settings`).
 
     A shard whose worker died (its process or its node) is scored again by another worker; its
     result and its stats file record how many attempts were lost (``retries``). When the
@@ -233,6 +236,7 @@ def run_score(ctx: RunContext, trajectory, prepare_fp: str, executor: Executor,
     ``data.max_failed_fraction`` (:func:`check_failed_fraction`).
     """
     from pipeline.runtime.progress import ShardProgress
+    from pipeline.stages.prepare import scoring_settings
     from pipeline.stages.trajectory import trajectory_location
 
     config, layout = ctx.config, ctx.layout
@@ -246,7 +250,7 @@ def run_score(ctx: RunContext, trajectory, prepare_fp: str, executor: Executor,
     todo, done = plan_score(ctx, fingerprint)
     log.info("score: %d shards, %d already done, %d to score", len(ctx.urls), done, len(todo))
     stage = ScoreStage(trajectory_dir=trajectory_location(trajectory), prepared_dir=str(layout.prepared),
-                       settings=ctx.influence_settings(), device=ctx.device, run_dir=str(layout.root),
+                       settings=scoring_settings(ctx, trajectory), device=ctx.device, run_dir=str(layout.root),
                        fingerprint=fingerprint, trajectory_fingerprint=trajectory.fingerprint(),
                        keep_json_fields=tuple(config.score.keep_json_fields), threads=ctx.threads,
                        resources=ctx.model_resources, uid_from=config.data.uid_from, storage=ctx.storage)

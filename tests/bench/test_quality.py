@@ -117,6 +117,19 @@ def test_presets_and_command() -> None:
         "diffin bench quality --quick --out benchmarks/results/quality_quick.json --data-dir data --threads 1")
 
 
+def test_checkpoint_window_keeps_the_recorded_cells_valid() -> None:
+    """``InfluenceSettings.checkpoint_window``: at its default the settings fingerprint is the
+    one the recorded cells carry (they stay valid); ``falling`` is other settings."""
+    cells = quality.cells_path(Path(__file__).resolve().parents[2] / quality.DEFAULT_OUT)
+    recorded = {c["settings"] for c in quality.read_cells(cells) if c["dataset"] == "fashion_mnist"}
+    spec = quality.full_settings().fashion_mnist
+    assert spec.influence.checkpoint_window == "all"
+    assert quality.settings_fingerprint(spec, 0.3) in recorded
+    falling = quality.dataclasses.replace(
+        spec, influence=quality.dataclasses.replace(spec.influence, checkpoint_window="falling"))
+    assert quality.settings_fingerprint(falling, 0.3) != quality.settings_fingerprint(spec, 0.3)
+
+
 # --------------------------------------------------------------------------- --quick end to end
 
 

@@ -155,6 +155,12 @@ def test_target_loss_per_checkpoint_and_its_warning(run_dir: Path) -> None:
     section = _last_run(write_report(run_dir, n_examples=0).read_text())
     assert "2.782 → 1.5" in section and "It falls" in section
     assert "warn" not in section
+    # a checkpoint window (score.checkpoint_window): which checkpoints were scored
+    summary["checkpoint_window"] = {"rule": "falling", "scored": [0, 1], "steps": [3, 6], "dropped": []}
+    path.write_text(json.dumps(summary))
+    section = _last_run(write_report(run_dir, n_examples=0).read_text())
+    assert "Scored checkpoints (score.checkpoint_window: falling): 0, 1; dropped after L_V" in section
+    assert "It falls over the scored checkpoints" in section
 
 
 def test_report_is_deterministic_and_atomic(run_dir: Path, tmp_path: Path) -> None:

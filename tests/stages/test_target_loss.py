@@ -66,3 +66,31 @@ def test_run_output_shows_target_loss(capsys: pytest.CaptureFixture) -> None:
     _record_target_loss(summary, {0: 2.0, 1: 1.5}, warn=False)
     print_summary(summary, "run")
     assert "target loss L_V per checkpoint: 2.0000, 1.5000  (falls)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_window_is_recorded_and_judged(caplog: pytest.LogCaptureFixture,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """With ``score.checkpoint_window``: every L_V is recorded, the window too, and the
+    verdict is on the scored checkpoints only."""
+    from jobs._stagejob import print_summary
+
+    def summary() -> dict:
+        return {"seconds": 1.0, "stages": ["prepare"], "pairs_in": 8, "shards": 1, "train_pairs": 8,
+                "trajectory": "t/trajectory.json",
+                "checkpoints": [{"step": s, "lr": 1e-3} for s in (10, 20, 30, 40)]}
+
+    losses = {0: 3.0, 1: 2.0, 2: 1.5, 3: 3.0}  # back at the first's L_V: the proxy overfits
+    every = summary()
+    _record_target_loss(every, losses, warn=False)
+    assert every["target_loss_warning"] is not None and "checkpoint_window" not in every
+    windowed = summary()
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.pipeline"):
+        _record_target_loss(windowed, losses, warn=True, window=("falling", [0, 1, 2]))
+    assert caplog.records == [] and windowed["target_loss_warning"] is None
+    assert [c["target_loss"] for c in windowed["checkpoints"]] == [3.0, 2.0, 1.5, 3.0]
+    assert windowed["checkpoint_window"] == {"rule": "falling", "scored": [0, 1, 2], "steps": [10, 20, 30],
+                                             "dropped": [3]}
+    print_summary(windowed, "run")
+    out = capsys.readouterr().out
+    assert "target loss L_V per checkpoint: 3.0000, 2.0000, 1.5000, 3.0000  (falls over the scored checkpoints)" in out
+    assert "scored checkpoints (score.checkpoint_window: falling): [0, 1, 2] (steps [10, 20, 30]); dropped" in out
