@@ -248,3 +248,21 @@ def test_results_file_skips_a_torn_line_and_headroom_is_by_hand(tmp_path: Path) 
     rows = {"random": {"acc_mean": 0.6}, "oracle": {"acc_mean": 0.8}, "x": {"acc_mean": 0.75}}
     quality._add_headroom(rows, "acc")
     assert rows["x"]["headroom"] == pytest.approx(0.75) and rows["random"]["headroom"] == 0.0
+
+
+def test_a_seed_whose_target_loss_does_not_fall_is_withheld() -> None:
+    def scores(seed: int, losses: list[float], window: list[int] | None = None) -> dict:
+        cell = {"kind": "scores", "seed": seed, "target_loss": losses, "full": {"acc": 0.5}}
+        return {**cell, "scored_checkpoints": window} if window is not None else cell
+
+    def retrain(seed: int, acc: float) -> dict:
+        return {"kind": "retrain", "seed": seed, "budget": "keep_50", "method": "random", "metrics": {"acc": acc}}
+
+    cells = [scores(0, [5.0, 4.0]), scores(1, [5.0, 4.0, 6.0]), scores(2, [5.0, 4.0, 6.0], window=[0, 1]),
+             retrain(0, 0.6), retrain(1, 0.9), retrain(2, 0.7)]
+    assert quality.target_loss_check(cells[0]) is None and quality.target_loss_check(cells[2]) is None
+    assert "does not fall" in quality.target_loss_check(cells[1])
+    report = quality.aggregate("fashion_mnist", cells, [0, 1, 2], ["random"])
+    assert list(report["withheld"]) == ["1"] and "does not fall" in report["withheld"]["1"]
+    assert report["keep_50"]["random"]["acc_mean"] == pytest.approx(0.65)  # seeds 0 and 2 only
+    assert "seed 1 withheld" in quality.format_table({"fashion_mnist": report})
