@@ -87,10 +87,13 @@ def run_cell(data, spec, seed: int, lever: str, work: Path, base_scores: dict | 
                if c in ("tracin", "diffin_unrolled", "tracin_adam", "diffin_unrolled_adam", "clip_score",
                         "neg_clip_loss")}
     np.savez(work / f"{stem}_{lever}.npz", **columns)
+    per_checkpoint = {c: [round(noise_auc(data.noisy, row.double().numpy()), 4) for row in scores[c]]
+                      for c in ("a", "d", "a_adam", "d_adam") if c in scores}
     return {"dataset": data.name, "noise": noise, "seed": seed, "lever": lever, "excluded": len(exclude),
             "target_loss": [round(p.target_loss, 5) for p in prepared.prepared],
             "seconds": {"proxy": round(t_train, 1), "score": round(time.perf_counter() - start - t_train, 1)},
-            "columns": _report(data.noisy, columns, columns["neg_clip_loss"])}
+            "columns": _report(data.noisy, columns, columns["neg_clip_loss"]),
+            "auc_per_checkpoint": per_checkpoint}
 
 
 def main() -> None:
