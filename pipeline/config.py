@@ -222,6 +222,10 @@ _RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"thr
                               "fill", "cluster_power"}}
 _NEW_RULE_FIELDS = ("steps", "drop_below", "drop_fraction", "drop_share_from", "drop_column", "fill", "cluster_power")
 _RULE_OPTIONAL = ("fraction", "k", "threshold", *_NEW_RULE_FIELDS)  # refused when set for a rule not using them
+# Values the drop_fill fields had by default before the recipe became the default: a config.json
+# written then lists them under every rule (fill: random under top_fraction), and must still read.
+_FORMER_DEFAULTS: dict[str, Any] = {"fill": "random"}
+DEFAULT_DROP_COLUMN = "neg_clip_loss"  # the default recipe's drop (docs/QUALITY.md: the best mismatch detector)
 RESHARD_PLAN_FILE = "reshard_plan.json"
 
 
@@ -234,12 +238,38 @@ class ChainStep(Section):
 
 
 class SelectConfig(Section):
-    """The ``select:`` section: which score, which rule, what to do with failed rows."""
+    """The ``select:`` section: which score, which rule, what to do with failed rows.
 
-    # Default from the fidelity benchmark (docs/FIDELITY.md): diffin_unrolled tracked true
-    # leave-one-out effects and LDS best.
+    The defaults are the recipe the quality benchmark measured best (docs/QUALITY.md, its method
+    ``neg_clip_loss+share``): ``rule: drop_fill`` dropping as many pairs as ``diffin_unrolled``
+    scores below 0 (``drop_share_from``: Diff-In's own harm count, no quantile to guess), the
+    lowest by ``neg_clip_loss`` (``drop_column``: the best measured mismatch detector, computed by
+    every ``score.method``), the budget filled per k-means cluster of the image embeddings
+    (``fill: cluster``). ``column`` stays ``diffin_unrolled``: kept.parquet's ``score``.
+
+    Every other rule, named, selects as before: the drop_fill fields at their defaults are not
+    "given" (:meth:`_given`), so they neither invalidate another rule nor enter its fingerprint
+    (:meth:`settings`). Two defaults depend on other keys (:meth:`_recipe_defaults`) and one key
+    is refused, each so that a config which names its own choice gets that choice, or one line
+    naming the key to set, never an error about a key it did not write:
+
+    - ``drop_share_from`` unset follows ``column`` when ``column`` is an influence estimate
+      (``column: tracin`` under ``score.method: tracin`` counts tracin's harmful pairs: the
+      estimate the user chose, and one the method computes); else ``diffin_unrolled``.
+    - ``drop_below`` or ``drop_fraction`` named: that is the drop's size, so ``drop_share_from``
+      is unset (the three are alternatives) and ``drop_column``, unless named, is ``column`` as
+      before the recipe (a threshold or quantile is the user's own, on the column they chose;
+      ``drop_below: 0.0`` on ``neg_clip_loss``, which is never above 0, would drop everything).
+      ``drop_share_from: null`` (the estimate's own zero on ``column``) does the same.
+    - ``stratify_by`` without ``rule`` is refused in one line naming ``select.rule``: drop_fill is
+      unstratified (its per-cluster fill keeps every kind of image instead), and switching to
+      another rule behind the user's back would change what the section means.
+    """
+
+    # column: from the fidelity benchmark (docs/FIDELITY.md): diffin_unrolled tracked true
+    # leave-one-out effects and LDS best. rule: docs/QUALITY.md (see the class docstring).
     column: Literal[SCORE_COLUMNS] = DEFAULT_COLUMN  # type: ignore[valid-type]
-    rule: Literal["top_fraction", "top_k", "threshold", "random", "chain", "drop_fill"] = "top_fraction"
+    rule: Literal["top_fraction", "top_k", "threshold", "random", "chain", "drop_fill"] = "drop_fill"
     fraction: float | None = Field(
         0.3, gt=0, le=1, description="kept share (top_fraction; random and drop_fill unless k is given)")
     k: PositiveInt | None = Field(None, description="kept count (top_k; random and drop_fill if given)")
@@ -254,12 +284,14 @@ class SelectConfig(Section):
     drop_fraction: float | None = Field(
         None, ge=0, lt=1, description="drop_fill: drop this bottom share of the eligible rows by drop_column")
     drop_share_from: Literal[ESTIMATE_COLUMNS] | None = Field(  # type: ignore[valid-type]
-        None, description="drop_fill: drop as many rows as this influence estimate scores below 0 (its "
-                          "harmful share), the lowest by drop_column")
+        DEFAULT_COLUMN, description="drop_fill: drop as many rows as this influence estimate scores below 0 "
+                                    "(its harmful share), the lowest by drop_column (default: column if it is "
+                                    "an estimate, else diffin_unrolled; unset by drop_below or drop_fraction)")
     drop_column: Literal[SCORE_COLUMNS] | None = Field(  # type: ignore[valid-type]
-        None, description="drop_fill: the column the drop reads (default: column)")
+        DEFAULT_DROP_COLUMN, description="drop_fill: the column the drop reads (default: neg_clip_loss with "
+                                         "drop_share_from, else column)")
     fill: Literal["random", "score", "cluster"] = Field(
-        "random", description="drop_fill: how the budget is filled from the rows not dropped")
+        "cluster", description="drop_fill: how the budget is filled from the rows not dropped")
     cluster_power: float = Field(
         1.0, ge=0, le=1, description="drop_fill with fill cluster: cluster c's share ∝ n_c^p "
                                      "(1 proportional to size, 0 equal shares)")
@@ -275,15 +307,41 @@ class SelectConfig(Section):
         1_000_000, description="bounded reducer: rows it sorts at once (not stratify_by or chain); "
                                "does not change the outputs")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        """drop_fill's defaults that depend on other keys (the class docstring says why):
+        ``drop_share_from`` follows an estimate ``column``; ``drop_below`` / ``drop_fraction``
+        unset it; without it the drop reads ``column`` unless ``drop_column`` is named. Keys the
+        input names are kept as they are, so a config written back in full reads the same."""
+        if not isinstance(data, dict) or data.get("rule", cls.model_fields["rule"].default) != "drop_fill":
+            return data
+        data = dict(data)
+        if "drop_share_from" not in data:
+            if any(data.get(name) is not None for name in ("drop_below", "drop_fraction")):
+                data["drop_share_from"] = None
+            elif data.get("column") in ESTIMATE_COLUMNS and data["column"] != DEFAULT_COLUMN:
+                data["drop_share_from"] = data["column"]
+        if "drop_column" not in data and "drop_share_from" in data and data["drop_share_from"] is None:
+            data["drop_column"] = None  # the drop reads column (drop_by), as before the recipe
+        return data
+
     @model_validator(mode="after")
     def _check_rule_fields(self) -> "SelectConfig":
         uses = _RULE_FIELDS[self.rule]
+        # a rule left at its default is named in the message, with the key that picks another
+        default = "" if "rule" in self.model_fields_set else " (the default rule; set select.rule to use it)"
         for name in _RULE_OPTIONAL:
-            if self._given(name) and getattr(self, name) is not None and name not in uses:
-                raise ValueError(f"'{name}' is not used by rule '{self.rule}'")
+            value = getattr(self, name)
+            former = name in _FORMER_DEFAULTS and value == _FORMER_DEFAULTS[name]
+            if self._given(name) and value is not None and name not in uses and not former:
+                raise ValueError(f"'{name}' is not used by rule '{self.rule}'{default}")
         if self.rule == "drop_fill" and self.fill != "cluster" and self._given("cluster_power"):
             raise ValueError("'cluster_power' is used only with fill 'cluster'")
         if self.rule in self.UNSTRATIFIED_RULES and self.stratify_by is not None:
+            if default:
+                raise ValueError(f"'stratify_by' is not used by rule '{self.rule}' (the default rule: unstratified, "
+                                 "it fills per k-means cluster); set select.rule, e.g. top_fraction, to stratify")
             raise ValueError(f"'stratify_by' is not used by rule '{self.rule}'")
         if self.rule == "chain" and self._given("column"):
             raise ValueError("'column' is not used by rule 'chain' (each step names its column)")
@@ -341,8 +399,10 @@ class SelectConfig(Section):
 
     @property
     def drop_by(self) -> str:
-        """drop_fill: the column the drop reads (``drop_column``, default ``column``)."""
-        return self.drop_column or self.column
+        """drop_fill: the column the drop reads (``drop_column``: by default ``neg_clip_loss``
+        with ``drop_share_from``, else unset, i.e. ``column``); ``column`` under another rule,
+        which has no drop (the drop_fill fields' defaults mean nothing there)."""
+        return (self.drop_column or self.column) if self.rule == "drop_fill" else self.column
 
     @property
     def drop_below_applied(self) -> float | None:
@@ -543,9 +603,20 @@ def check_consistency(config: RunConfig, source: str) -> None:
     computed = columns_computed(method_components(config.score.method, config.score.adam))
     for key, column in _select_columns(select):
         if column not in computed:
+            field = key.removeprefix("select.")
+            if select.rule == "drop_fill" and field not in select.model_fields_set:
+                # a default of the recipe, not a key the user wrote: say which key to set
+                choices = [c for c in computed if c in ESTIMATE_COLUMNS] if field == "drop_share_from" else computed
+                raise UsageError(f"{source}: {key}: the default '{column}' is not computed when score.method is "
+                                 f"'{config.score.method}' and score.adam is {config.score.adam}; set {key} "
+                                 f"to one of {', '.join(choices)}")
             raise UsageError(f"{source}: {key}: '{column}' is not computed when score.method "
                              f"is '{config.score.method}' and score.adam is {config.score.adam} "
                              f"(use one of {', '.join(computed)})")
+    if select.reads_clusters and config.score.embeddings.clusters == 0:
+        fill = "'cluster'" + ("" if "fill" in select.model_fields_set else " (the default)")
+        raise UsageError(f"{source}: select.fill: {fill} needs the score files' cluster column; set "
+                         "score.embeddings.clusters > 0, or select.fill: random")
     if select.stratify_by and select.stratify_by not in config.score.keep_json_fields:
         raise UsageError(f"{source}: select.stratify_by: json field '{select.stratify_by}' is not kept in "
                          "the score files; add it to score.keep_json_fields")

@@ -20,7 +20,9 @@ label oracle:
   dropped, the budget filled in the random rule's order: the headroom a perfect harm detector
   gives (datasets with that ground truth only; computed here, not by the reducer).
 
-Every method but ``oracle`` is a :class:`~pipeline.config.SelectConfig` run by the real reducer.
+Every method but ``oracle`` is a :class:`~pipeline.config.SelectConfig` run by the real reducer,
+with every drop_fill setting it depends on named (the config's defaults are one of these methods,
+``neg_clip_loss+share``, and may change again; a method's selection must not).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Method:
             return SelectConfig(column=self.column, rule="top_fraction", fraction=fraction)
         if self.rule == "share":
             return SelectConfig(column=self.column, rule="drop_fill", fraction=fraction, seed=seed, fill="cluster",
-                                drop_share_from=DEFAULT_COLUMN)
+                                drop_share_from=DEFAULT_COLUMN, drop_column=self.column)
         drop = ({"drop_below": 0.0} if self.column in ESTIMATE_COLUMNS
                 else {"drop_fraction": CHEAP_DROP_FRACTION})
         return SelectConfig(column=self.column, rule="drop_fill", fraction=fraction, seed=seed,

@@ -103,7 +103,8 @@ def _subtitle(data: ReportData) -> str:
         return f"selection: chain {steps}"
     drop = sel.get("drop_fill") or {}
     if drop:
-        return (f"selection: drop_fill {budget} on {sel.get('column')}: dropped {drop.get('dropped')} with "
+        share = f" (as many as {drop['drop_share_from']} scores below 0)" if drop.get("drop_share_from") else ""
+        return (f"selection: drop_fill {budget} on {sel.get('column')}: dropped {drop.get('dropped')}{share} with "
                 f"{drop.get('drop_column')} below {drop.get('drop_threshold')}, fill {drop.get('fill')} "
                 f"({drop.get('filled_from_dropped')} filled from the dropped)")
     return f"selection: {sel.get('rule')} {budget} on {sel.get('column')}".strip()

@@ -221,6 +221,13 @@ def test_method_names_map_to_reducer_rules() -> None:
     assert (drop.rule, drop.fill, drop.drop_below, drop.drop_fraction, drop.seed) == ("drop_fill", "random", 0.0, None, 7)
     cheap = Method.parse("neg_clip_loss+cluster").select_config(0.5, 1)
     assert (cheap.fill, cheap.drop_fraction, cheap.drop_below) == ("cluster", CHEAP_DROP_FRACTION, None)
+    # each method's drop reads its own column, whatever the config's defaults (the default recipe is
+    # neg_clip_loss+share, whose drop column is neg_clip_loss; clip_score+share's is clip_score)
+    assert (drop.drop_by, drop.drop_share_from, cheap.drop_by, cheap.drop_share_from) == (
+        "diffin_unrolled", None, "neg_clip_loss", None)
+    share = Method.parse("clip_score+share").select_config(0.5, 1)
+    assert (share.column, share.drop_by, share.drop_share_from, share.fill) == (
+        "clip_score", "clip_score", "diffin_unrolled", "cluster")
     chain = Method.parse("chain").select_config(0.3, 0)
     assert [(s.column, s.fraction) for s in chain.steps] == [("neg_clip_loss", 0.45), ("norm_sim_inf", 0.3)]
     assert Method.parse("oracle").select_config(0.3, 0) is None and Method.parse("oracle").needs_labels

@@ -161,7 +161,7 @@ def test_kept_uids_filter_the_original_img2dataset_shards(tmp_path: Path) -> Non
         files.append(write_score_file(tmp_path / "scores" / f"{s:05d}.parquet", url,
                                       [float((7 * i + s) % 8) for i in range(len(raws))],
                                       uids=uids, keys=[r.key for r in raws]))
-    select(files, SelectConfig(fraction=0.5), tmp_path / "selection")
+    select(files, SelectConfig(rule="top_fraction", fraction=0.5), tmp_path / "selection")
     kept = set(pq_column(tmp_path / "selection" / KEPT_FILE, "key"))
     assert len(kept) == 8
     run = tmp_path / "run"  # what KeptUids.from_run reads: the run's config and selection

@@ -249,3 +249,7 @@ def test_new_rules_show_their_steps_and_no_cut() -> None:
     assert _subtitle(SimpleNamespace(selection=chain)) == (
         "selection: chain neg_clip_loss 0.3 then norm_sim_inf 0.2")
     assert "dropped 7 with tracin below 0.0, fill random" in _subtitle(SimpleNamespace(selection=drop))
+    share = {**drop, "drop_fill": {**drop["drop_fill"], "drop_column": "neg_clip_loss", "drop_threshold": -1.5,
+                                   "drop_share_from": "diffin_unrolled", "fill": "cluster"}}
+    assert ("dropped 7 (as many as diffin_unrolled scores below 0) with neg_clip_loss below -1.5, fill cluster"
+            in _subtitle(SimpleNamespace(selection=share)))

@@ -180,11 +180,11 @@ def zeros_at_the_cut(tmp_path: Path) -> list[Path]:
 
 
 CONFIGS = [
-    SelectConfig(fraction=0.3), SelectConfig(fraction=0.7), SelectConfig(fraction=1.0), SelectConfig(fraction=0.01),
+    SelectConfig(rule="top_fraction", fraction=0.3), SelectConfig(rule="top_fraction", fraction=0.7), SelectConfig(rule="top_fraction", fraction=1.0), SelectConfig(rule="top_fraction", fraction=0.01),
     SelectConfig(rule="top_k", k=1), SelectConfig(rule="top_k", k=37), SelectConfig(rule="top_k", k=10_000),
     SelectConfig(rule="threshold", threshold=0.5), SelectConfig(rule="threshold", threshold=0.0),
     SelectConfig(rule="threshold", threshold=99.0), SelectConfig(rule="random", fraction=0.4, seed=5),
-    SelectConfig(rule="random", k=9, seed=0), SelectConfig(column="tracin", fraction=0.5),
+    SelectConfig(rule="random", k=9, seed=0), SelectConfig(rule="top_fraction", column="tracin", fraction=0.5),
 ]
 
 
@@ -216,11 +216,11 @@ def test_bounded_outputs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_duplicates_and_both_zeros_at_the_cut(tmp_path: Path) -> None:
-    summary = same_outputs(corpus(tmp_path), SelectConfig(fraction=1.0, max_rows_in_memory=3), tmp_path, "all")
+    summary = same_outputs(corpus(tmp_path), SelectConfig(rule="top_fraction", fraction=1.0, max_rows_in_memory=3), tmp_path, "all")
     assert summary["duplicate_kept_uids"] == 7  # one uid on 8 rows (2 in each of 4 files)
     files = zeros_at_the_cut(tmp_path)
     for budget in (1, 2, 1000):
-        summary = same_outputs(files, SelectConfig(fraction=0.7, max_rows_in_memory=budget), tmp_path, f"z{budget}")
+        summary = same_outputs(files, SelectConfig(rule="top_fraction", fraction=0.7, max_rows_in_memory=budget), tmp_path, f"z{budget}")
         assert summary["threshold_applied"] == 0.0 and summary["counts"]["kept"] == 70
     for threshold in (0.0, -0.0):
         summary = same_outputs(files, SelectConfig(rule="threshold", threshold=threshold), tmp_path, f"t{threshold}")
@@ -231,7 +231,7 @@ def test_many_equal_scores_beyond_the_budget(tmp_path: Path) -> None:
     """Most rows share one score: the searches run past the score bits into the uid."""
     files = [write_score_file(tmp_path / f"eq/{i}.parquet", f"eq/{i}.tar", [1.5] * 30 + [float(i)])
              for i in range(3)]
-    for cfg in (SelectConfig(rule="top_k", k=40, max_rows_in_memory=5), SelectConfig(fraction=0.5, max_rows_in_memory=2)):
+    for cfg in (SelectConfig(rule="top_k", k=40, max_rows_in_memory=5), SelectConfig(rule="top_fraction", fraction=0.5, max_rows_in_memory=2)):
         same_outputs(files, cfg, tmp_path, f"k{cfg.k}")
 
 
@@ -245,10 +245,10 @@ def test_empty_and_all_failed(tmp_path: Path) -> None:
 def test_bounded_refuses_what_the_in_memory_path_refuses(tmp_path: Path) -> None:
     files = corpus(tmp_path)
     with pytest.raises(UsageError, match=r"20 rows are not scored ok.*decode_error: 4"):
-        select(files, SelectConfig(failed="error"), tmp_path / "out", strategy="bounded")
+        select(files, SelectConfig(rule="top_fraction", failed="error"), tmp_path / "out", strategy="bounded")
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="does not stratify"):
-        select(files, SelectConfig(stratify_by="lang"), tmp_path / "out", strategy="bounded")
+        select(files, SelectConfig(rule="top_fraction", stratify_by="lang"), tmp_path / "out", strategy="bounded")
 
 
 @pytest.mark.ray
@@ -260,7 +260,7 @@ def test_bounded_as_ray_tasks(tmp_path: Path) -> None:
     from pipeline.runtime.executor import RayExecutor, Resources
 
     files = corpus(tmp_path)
-    cfg = SelectConfig(fraction=0.4)  # one search pass: Ray tasks are slow to start (refining is tested above)
+    cfg = SelectConfig(rule="top_fraction", fraction=0.4)  # one search pass: Ray tasks are slow to start (refining is tested above)
     select(files, cfg, tmp_path / "memory", strategy="memory")
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
@@ -284,7 +284,7 @@ def test_bounded_reads_and_writes_a_bucket(s3_server, tmp_path: Path) -> None:
     for f in files:
         fs.put_file(str(f), f"reducer-test/scores/{f.name}")
     storage = {"s3": s3_server}
-    cfg = SelectConfig(fraction=0.4, max_rows_in_memory=4)
+    cfg = SelectConfig(rule="top_fraction", fraction=0.4, max_rows_in_memory=4)
     select(files, cfg, tmp_path / "memory", strategy="memory")
     select([as_path(f"s3://reducer-test/scores/{f.name}", storage) for f in files], cfg,
            as_path("s3://reducer-test/selection", storage), strategy="bounded")

@@ -59,26 +59,29 @@ def drop_fill(**settings) -> SelectConfig:
 
 
 DROPS = {
-    "below": dict(column="diffin_unrolled"),  # drop_below 0.0, the estimate's default (0.0 survives)
+    "below": dict(column="diffin_unrolled", drop_share_from=None),  # drop_below 0.0 on the estimate (0.0 survives)
     "fraction": dict(column="clip_score", drop_column="tracin", drop_fraction=0.35),
-    "share": dict(column="clip_score", drop_share_from="diffin_unrolled"),  # drop_column = column
+    "share": dict(column="clip_score", drop_share_from="diffin_unrolled", drop_column="clip_score"),
 }
 FILLS = {"random": dict(fill="random", seed=3), "score": dict(fill="score"), "cluster": dict(fill="cluster", seed=5)}
 MORE = [
-    drop_fill(column="diffin_unrolled", fraction=0.9, fill="score"),  # short rest: refilled from the dropped
-    drop_fill(column="clip_score", drop_column="tracin", fraction=0.6, fill="cluster"),  # -0.0 >= 0.0 survives
+    drop_fill(column="diffin_unrolled", drop_share_from=None, fraction=0.9, fill="score"),  # short rest: refilled
+    drop_fill(column="clip_score", drop_column="tracin", drop_share_from=None, fraction=0.6,
+              fill="cluster"),  # -0.0 >= 0.0 survives
     drop_fill(column="clip_score", drop_below=0.25, k=60, fill="cluster", cluster_power=0.0),  # short rest, cluster
     drop_fill(column="clip_score", drop_column="tracin", drop_fraction=0.8, fraction=0.5, fill="cluster",
               cluster_power=0.5),
-    drop_fill(column="clip_score", drop_column="diffin_unrolled", k=1, fill="random", seed=9),
+    drop_fill(column="clip_score", drop_column="diffin_unrolled", drop_share_from=None, k=1, fill="random", seed=9),
     drop_fill(column="clip_score", drop_fraction=0.0, fraction=0.5, fill="score"),  # nothing dropped
     drop_fill(column="clip_score", drop_below=99.0, fraction=0.4, fill="cluster"),  # everything dropped
-    drop_fill(column="diffin_unrolled", drop_column="tracin", k=10_000, fill="random"),  # every row kept
+    drop_fill(column="diffin_unrolled", drop_column="tracin", drop_share_from=None, k=10_000,
+              fill="random"),  # every row kept
     drop_fill(column="clip_score", drop_column="tracin", drop_fraction=0.45, k=30, fill="score"),  # cut in ±0.0
     drop_fill(column="diffin_unrolled", drop_share_from="tracin", drop_column="clip_score", k=25, fill="cluster"),
 ]
 CONFIGS = {f"{d}-{f}": drop_fill(**DROPS[d], **FILLS[f], fraction=0.3) for d in DROPS for f in FILLS}
 CONFIGS.update({f"more{i}": cfg for i, cfg in enumerate(MORE)})
+CONFIGS["default"] = SelectConfig()  # the default recipe: diffin_unrolled's share, by neg_clip_loss, per cluster
 
 
 @pytest.mark.parametrize("budget", [1, 3, 1_000_000])
@@ -106,7 +109,8 @@ def test_drop_fill_ties_beyond_the_budget(tmp_path: Path) -> None:
                               overrides={"tracin": [-1.0] * 10 + [2.0] * 21, "cluster": [i % 2] * 15 + [None] * 16})
              for i in range(3)]
     for i, cfg in enumerate([drop_fill(column="clip_score", drop_fraction=0.5, fraction=0.3, fill="score"),
-                             drop_fill(column="clip_score", drop_share_from="tracin", k=40, fill="score"),
+                             drop_fill(column="clip_score", drop_share_from="tracin", drop_column="clip_score",
+                                       k=40, fill="score"),
                              drop_fill(column="clip_score", drop_fraction=0.2, k=50, fill="cluster"),
                              drop_fill(column="tracin", drop_below=1.5, fraction=0.5, fill="random")]):
         same_outputs(files, cfg.model_copy(update={"max_rows_in_memory": 2}), tmp_path, f"eq{i}")

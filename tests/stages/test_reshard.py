@@ -53,7 +53,7 @@ def selection(tmp_path_factory: pytest.TempPathFactory) -> Path:
             root / "scores" / f"{s:05d}.parquet", url, [float((7 * i + s) % PER_SHARD) for i in range(PER_SHARD)],
             uids=[make_uid("reshard", f"{s}/{i}") for i in range(PER_SHARD)],
             keys=[f"k{s}x{i:03d}" for i in range(PER_SHARD)]))
-    select(files, SelectConfig(fraction=0.5), root / "selection")
+    select(files, SelectConfig(rule="top_fraction", fraction=0.5), root / "selection")
     return root
 
 

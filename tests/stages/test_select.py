@@ -123,7 +123,7 @@ def stratified(tmp_path: Path) -> list[Path]:
 
 
 def test_stratified_top_fraction_applies_per_stratum(tmp_path: Path) -> None:
-    summary = select(stratified(tmp_path), SelectConfig(fraction=0.5, stratify_by="lang"), tmp_path / "out")
+    summary = select(stratified(tmp_path), SelectConfig(rule="top_fraction", fraction=0.5, stratify_by="lang"), tmp_path / "out")
     rows = kept(tmp_path / "out")
     # round half up per stratum: a 2.5→3, b 1.5→2, c 1→1, null 0.5→1
     assert sorted(r["score"] for r in rows) == [2.0, 3.0, 4.0, 11.0, 12.0, 21.0, 30.0]
@@ -153,7 +153,7 @@ def test_largest_remainder_ties_go_to_the_first_stratum() -> None:
 
 def test_missing_stratum_column_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="json.lang"):
-        select(corpus(tmp_path, 1, 4), SelectConfig(stratify_by="lang"), tmp_path / "out")
+        select(corpus(tmp_path, 1, 4), SelectConfig(rule="top_fraction", stratify_by="lang"), tmp_path / "out")
 
 
 def failing(tmp_path: Path) -> Path:
@@ -163,7 +163,7 @@ def failing(tmp_path: Path) -> Path:
 
 
 def test_failed_rows_are_dropped_and_counted(tmp_path: Path) -> None:
-    summary = select([failing(tmp_path)], SelectConfig(fraction=1.0), tmp_path / "out")
+    summary = select([failing(tmp_path)], SelectConfig(rule="top_fraction", fraction=1.0), tmp_path / "out")
     assert sorted(r["key"] for r in kept(tmp_path / "out")) == ["s0000", "s0006"]
     assert summary["counts"] == {"in": 7, "scored_ok": 2, "failed": 5, "kept": 2, "missing": 0}
     assert summary["failed_by_status"] == {"decode_error": 1, "missing_text": 1}
@@ -175,15 +175,15 @@ def test_failed_rows_are_dropped_and_counted(tmp_path: Path) -> None:
 
 def test_failed_rows_refused_in_error_mode(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"5 rows are not scored ok.*decode_error: 1"):
-        select([failing(tmp_path)], SelectConfig(failed="error"), tmp_path / "out")
+        select([failing(tmp_path)], SelectConfig(rule="top_fraction", failed="error"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    summary = select(corpus(tmp_path, 1, 5), SelectConfig(failed="error", fraction=1.0), tmp_path / "ok")
+    summary = select(corpus(tmp_path, 1, 5), SelectConfig(rule="top_fraction", failed="error", fraction=1.0), tmp_path / "ok")
     assert summary["counts"]["kept"] == 5
 
 
 def test_outputs_are_consistent(tmp_path: Path) -> None:
     files = corpus(tmp_path, n_files=3, n=20)
-    summary = select(files, SelectConfig(fraction=0.3), tmp_path / "out")
+    summary = select(files, SelectConfig(rule="top_fraction", fraction=0.3), tmp_path / "out")
     out = tmp_path / "out"
     rows = kept(out)
     assert len(rows) == 18 == summary["counts"]["kept"]
@@ -286,8 +286,9 @@ def test_a_config_written_in_full_reads_back_the_same(settings: dict) -> None:
 
 def test_config_defaults_are_valid() -> None:
     cfg = SelectConfig()
-    assert (cfg.column, cfg.rule, cfg.fraction, cfg.failed) == ("diffin_unrolled", "top_fraction", 0.3, "drop")
+    assert (cfg.column, cfg.rule, cfg.fraction, cfg.failed) == ("diffin_unrolled", "drop_fill", 0.3, "drop")
     assert SelectConfig(rule="random").fraction == 0.3
+    assert SelectConfig(rule="top_fraction").fraction == 0.3
 
 
 def test_summary_shows_the_settings_as_applied() -> None:

@@ -50,9 +50,11 @@ def seeded(indices: list[int], seed: int) -> list[int]:
 ESTIMATE = [0.5, -0.1, 0.2, -0.3, 0.0, 0.8, 0.1, -0.05, 0.3, 0.4]  # diffin_unrolled, an estimate
 
 
-def test_drop_below_zero_is_the_default_for_an_estimate(tmp_path: Path) -> None:
+def test_without_a_share_an_estimate_drops_below_its_zero(tmp_path: Path) -> None:
+    """``drop_share_from: null`` and no drop_below / drop_fraction: the estimate column's own
+    zero is the threshold, and the drop reads ``column`` (drop_column is unset with the share)."""
     f = score_file(tmp_path, {"diffin_unrolled": ESTIMATE})
-    cfg = SelectConfig(rule="drop_fill", fraction=0.4, fill="score")
+    cfg = SelectConfig(rule="drop_fill", drop_share_from=None, fraction=0.4, fill="score")
     summary = select([f], cfg, tmp_path / "out")
     # below 0 dropped: 1, 3, 7; budget round(0.4 × 10) = 4 from the 7 others, best first (0.0 stays)
     assert by_rank(tmp_path / "out") == [5, 0, 9, 8]
@@ -76,7 +78,8 @@ def test_drop_share_from_an_estimate_drops_that_many_by_the_drop_column(tmp_path
     """The estimate's sign says how many pairs hurt (3 of 10 below 0); the cheap column says which."""
     clip = [0.1, 0.2, 0.3, 0.2, 0.05, 0.9, 0.6, 0.7, 0.5, 0.4]
     f = score_file(tmp_path, {"diffin_unrolled": ESTIMATE, "clip_score": clip})
-    cfg = SelectConfig(rule="drop_fill", column="clip_score", drop_share_from="diffin_unrolled", k=7, fill="score")
+    cfg = SelectConfig(rule="drop_fill", column="clip_score", drop_share_from="diffin_unrolled",
+                       drop_column="clip_score", k=7, fill="score")
     summary = select([f], cfg, tmp_path / "out")
     # 3 below 0 in the estimate → the 3 lowest clip_score rows go: 4, 0, then 3 (the tie at 0.2, larger uid)
     assert by_rank(tmp_path / "out") == [5, 7, 6, 8, 9, 2, 1]
@@ -86,7 +89,7 @@ def test_drop_share_from_an_estimate_drops_that_many_by_the_drop_column(tmp_path
 
 def test_fill_random_takes_the_seeded_order_of_the_rest(tmp_path: Path) -> None:
     f = score_file(tmp_path, {"diffin_unrolled": ESTIMATE})
-    cfg = SelectConfig(rule="drop_fill", fraction=0.3, seed=11)
+    cfg = SelectConfig(rule="drop_fill", drop_share_from=None, fraction=0.3, seed=11, fill="random")
     summary = select([f], cfg, tmp_path / "out")
     survivors = [i for i, v in enumerate(ESTIMATE) if v >= 0]
     assert by_rank(tmp_path / "out") == seeded(survivors, 11)[:3]
@@ -97,7 +100,7 @@ def test_short_rest_comes_from_the_dropped_rows_least_harmful_first(tmp_path: Pa
     estimate = [-0.5, 0.2, -0.1, -0.3, 0.6, -0.2, -0.05, -0.4]
     drop = {"tracin": estimate, "diffin_unrolled": [0.9, 0.1, 0.8, 0.7, 0.3, 0.6, 0.2, 0.5]}
     f = score_file(tmp_path, drop)
-    cfg = SelectConfig(rule="drop_fill", drop_column="tracin", k=5, fill="score")
+    cfg = SelectConfig(rule="drop_fill", drop_share_from=None, drop_column="tracin", k=5, fill="score")
     summary = select([f], cfg, tmp_path / "out")
     # 2 survive (1, 4): kept by diffin_unrolled (4 then 1); 3 more of the dropped by tracin: 6, 2, 5
     assert by_rank(tmp_path / "out") == [4, 1, 6, 2, 5]
@@ -133,7 +136,8 @@ CLUSTER_ESTIMATE = [0.9, 0.8, 0.7, 0.6, -0.1, 0.5, 0.4, -0.2, 0.3, 0.2, 0.1, 0.0
 ])
 def test_fill_cluster_quotas_and_seeded_order(tmp_path: Path, power: float, quotas: list[int]) -> None:
     f = score_file(tmp_path, {"diffin_unrolled": CLUSTER_ESTIMATE}, cluster=CLUSTERS)
-    cfg = SelectConfig(rule="drop_fill", fraction=0.5, fill="cluster", cluster_power=power, seed=2)
+    cfg = SelectConfig(rule="drop_fill", drop_share_from=None, fraction=0.5, fill="cluster", cluster_power=power,
+                       seed=2)
     summary = select([f], cfg, tmp_path / "out")
     survivors = [i for i, v in enumerate(CLUSTER_ESTIMATE) if v >= 0]
     expected = []
@@ -159,7 +163,8 @@ def test_pure_function_on_arrays() -> None:
     his = np.zeros(n, np.uint64)
     los = np.array([uid_to_u8u8(uid(i))[1] for i in range(n)], np.uint64)
     rows = rows_from_arrays(his, los, np.array(CLUSTER_ESTIMATE), cluster=CLUSTERS)
-    decision = decide(rows, 1, SelectConfig(rule="drop_fill", fraction=0.5, fill="cluster", seed=2))
+    decision = decide(rows, 1, SelectConfig(rule="drop_fill", drop_share_from=None, fraction=0.5, fill="cluster",
+                                            seed=2))
     assert sorted(decision.positions.tolist()) == sorted(seeded(
         [i for i, v in enumerate(CLUSTER_ESTIMATE) if v >= 0 and CLUSTERS[i] is None], 2)[:1]
         + seeded([i for i, v in enumerate(CLUSTER_ESTIMATE) if v >= 0 and CLUSTERS[i] == 0], 2)[:3]
@@ -198,7 +203,8 @@ def test_chain_by_hand(tmp_path: Path) -> None:
 
 
 DROP_FILL = [SelectConfig(rule="drop_fill", fraction=0.5, fill="cluster", cluster_power=0.5, seed=1),
-             SelectConfig(rule="drop_fill", k=3, fill="score"), SelectConfig(rule="drop_fill", fraction=0.9)]
+             SelectConfig(rule="drop_fill", k=3, fill="score"), SelectConfig(rule="drop_fill", fraction=0.9),
+             SelectConfig(), SelectConfig(drop_share_from=None, fill="random", fraction=0.5)]
 
 
 @pytest.mark.parametrize("cfg", [CHAIN, *DROP_FILL])
@@ -239,8 +245,8 @@ def test_every_new_setting_changes_the_fingerprint(tmp_path: Path) -> None:
     prints |= {selection_fingerprint(c, [f]) for c in chains}
     assert len(prints) == len(changes) + 3
     # the older rules' fingerprints and effective settings do not see the new fields
-    assert set(SelectConfig().settings()) == {"column", "rule", "fraction", "k", "threshold", "seed",
-                                              "stratify_by", "failed"}
+    assert set(SelectConfig(rule="top_fraction").settings()) == {"column", "rule", "fraction", "k", "threshold",
+                                                                 "seed", "stratify_by", "failed"}
 
 
 # --------------------------------------------------------------------------- config errors
@@ -263,9 +269,9 @@ def run_config(tmp_path: Path, select_section: dict, method: str = "unrolled") -
     ({"rule": "chain", "steps": [{"column": "clip_score", "fraction": 0.3},
                                  {"column": "tracin", "fraction": 0.2}]}, "unrolled",
      r"select.steps\[1\].column: 'tracin' is not computed when score.method is 'unrolled'"),
-    ({"rule": "drop_fill", "column": "norm_sim_2"}, "unrolled",
+    ({"rule": "drop_fill", "column": "norm_sim_2", "drop_share_from": None}, "unrolled",
      "rule 'drop_fill' on 'norm_sim_2' .* needs 'drop_below', 'drop_fraction' or 'drop_share_from'"),
-    ({"rule": "drop_fill", "column": "tracin", "drop_column": "clip_score"}, "tracin",
+    ({"rule": "drop_fill", "column": "tracin", "drop_column": "clip_score", "drop_share_from": None}, "tracin",
      "rule 'drop_fill' on 'clip_score'"),
     ({"rule": "drop_fill", "drop_below": 0.0, "drop_fraction": 0.1}, "unrolled",
      "one of 'drop_below', 'drop_fraction', 'drop_share_from', not 'drop_below' and 'drop_fraction'"),
@@ -296,7 +302,7 @@ def test_valid_new_rules_parse(tmp_path: Path) -> None:
                                         {"column": "norm_sim_inf", "fraction": 0.2}]}
     config = parse_config(run_config(tmp_path, chain, "tracin"))  # the default column is not computed: unused
     assert config.select.score_column == "norm_sim_inf"
-    drop = {"rule": "drop_fill", "column": "clip_score", "drop_column": "diffin_unrolled", "fill": "cluster",
-            "cluster_power": 0.0, "k": 100}
+    drop = {"rule": "drop_fill", "column": "clip_score", "drop_column": "diffin_unrolled", "drop_share_from": None,
+            "fill": "cluster", "cluster_power": 0.0, "k": 100}
     cfg = parse_config(run_config(tmp_path, drop)).select
     assert cfg.effective()["drop_below"] == 0.0 and cfg.score_columns == ("clip_score", "diffin_unrolled")

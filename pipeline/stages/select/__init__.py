@@ -33,15 +33,18 @@ Rules of several columns (docs/METHOD.md, "Selection rules"; :mod:`.keep_rule`)
     - ``chain``: step i keeps round half up of f_i × eligible of step i−1's survivors, best
       first by its own column; ``score`` and ``rank`` are the last step's. The summary's
       ``chain`` lists each step's column, fraction, kept count and threshold_applied.
-    - ``drop_fill``: drop the rows whose ``drop_column`` is below ``drop_below`` (0.0 by
-      default on an influence estimate) or the bottom ``drop_fraction`` of them, then fill
+    - ``drop_fill`` (the default rule, with the default recipe: :class:`SelectConfig`): drop
+      as many rows as ``drop_share_from`` scores below 0, the lowest by ``drop_column``
+      (default), or the rows whose ``drop_column`` is below ``drop_below`` (0.0 as applied on
+      an influence estimate), or the bottom ``drop_fraction`` of them, then fill
       the budget (a fraction or k of all eligible rows) from the rest by ``fill``: the
       seeded order (``random``), best ``column`` first (``score``), or per-cluster quotas
       from the score files' ``cluster`` column, each cluster in the seeded order
       (``cluster``). Too few rest rows: all are kept, then the dropped rows, highest
       ``drop_column`` first. ``rank`` is the order of keeping. The summary's ``drop_fill``:
       drop_column, drop_threshold (every row not dropped is at or above it), eligible,
-      dropped, budget, fill, filled_from_dropped and, for ``fill: cluster``, per cluster
+      dropped, budget, fill, filled_from_dropped, with ``drop_share_from`` that column and its
+      below_zero count, and, for ``fill: cluster``, per cluster
       (null first) its eligible, not_dropped, quota and kept counts.
 
 Outputs in ``out_dir``: ``kept.parquet``, ``kept_uids.npy``, ``manifest.parquet``,

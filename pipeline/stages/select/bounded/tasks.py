@@ -166,7 +166,8 @@ def scan_file(task: ScanTask) -> FileScan:
     loaded = _FileRows(rows, task.file)
     threshold = cfg.threshold if cfg.rule == "threshold" else cfg.drop_below_applied
     at_or_above = int((loaded.values("drop") >= threshold).sum()) if threshold is not None else 0
-    below_zero = int((rows.values(cfg.drop_share_from, cfg) < 0).sum()) if cfg.drop_share_from else 0
+    share = cfg.drop_share_from if cfg.rule == "drop_fill" else None  # another rule has no drop
+    below_zero = int((rows.values(share, cfg) < 0).sum()) if share else 0
     histograms = {kind: sparse_histogram(digits(loaded.columns(kind), WIDTHS[kind], len(prefix)))
                   for kind, prefix in task.histograms}
     return FileScan(scan.files[0], dict(scan.failed_by_status), dict(scan.ok_without_score), scan.first_failed,
