@@ -12,6 +12,9 @@ Levers (each a setting of the pipeline):
 - ``adam``: ``score.adam`` (the optimizer-aware twins), Adam's own ε;
 - ``adam_floor``: the same with ``adam_eps_floor`` (P = 1/(√v̂ + max(ε, floor)));
 - ``ckpt8``: a proxy saving 8 checkpoints instead of 4 (same training run);
+- ``corpus_bank``: the per-pair loss's negatives drawn from the corpus (a seeded sample of the
+  training pairs, mismatched ones included) instead of the target set; V unchanged (a study
+  patch of ``split_bank``: the scorer takes its bank from the target table);
 - ``round2``: multi-round — drop the pairs ``diffin_unrolled`` scores below 0 in ``base``,
   retrain the proxy on the rest (same steps), rescore every pair.
 
@@ -34,11 +37,12 @@ from scipy.stats import rankdata
 
 from pipeline.bench import quality
 from pipeline.bench.metrics import noise_auc
+from pipeline.data.pairs import PairTable
 from pipeline.model.scorer import TrajectoryInfluence
 from pipeline.model.train import train_proxy
 from pipeline.model.trajectory import Trajectory
 
-LEVERS = ("base", "adam", "adam_floor", "ckpt8", "round2")
+LEVERS = ("base", "adam", "adam_floor", "ckpt8", "round2", "corpus_bank")
 FLOOR = 1e-4
 
 
@@ -60,6 +64,28 @@ def _trajectory(data, cfg, where: Path, exclude=()) -> Trajectory:
     return train_proxy(data.train, cfg, where, exclude=exclude, log_every=0)
 
 
+def _with_corpus_bank(data, influence):
+    """``data`` whose target table is (a corpus sample of bank_size pairs) + V, with the scorer's
+    ``split_bank`` patched to take exactly that sample as the bank."""
+    import pipeline.model.scorer as scorer_module
+
+    original = scorer_module.split_bank
+    _, v_idx = original(data.target, influence.bank_size, influence.seed)
+    sample = scorer_module.rank_select(data.train, influence.bank_size, influence.seed, "corpus_bank")
+    bank, v = data.train.subset(sample), data.target.subset(v_idx)
+    table = PairTable(bank.uids + v.uids, bank.keys + v.keys, bank.shards + v.shards,
+                      torch.cat([bank.images, v.images]), bank.captions + v.captions, {})
+    size = len(bank)
+
+    def split_bank(target, bank_size, seed):
+        if target is table:
+            return list(range(size)), list(range(size, len(table)))
+        return original(target, bank_size, seed)
+
+    scorer_module.split_bank = split_bank
+    return dataclasses.replace(data, target=table)
+
+
 def run_cell(data, spec, seed: int, lever: str, work: Path, base_scores: dict | None, noise: float) -> dict:
     cfg = spec.train.model_copy(update={"seed": seed, "threads": 1})
     influence = dataclasses.replace(spec.influence, seed=seed, components=("a", "d"))
@@ -75,6 +101,8 @@ def run_cell(data, spec, seed: int, lever: str, work: Path, base_scores: dict | 
         du = base_scores["diffin_unrolled"]
         exclude = [u for u, s in zip(data.train.uids, du) if s < 0]
         tag = "round2"
+    if lever == "corpus_bank":
+        data = _with_corpus_bank(data, influence)
     start = time.perf_counter()
     stem = f"{data.name}_n{round(noise * 100)}_s{seed}"
     trajectory = _trajectory(data, cfg, work / f"{stem}_{tag}", exclude)
