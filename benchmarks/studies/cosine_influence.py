@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from pipeline.bench import quality
+from harm_levers import one_trajectory_study  # a sibling study script (run with benchmarks/studies on PYTHONPATH)
 from pipeline.bench.metrics import noise_auc
 from pipeline.influence.objective import forward_mode_safe
 from pipeline.model.scorer import TrajectoryInfluence, split_bank
@@ -58,18 +58,8 @@ def gradient_norms(scorer: TrajectoryInfluence, data, k: int, batch: int = 64) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--pairs", type=int, default=1500, help="score a seeded random subset of this many pairs")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--work", default="data/levers_work")
-    parser.add_argument("--out", default="benchmarks/results/harm_levers.jsonl")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    settings = quality.full_settings()
-    spec = settings.dataset(args.dataset)
-    data = quality.load_fashion_mnist(spec, args.data_dir, args.noise, args.dataset)
+    args, spec, data = one_trajectory_study(parser)
     subset = np.sort(np.random.default_rng(args.seed).permutation(len(data.train))[:args.pairs])
     data = dataclasses.replace(data, train=data.train.subset(subset.tolist()), noisy=data.noisy[subset])
     stem = f"{args.dataset}_n{round(args.noise * 100)}_s{args.seed}"

@@ -46,7 +46,7 @@ LEVERS = ("base", "adam", "adam_floor", "ckpt8", "round2", "corpus_bank")
 FLOOR = 1e-4
 
 
-def _report(noisy: np.ndarray, columns: dict[str, np.ndarray], cheap: np.ndarray | None) -> dict:
+def report_columns(noisy: np.ndarray, columns: dict[str, np.ndarray], cheap: np.ndarray | None) -> dict:
     out = {}
     for name, values in columns.items():
         neg = values < 0
@@ -120,8 +120,28 @@ def run_cell(data, spec, seed: int, lever: str, work: Path, base_scores: dict | 
     return {"dataset": data.name, "noise": noise, "seed": seed, "lever": lever, "excluded": len(exclude),
             "target_loss": [round(p.target_loss, 5) for p in prepared.prepared],
             "seconds": {"proxy": round(t_train, 1), "score": round(time.perf_counter() - start - t_train, 1)},
-            "columns": _report(data.noisy, columns, columns["neg_clip_loss"]),
+            "columns": report_columns(data.noisy, columns, columns["neg_clip_loss"]),
             "auc_per_checkpoint": per_checkpoint}
+
+
+def study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options the lever studies share: the corpus's noise, where data, trajectories and results go."""
+    parser.add_argument("--noise", type=float, default=0.3, help="share of mismatched captions in the corpus")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--work", default="data/levers_work", help="trajectories and per-pair scores")
+    parser.add_argument("--out", default="benchmarks/results/harm_levers.jsonl")
+
+
+def one_trajectory_study(parser: argparse.ArgumentParser):
+    """Parse a single-trajectory study's options (``--dataset``, ``--seed`` and the shared ones);
+    returns (args, the dataset's bench settings, its data)."""
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--seed", type=int, default=0)
+    study_arguments(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    spec = quality.full_settings().dataset(args.dataset)
+    return args, spec, quality.load_fashion_mnist(spec, args.data_dir, args.noise, args.dataset)
 
 
 def main() -> None:
@@ -129,10 +149,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["fashion_mnist"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
-    parser.add_argument("--noise", type=float, default=0.3, help="share of mismatched captions in the corpus")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--work", default="data/levers_work")
-    parser.add_argument("--out", default="benchmarks/results/harm_levers.jsonl")
+    study_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = quality.full_settings()

@@ -34,7 +34,7 @@ from pipeline.influence.prepare import mean_loss_grad, per_sample_loss, prepare_
 from pipeline.model.scorer import TrajectoryInfluence, UnrolledPrepared, rank_select, segment_lrs, split_bank
 from pipeline.model.trajectory import Trajectory
 
-from harm_levers import _report  # noqa: E402  (a sibling study script)
+from harm_levers import one_trajectory_study, report_columns  # a sibling study script (run with benchmarks/studies on PYTHONPATH)
 
 
 def zero_shot_prepared(scorer: TrajectoryInfluence, data, labels: np.ndarray):
@@ -73,17 +73,7 @@ def zero_shot_prepared(scorer: TrajectoryInfluence, data, labels: np.ndarray):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise", type=float, default=0.3)
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--work", default="data/levers_work")
-    parser.add_argument("--out", default="benchmarks/results/harm_levers.jsonl")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    settings = quality.full_settings()
-    spec = settings.dataset(args.dataset)
-    data = quality.load_fashion_mnist(spec, args.data_dir, args.noise, args.dataset)
+    args, spec, data = one_trajectory_study(parser)
     meta = quality.read_json_meta(Path(data.corpus) / "test")
     labels = np.array([int(meta[u]["label"]) for u in data.target.uids])
     stem = f"{args.dataset}_n{round(args.noise * 100)}_s{args.seed}"
@@ -99,7 +89,7 @@ def main() -> None:
     record = {"dataset": args.dataset, "noise": args.noise, "seed": args.seed, "lever": "zero_shot", "excluded": 0,
               "target_loss": [round(x, 5) for x in losses],
               "seconds": {"proxy": 0.0, "score": round(time.perf_counter() - start, 1)},
-              "columns": _report(data.noisy, {c: columns[c] for c in ("tracin", "diffin_unrolled")},
+              "columns": report_columns(data.noisy, {c: columns[c] for c in ("tracin", "diffin_unrolled")},
                                  columns["neg_clip_loss"])}
     with Path(args.out).open("a") as handle:
         handle.write(json.dumps(record) + "\n")
