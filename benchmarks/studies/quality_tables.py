@@ -15,15 +15,22 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.bench.quality import BUDGETS, METRICS, _add_headroom, _summarise, read_cells
+from pipeline.bench.quality import (BUDGETS, METRICS, _add_headroom, _summarise, full_settings, read_cells,
+                                    settings_fingerprint, target_loss_check)
 from pipeline.bench.selections import Method
 
 
-def tables(path: str) -> str:
+def tables(path: str, noise: float = 0.3) -> str:
+    """The tables of the cells with the current full settings' fingerprint (``noise``: the
+    Fashion-MNIST corpora's), without the seeds the benchmark withholds."""
     cells = read_cells(__import__("pathlib").Path(path))
+    settings = full_settings()
     out: list[str] = []
     for name in METRICS:
-        mine = [c for c in cells if c["dataset"] == name]
+        current = settings_fingerprint(settings.dataset(name), noise)
+        mine = [c for c in cells if c["dataset"] == name and c["settings"] == current]
+        withheld = {c["seed"] for c in mine if c["kind"] == "scores" and target_loss_check(c) is not None}
+        mine = [c for c in mine if c["seed"] not in withheld]
         if not mine:
             continue
         metric = METRICS[name][0]
@@ -80,4 +87,6 @@ def _fmt(entry: dict | None, metric: str) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cells", nargs="?", default="benchmarks/results/quality_cells.jsonl")
-    print(tables(parser.parse_args().cells))
+    parser.add_argument("--noise", type=float, default=0.3)
+    args = parser.parse_args()
+    print(tables(args.cells, args.noise))
