@@ -46,8 +46,11 @@ def score_fingerprint(prepare_fp: str, config: RunConfig) -> str:
     score = config.score.model_dump(mode="json")
     for key in ("batch_size", "device"):  # do not change what is computed
         score.pop(key)
-    if score["checkpoint_window"] == "all":  # opt-in: the fingerprints of earlier runs stay as they were
-        score.pop("checkpoint_window")
+    from pipeline.model.scorer import OPT_IN_DEFAULTS  # the model stack loads lazily, as in the workers
+
+    for name, default in OPT_IN_DEFAULTS.items():  # opt-in: the fingerprints of earlier runs stay as they were
+        if score.get(name) == default:
+            score.pop(name)
     payload = json.dumps({"prepare": prepare_fp, "score": score, "uid_from": list(config.data.uid_from)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
