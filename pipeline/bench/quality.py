@@ -647,8 +647,9 @@ def aggregate(name: str, cells: Sequence[dict[str, Any]], seeds: Sequence[int],
     random row exist, the full set, noise AUC per column. A seed whose scores fail the
     target-loss check (:func:`target_loss_check`) is withheld (``withhold``): listed, never averaged."""
     metrics = METRICS[name]
-    withheld = {c["seed"]: target_loss_check(c) for c in cells
-                if withhold and c["kind"] == "scores" and c["seed"] in seeds and target_loss_check(c) is not None}
+    checks = {c["seed"]: target_loss_check(c) for c in cells
+              if withhold and c["kind"] == "scores" and c["seed"] in seeds}
+    withheld = {seed: why for seed, why in checks.items() if why is not None}
     seeds = [s for s in seeds if s not in withheld]
     scored = [c for c in cells if c["kind"] == "scores" and c["seed"] in seeds]
     report: dict[str, Any] = {"withheld": {str(s): why for s, why in sorted(withheld.items())}} if withheld else {}
