@@ -4,13 +4,14 @@ One owner for the layout; stages, jobs and the report ask it for paths::
 
     <run>/
       config.json            the configuration as applied
-      run_summary.json       what the last ``diffin run`` (or stage job) did
+      run_summary.json       what the jobs did (each job merges its stages' keys in)
       trajectory/            the proxy trajectory (trajectory.json = completion marker)
       prepared/              bank.pt, ckpt_XXX.pt, embeddings.pt, unrolled.pt (each stamped with a fingerprint)
       scores/<stem>.parquet  one score file per input shard (fingerprint in its metadata)
       stats/<stem>.json      per-shard statistics of the score stage
       selection/             kept.parquet, kept_uids.npy, manifest.parquet, summary.json, done.json
       shards/                the filtered shards (reshard_plan.json, sizes.json)
+      selections/NAME/       a named selection: the files of selection/, and its own shards/
       report/index.html      ``diffin report``
 """
 
@@ -31,6 +32,8 @@ SCORES_DIR = "scores"
 STATS_DIR = "stats"
 SELECTION_DIR = "selection"
 SHARDS_DIR = "shards"
+SELECTIONS_DIR = "selections"
+SELECTION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 REPORT_DIR = "report"
 REPORT_FILE = "index.html"
 BANK_FILE = "bank.pt"
@@ -61,6 +64,15 @@ def check_unique_stems(urls: Sequence[str]) -> None:
             raise UsageError(f"data.shards: {seen[stem]} and {url} have the same file name ({stem}); "
                              "each shard's scores are stored by file name, so rename one")
         seen[stem] = url
+
+
+def check_selection_name(name: str) -> str:
+    """``name`` if it can name a selection directory, else UsageError in one line: letters,
+    digits, ``.``, ``_``, ``-``; not starting with ``.`` (no path separators, no ``..``)."""
+    if not isinstance(name, str) or not name or name.startswith(".") or not set(name) <= SELECTION_NAME_CHARS:
+        raise UsageError(f"selection name {name!r}: use letters, digits, '.', '_' and '-' "
+                         "(not starting with '.'; no path separators)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,21 @@ class RunLayout:
     @property
     def shards(self) -> StoragePath:
         return self.root / SHARDS_DIR
+
+    def selection_dir(self, name: str | None = None) -> StoragePath:
+        """``selection/`` (the ``select:`` section's), or ``selections/NAME/`` of a named one."""
+        return self.selection if name is None else self.root / SELECTIONS_DIR / check_selection_name(name)
+
+    def shards_dir(self, name: str | None = None) -> StoragePath:
+        """``shards/`` (from ``selection/``), or ``selections/NAME/shards/`` of a named selection."""
+        return self.shards if name is None else self.selection_dir(name) / SHARDS_DIR
+
+    def selection_names(self) -> list[str]:
+        """The named selections present (``selections/*/``), sorted."""
+        where = self.root / SELECTIONS_DIR
+        if not where.is_dir():
+            return []
+        return sorted(p.name for p in where.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     @property
     def report(self) -> StoragePath:

@@ -10,6 +10,7 @@ executor; docs/ARCHITECTURE.md ("One stage shape") lists them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 from pipeline.config import RunConfig
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
+from pipeline.io.layout import RunLayout
 from pipeline.runtime.executor import Executor
 from pipeline.stages.context import RunContext
 from pipeline.stages.prepare import (prepare_fingerprint, prepared_target_losses, run_prepare, scored_checkpoints,
@@ -149,5 +151,33 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Execut
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = timings
     write_json_atomic(layout.config, config.model_dump(mode="json"))
-    write_json_atomic(layout.summary, summary)
-    return summary
+    return update_run_summary(layout, summary)
+
+
+def merge_summaries(previous: dict[str, Any], current: dict[str, Any],
+                    drop: Sequence[str] = ()) -> dict[str, Any]:
+    """``run_summary.json`` after a job: every key an earlier job wrote stays unless this job
+    wrote it again (a stage job keeps the other stages' keys: ``diffin select`` after
+    ``diffin run`` still shows the score stage's); ``stages`` and ``seconds`` are this job's,
+    ``stage_seconds`` and ``stages_run`` (every stage that ever ran here, in pipeline order)
+    accumulate; ``drop`` names keys whose outputs this job invalidated."""
+    merged = {k: v for k, v in previous.items() if k not in drop}
+    merged.update(current)
+    merged["stage_seconds"] = {**previous.get("stage_seconds", {}), **current.get("stage_seconds", {})}
+    ran = set(previous.get("stages_run", previous.get("stages", []))) | set(current.get("stages", []))
+    merged["stages_run"] = [s for s in STAGES if s in ran]
+    return merged
+
+
+def update_run_summary(layout: RunLayout, current: dict[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
+    """Merge ``current`` into the run's ``run_summary.json`` (:func:`merge_summaries`) and write
+    it atomically; returns the merged summary."""
+    previous: dict[str, Any] = {}
+    if layout.summary.is_file():
+        try:
+            previous = json.loads(layout.summary.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; starting a new summary", layout.summary)
+    merged = merge_summaries(previous, current, drop)
+    write_json_atomic(layout.summary, merged)
+    return merged

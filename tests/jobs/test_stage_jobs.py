@@ -34,6 +34,9 @@ def test_stage_jobs_in_order(tmp_path: Path, capsys) -> None:
     assert select.main(args) == 0
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["stages"] == ["select"] and summary["selection"]["kept"] == 10
+    # the stage jobs before it keep their keys: the score stage's counts are still there
+    assert summary["stages_run"] == ["prepare", "score", "select"] and summary["pairs_scored_now"] == 96
+    assert set(summary["stage_seconds"]) == {"prepare", "score", "select"}
     assert summary["selection"]["recomputed"] is True
     assert select.main(args) == 0  # complete: reused, not recomputed
     assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["selection"]["recomputed"] is False

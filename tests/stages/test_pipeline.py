@@ -127,3 +127,20 @@ def test_compiled_scoring_equals_eager(corpus: Path, tmp_path: Path) -> None:
     assert runs[True]["uid"] == runs[False]["uid"]
     eager, compiled = (torch.tensor(runs[k]["diffin_unrolled"], dtype=torch.float64) for k in (False, True))
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+
+
+def test_summaries_merge_across_jobs() -> None:
+    """A later job keeps the earlier jobs' keys, overrides its own, and can drop invalidated ones."""
+    from pipeline.stages.pipeline import merge_summaries
+
+    run = {"stages": ["trajectory", "prepare", "score", "select", "reshard"], "scores": "s", "pairs_scored_now": 9,
+           "selection": {"kept": 4}, "reshard": {"pairs": 4}, "seconds": 10.0,
+           "stage_seconds": {"score": 8.0, "select": 1.0, "reshard": 1.0}}
+    select = {"stages": ["select"], "selection": {"kept": 6}, "seconds": 1.5, "stage_seconds": {"select": 1.5}}
+    merged = merge_summaries(run, select, drop=("reshard",))
+    assert merged["pairs_scored_now"] == 9 and merged["scores"] == "s"  # the score stage's keys stay
+    assert merged["selection"] == {"kept": 6} and "reshard" not in merged
+    assert merged["stages"] == ["select"] and merged["seconds"] == 1.5
+    assert merged["stage_seconds"] == {"score": 8.0, "select": 1.5, "reshard": 1.0}
+    assert merged["stages_run"] == ["trajectory", "prepare", "score", "select", "reshard"]
+    assert merge_summaries({}, select)["stages_run"] == ["select"]
