@@ -10,7 +10,9 @@ components a_t = ⟨u_t, G_z⟩ from the real scorer, the per-pair gradient norm
 autograd (``torch.func.vmap(grad)``) with the negative bank's embeddings held fixed (the pair's
 own path through the network: the bank's share of a single pair's gradient is 1/256 of the
 softmax mass), and the noise AUC of Σ_t w_t a_t / ‖G_z,t‖ next to TracIn. Appended to the levers
-results file as lever ``cosine``.
+results file as lever ``cosine``. With ``--pairs`` at least the corpus size every pair is scored
+and the cosine column is saved as ``{dataset}_n30_s{seed}_cosine.npz`` (key ``tracin``: the cosine
+form in TracIn's place), which ``lever_retrains.py`` retrains on.
 
     nice -n 10 python benchmarks/studies/cosine_influence.py --dataset fashion_mnist --seed 0
 """
@@ -25,34 +27,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
 from harm_levers import one_trajectory_study  # a sibling study script (run with benchmarks/studies on PYTHONPATH)
 from pipeline.bench.metrics import noise_auc
-from pipeline.influence.objective import forward_mode_safe
+from pipeline.influence.cosine import cosine_form, fixed_context
+from pipeline.influence.cosine import gradient_norms as pair_gradient_norms
 from pipeline.model.scorer import TrajectoryInfluence, split_bank
 from pipeline.model.trajectory import Trajectory
 
 
 def gradient_norms(scorer: TrajectoryInfluence, data, k: int, batch: int = 64) -> np.ndarray:
-    """‖∇_θ ℓ_z(θ_k)‖ of every training pair, the bank's embeddings held fixed."""
+    """‖∇_θ ℓ_z(θ_k)‖ of every training pair, the bank's embeddings and the temperature held
+    fixed (:func:`pipeline.influence.cosine.gradient_norms`)."""
     s = scorer.settings
     bank_idx, _ = split_bank(data.target, s.bank_size, s.seed)
     objective = scorer._objective(data.target.images[bank_idx], [data.target.captions[i] for i in bank_idx])
     params = scorer.params[k]
-    with torch.no_grad():
-        context = tuple(c.detach() for c in objective.context(params))
-
-    def one(p, image, tokens):
-        batch1 = (image[None], tokens[None])
-        return objective.loss(objective.features(p, batch1), context, batch1)[0]
-
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
-    norms = []
-    with forward_mode_safe():
-        for images, tokens in scorer._batches(data.train, list(range(len(data.train))), batch):
-            grads = per_sample(params, images, tokens)
-            norms.append(torch.sqrt(sum((g.reshape(g.shape[0], -1).double() ** 2).sum(1) for g in grads.values())))
+    context = fixed_context(objective, params)
+    norms = [pair_gradient_norms(objective, params, (images, tokens), context)
+             for images, tokens in scorer._batches(data.train, list(range(len(data.train))), batch)]
     return torch.cat(norms).numpy()
 
 
@@ -60,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1500, help="score a seeded random subset of this many pairs")
     args, spec, data = one_trajectory_study(parser)
+    every_pair = args.pairs >= len(data.train)
     subset = np.sort(np.random.default_rng(args.seed).permutation(len(data.train))[:args.pairs])
     data = dataclasses.replace(data, train=data.train.subset(subset.tolist()), noisy=data.noisy[subset])
     stem = f"{args.dataset}_n{round(args.noise * 100)}_s{args.seed}"
@@ -72,7 +66,9 @@ def main() -> None:
     tracin = scores["tracin"].double().numpy()
     weights, *_ = np.linalg.lstsq(a.T, tracin, rcond=None)  # tracin = Σ_t w_t a_t
     norms = np.stack([gradient_norms(scorer, data, k) for k in range(a.shape[0])])
-    cosine = (weights[:, None] * a / np.maximum(norms, 1e-12)).sum(0)
+    cosine = cosine_form(torch.from_numpy(a), weights, torch.from_numpy(norms)).numpy()
+    if every_pair:  # in corpus order (the sorted full permutation): lever_retrains.py can retrain on it
+        np.savez(Path(args.work) / f"{stem}_cosine.npz", tracin=cosine)  # the cosine form in tracin's place
     record = {"dataset": args.dataset, "noise": args.noise, "seed": args.seed, "lever": "cosine", "pairs": len(subset),
               "target_loss": None, "seconds": {"proxy": 0.0, "score": round(time.perf_counter() - start, 1)},
               "checkpoint_weights": [float(w) for w in weights],

@@ -10,7 +10,8 @@ appends one line per (lever, column, budget) to ``benchmarks/results/lever_retra
 
 Every other column of the score files is the benchmark's own cell (its score cache), so the
 ``base`` lever reproduces the benchmark's ``diffin_unrolled+drop`` selection: the study checks
-the kept set's digest against the benchmark's cell and stops on a mismatch. Headroom shares are
+the kept set's digest against the benchmark's cell and stops on a mismatch. A lever whose scores
+are not there yet (``cosine_influence.py --pairs 6000`` writes the cosine form) is skipped. Headroom shares are
 computed against the benchmark's ``random`` and ``oracle`` cells of the same seed.
 
     PYTHONPATH=.:benchmarks/studies nice -n 15 python benchmarks/studies/lever_retrains.py
@@ -36,7 +37,7 @@ CELLS = (("base", "diffin_unrolled"), ("adam", "tracin_adam"), ("ckpt8", "diffin
          ("zero_shot", "diffin_unrolled"), ("corpus_bank", "diffin_unrolled"), ("round2", "diffin_unrolled"),
          ("adam", "diffin_unrolled_adam"), ("ckpt8", "tracin"), ("zero_shot", "tracin"),
          ("corpus_bank", "tracin"), ("round2", "tracin"), ("adam_floor", "tracin_adam"),
-         ("adam_floor", "diffin_unrolled_adam"))
+         ("adam_floor", "diffin_unrolled_adam"), ("cosine", "tracin"))
 
 
 def bench_cells(cells: list[dict], fingerprint: str, dataset: str, seed: int) -> dict[tuple[str, str], dict]:
@@ -77,6 +78,9 @@ def main() -> None:
     stem = f"{args.dataset}_n{round(args.noise * 100)}_s{args.seed}"
     train = data.train
     for lever, column in CELLS:
+        if not (Path(args.levers_work) / f"{stem}_{lever}.npz").is_file():
+            print(f"{lever}: no scores yet, skipped", flush=True)
+            continue
         with np.load(Path(args.levers_work) / f"{stem}_{lever}.npz") as lever_file:
             values = lever_file[column]
         arrays = {**base_arrays, column: values}
