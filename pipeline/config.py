@@ -120,11 +120,41 @@ class TrajectoryConfig(Section):
         return self
 
 
+class ZeroShotConfig(Section):
+    """``target.zero_shot``: L_V is a zero-shot classification task on the target images.
+
+    Instead of the target pairs' CLIP loss, L_V is the cross-entropy of the zero-shot
+    classifier built from ``classes`` × ``templates`` (each class's embedding: the normalised
+    mean of its prompts' normalised text embeddings, as zero-shot evaluation builds it) on the
+    target images, each labelled by its json field ``label_field`` (a class index or a class
+    name). The negative bank of the per-pair training loss still comes from the target pairs.
+    """
+
+    label_field: str = Field("label", min_length=1, description="json field of each target sample: class index or name")
+    classes: list[str] = Field(min_length=2, description="class names, in label-index order")
+    templates: list[str] = Field(["a photo of a {}."], min_length=1,
+                                 description="prompt templates; '{}' is replaced by the class name")
+
+    @model_validator(mode="after")
+    def _prompts(self) -> "ZeroShotConfig":
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: each class name once")
+        bad = [t for t in self.templates if "{}" not in t]
+        if bad:
+            raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name")
+        return self
+
+    def prompts(self) -> list[str]:
+        """Every prompt, class-major (class 0's templates first)."""
+        return [t.replace("{}", c) for c in self.classes for t in self.templates]
+
+
 class TargetConfig(Section):
     """The target set V: its own shards, or a held-out fraction of the corpus.
 
     Held-out pairs (chosen by uid hash) are left out of proxy training; the negative bank
-    is drawn from V by seed.
+    is drawn from V by seed. ``zero_shot`` makes L_V a zero-shot classification task on V's
+    images (:class:`ZeroShotConfig`).
     """
 
     shards: str | list[str] | None = None
@@ -133,6 +163,15 @@ class TargetConfig(Section):
     max_pairs: PositiveInt = 2048
     bank_size: PositiveInt = 255
     seed: int = 0
+    zero_shot: ZeroShotConfig | None = None
+
+    def fingerprint_record(self) -> dict[str, Any]:
+        """The section as the prepared vectors' fingerprint reads it: ``zero_shot`` left out
+        when unset, so runs made before it existed keep their fingerprints."""
+        record = self.model_dump(mode="json")
+        if record["zero_shot"] is None:
+            del record["zero_shot"]
+        return record
 
     @model_validator(mode="after")
     def _one_source(self) -> "TargetConfig":

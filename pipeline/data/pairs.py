@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PairTable:
-    """Decoded pairs: ids, uint8 NCHW images at one resolution, captions."""
+    """Decoded pairs: ids, uint8 NCHW images at one resolution, captions; ``labels`` (a class
+    index per pair) only on a target set loaded for a zero-shot target (``target.zero_shot``)."""
 
     uids: list[str]
     keys: list[str]
@@ -35,6 +36,7 @@ class PairTable:
     images: torch.Tensor  # uint8 [N, 3, S, S]
     captions: list[str]
     skipped: dict[str, int]
+    labels: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -44,7 +46,8 @@ class PairTable:
         idx = list(indices)
         return PairTable([self.uids[i] for i in idx], [self.keys[i] for i in idx],
                          [self.shards[i] for i in idx], self.images[idx],
-                         [self.captions[i] for i in idx], dict(self.skipped))
+                         [self.captions[i] for i in idx], dict(self.skipped),
+                         None if self.labels is None else [self.labels[i] for i in idx])
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -183,6 +186,22 @@ def _load_shard(url: str, sizes: dict[str, int] | None, size: int, storage: Stor
         if report.missing:
             skipped[f"shard_{report.status}"] = report.missing
     return [r for r in rows if r is not None], skipped
+
+
+def json_field_by_uid(urls: Sequence[str], field: str, sizes: dict[str, int] | None = None,
+                      storage: StorageOptions | None = None,
+                      uid_from: Sequence[str] = DEFAULT_UID_FROM) -> dict[str, Any]:
+    """The json field ``field`` of the samples of ``urls`` that have a uid (rule ``uid_from``)
+    and that field, by uid (the first sample of a uid wins, as in :func:`load_pairs`). Nothing
+    is decoded: for small sets such as a target set's labels."""
+    values: dict[str, Any] = {}
+    for url in urls:
+        for raw in ShardReader(url, expected_count(url, sizes), storage):
+            meta, caption, image, _ = _uid_inputs(raw.members)
+            uid = sample_uid(meta, caption, image, uid_from)
+            if uid is not None and field in meta:
+                values.setdefault(uid, meta[field])
+    return values
 
 
 def sample_rank(uid: str, seed: int, salt: str = "") -> bytes:

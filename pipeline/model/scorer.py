@@ -21,7 +21,7 @@ from pipeline.data.pairs import PairTable, rank_order
 from pipeline.errors import UsageError
 from pipeline.influence.embeddings import EmbeddingReference, EmbeddingSettings, draw_pools, kmeans
 from pipeline.influence.forward import CheckpointScorer, compiled_features_jvp, vectors_needed
-from pipeline.influence.objective import CLIPBankObjective, forward_mode_safe
+from pipeline.influence.objective import CLIPBankObjective, PerSampleObjective, ZeroShotObjective, forward_mode_safe
 from pipeline.influence.params import ParamDict, cast, from_vector, to_vector
 from pipeline.influence.prepare import PreparedCheckpoint, prepare_checkpoint, prepare_unrolled
 from pipeline.influence.scores import (ADAM_TWINS, METHOD_COMPONENTS, CheckpointWeights, ScoreContext,
@@ -35,6 +35,15 @@ from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 log = logging.getLogger(__name__)
 
 EMBEDDING_SAMPLE_SALT = "embedding-sample"  # the corpus sample the embedding columns are computed against
+
+
+@dataclass(frozen=True)
+class ZeroShotTarget:
+    """L_V as a zero-shot classification task (``target.zero_shot``): the prompts, class-major,
+    ``prompts_per_class`` per class; the target pairs carry the labels (``PairTable.labels``)."""
+
+    prompts: tuple[str, ...]
+    prompts_per_class: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class InfluenceSettings:
     checkpoint_window: CheckpointWindow = "all"  # falling: of those, only the ones up to L_V's lowest (prepare)
     compile: bool = False  # single-direction JVPs through torch.compile (one-off compile per shape)
     embeddings: EmbeddingSettings = EmbeddingSettings()  # the embedding columns' reference sets
+    zero_shot: ZeroShotTarget | None = None  # L_V: the target pairs' CLIP loss (None) or a zero-shot task
 
     def __post_init__(self) -> None:
         if self.checkpoint_window not in CHECKPOINT_WINDOWS:
@@ -69,7 +79,7 @@ class InfluenceSettings:
         return with_adam_twins(self.components, self.adam)
 
 
-OPT_IN_DEFAULTS: dict[str, Any] = {"checkpoint_window": "all"}  # settings added after fingerprints were recorded
+OPT_IN_DEFAULTS: dict[str, Any] = {"checkpoint_window": "all", "zero_shot": None}  # added after fingerprints were recorded
 
 
 def settings_record(settings: InfluenceSettings) -> dict[str, Any]:
@@ -247,6 +257,26 @@ class TrajectoryInfluence:
     def _objective(self, bank_images: Tensor, bank_captions: Sequence[str]) -> CLIPBankObjective:
         return CLIPBankObjective(self.model, *self.inputs(bank_images, bank_captions))
 
+    def target_objective(self, target: PairTable, target_idx: Sequence[int]) -> tuple[PerSampleObjective | None, list]:
+        """L_V's objective and V's batches: the target pairs' CLIP loss (objective None: the
+        training objective, over the bank) or, with ``zero_shot``, the zero-shot classifier's
+        cross-entropy on V's images and labels."""
+        zero_shot = self.settings.zero_shot
+        if zero_shot is None:
+            return None, self._batches(target, target_idx)
+        if target.labels is None:
+            raise UsageError("target.zero_shot: the target pairs were loaded without labels")
+        objective = ZeroShotObjective(self.model, self.tokenizer(list(zero_shot.prompts)).to(self.device),
+                                      zero_shot.prompts_per_class)
+        size, indices = self.settings.batch_size, list(target_idx)
+        batches = []
+        for i in range(0, len(indices), size):
+            part = indices[i:i + size]
+            images, _ = self.inputs(target.images[part], [target.captions[j] for j in part])
+            labels = torch.as_tensor([target.labels[j] for j in part], dtype=torch.long, device=self.device)
+            batches.append((images, labels))
+        return objective, batches
+
     def prepare_checkpoint(self, k: int, target: PairTable, train: PairTable) -> tuple[PreparedCheckpoint, ParamDict | None]:
         """u_t, g_t, w_t (and Adam's preconditioner when enabled) for checkpoint ``k``.
 
@@ -263,10 +293,11 @@ class TrajectoryInfluence:
         bank_idx, target_idx = split_bank(target, s.bank_size, s.seed)
         objective = self._objective(target.images[bank_idx], [target.captions[i] for i in bank_idx])
         proxy_idx = rank_select(train, s.proxy_batches * s.proxy_batch_size, s.seed, f"proxy{ckpt.step}")
+        v_objective, v_batches = self.target_objective(target, target_idx)
         with forward_mode_safe():
-            prepared = prepare_checkpoint(objective, self.params[k], self._batches(target, target_idx),
+            prepared = prepare_checkpoint(objective, self.params[k], v_batches,
                                           self._batches(train, proxy_idx, s.proxy_batch_size), s.hvp, s.eps,
-                                          vectors_needed(s.components))
+                                          vectors_needed(s.components), target_objective=v_objective)
         log.info("prepared checkpoint step %d: target loss %.4f", ckpt.step, prepared.target_loss)
         return prepared, precond
 
@@ -353,15 +384,16 @@ class TrajectoryInfluence:
 
         start = time.perf_counter()
         with forward_mode_safe():
-            target_batches = self._batches(target, target_idx)
+            v_objective, target_batches = self.target_objective(target, target_idx)
             adam = None
             if s.adam or adam_only:
                 geometry = [self._geometry(k) for k in range(len(self.params))]
                 if any(g is None for g in geometry):
                     raise UsageError("the Adam variant needs the optimizer state (second moments) in every checkpoint")
-                adam = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled, geometry)
+                adam = prepare_unrolled(objective, self.params, target_batches, proxy, lrs, s.unrolled, geometry,
+                                        target_objective=v_objective)
             plain = adam if adam_only else prepare_unrolled(objective, self.params, target_batches, proxy, lrs,
-                                                            s.unrolled)
+                                                            s.unrolled, target_objective=v_objective)
         diagnostics = {"seconds": round(time.perf_counter() - start, 3), "lanczos_steps": [c.lanczos_steps for c in plain],
                        "hvps": sum(c.lanczos_steps for c in plain) * (2 if adam and not adam_only else 1),
                        "carried_norm": [c.carried_norm for c in plain],

@@ -31,9 +31,11 @@ def require_target(config: RunConfig) -> TargetConfig:
 
 def influence_settings(config: RunConfig):
     """The scoring settings of a run (score + target sections) as the model facade takes them."""
-    from pipeline.model.scorer import InfluenceSettings  # the facade imports open_clip: only when scoring
+    from pipeline.model.scorer import InfluenceSettings, ZeroShotTarget  # the facade imports open_clip: only when scoring
 
     score, target = config.score, require_target(config)
+    zero_shot = None if target.zero_shot is None else \
+        ZeroShotTarget(tuple(target.zero_shot.prompts()), len(target.zero_shot.templates))
     return InfluenceSettings(
         c_mode=score.c_mode, hvp=score.hvp, eps=score.eps, bank_size=target.bank_size,
         proxy_batches=score.proxy_batches, proxy_batch_size=score.proxy_batch_size,
@@ -42,7 +44,7 @@ def influence_settings(config: RunConfig):
         adam=score.adam, dtype=score.dtype, compile=score.compile,
         embeddings=EmbeddingSettings(**score.embeddings.model_dump()),
         checkpoints=tuple(score.checkpoints) if score.checkpoints is not None else None,
-        checkpoint_window=score.checkpoint_window)
+        checkpoint_window=score.checkpoint_window, zero_shot=zero_shot)
 
 
 def check_train_model(config: RunConfig, source: str = "config") -> None:

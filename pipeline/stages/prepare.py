@@ -22,12 +22,12 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.data.pairs import PairTable, in_holdout, load_pairs, sample_pairs
+from pipeline.config import RunConfig, ZeroShotConfig
+from pipeline.data.pairs import PairTable, in_holdout, json_field_by_uid, load_pairs, sample_pairs
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.errors import UsageError
 from pipeline.influence.prepare import PreparedCheckpoint
@@ -55,20 +55,46 @@ def _image_size(trajectory: Trajectory) -> int:
 
 def load_target(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None) -> PairTable:
     """The target set's pairs: its own shards, or the held-out pairs of the input shards
-    ``urls`` (with their ``sizes.json`` counts ``sizes``)."""
+    ``urls`` (with their ``sizes.json`` counts ``sizes``); with ``target.zero_shot``, each
+    labelled by its json field (:func:`target_labels`)."""
     target = require_target(config)
     if target.shards is not None:
-        target_sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
+        sizes = load_sizes(target.sizes, config.storage) if target.sizes else None
         from pipeline.model.train import check_uids_found
 
-        table = load_pairs(expand_shards(target.shards), image_size, sizes=target_sizes,
+        table = load_pairs(expand_shards(target.shards), image_size, sizes=sizes,
                            max_samples=target.max_pairs, seed=target.seed, storage=config.storage,
                            uid_from=config.data.uid_from)
         check_uids_found(table, config.data.uid_from, "target")
+    else:
+        keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
+        table = sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep,
+                             config.storage, config.data.uid_from)
+    if target.zero_shot is None:
         return table
-    keep = partial(in_holdout, fraction=target.holdout_fraction, seed=target.seed)
-    return sample_pairs(list(urls), image_size, target.max_pairs, target.seed, "target", sizes, keep, config.storage,
-                        config.data.uid_from)
+    values = json_field_by_uid(list(dict.fromkeys(table.shards)), target.zero_shot.label_field, sizes,
+                               config.storage, config.data.uid_from)
+    return replace(table, labels=target_labels(table.uids, values, target.zero_shot))
+
+
+def target_labels(uids: Sequence[str], values: dict[str, Any], zero_shot: ZeroShotConfig) -> list[int]:
+    """The class index of each target pair from its json label ``values[uid]``: an index into
+    ``zero_shot.classes`` or one of the class names. A missing or unknown label is a one-line
+    UsageError naming the pair (the config's classes and the target set disagree)."""
+    index = {name: i for i, name in enumerate(zero_shot.classes)}
+    field, labels = zero_shot.label_field, []
+    for uid in uids:
+        if uid not in values:
+            raise UsageError(f"target.zero_shot: target pair {uid} has no json field {field!r}")
+        value = values[uid]
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(index):
+            labels.append(value)
+        elif isinstance(value, str) and value in index:
+            labels.append(index[value])
+        else:
+            raise UsageError(f"target.zero_shot: json {field!r} = {value!r} of target pair {uid} is neither a class "
+                             f"index (0..{len(index) - 1}) nor one of target.zero_shot.classes")
+    return labels
 
 
 def load_proxy_pool(config: RunConfig, image_size: int, urls: Sequence[str], sizes: dict[str, int] | None) -> PairTable:
@@ -105,7 +131,7 @@ def _not_holdout(uid: str, fraction: float, seed: int) -> bool:
 def prepare_fingerprint(config: RunConfig, trajectory: Trajectory) -> str:
     """Hash of everything the prepared vectors depend on."""
     payload = {"trajectory": trajectory.fingerprint(), "data": config.data.model_dump(mode="json"),
-               "target": require_target(config).model_dump(mode="json"),
+               "target": require_target(config).fingerprint_record(),
                "settings": {k: v for k, v in settings_record(influence_settings(config)).items()
                             if k not in ("batch_size", "compile")}}  # scoring-only settings
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]

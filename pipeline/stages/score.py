@@ -49,7 +49,7 @@ def score_fingerprint(prepare_fp: str, config: RunConfig) -> str:
     from pipeline.model.scorer import OPT_IN_DEFAULTS  # the model stack loads lazily, as in the workers
 
     for name, default in OPT_IN_DEFAULTS.items():  # opt-in: the fingerprints of earlier runs stay as they were
-        if score.get(name) == default:
+        if name in score and score[name] == default:  # (zero_shot is the target section's: in prepare_fp)
             score.pop(name)
     payload = json.dumps({"prepare": prepare_fp, "score": score, "uid_from": list(config.data.uid_from)},
                          sort_keys=True)

@@ -154,3 +154,40 @@ def test_a_bank_pair_is_never_its_own_negative(setup) -> None:
             expected = per_sample_loss(without_self, influence.params[-1], (images[j:j + 1], tokens[j:j + 1]))
         assert torch.allclose(masked[j], expected.double()[0], rtol=1e-5)
         assert not torch.allclose(unmasked[j], masked[j], rtol=1e-3)
+
+
+def test_zero_shot_target_gives_the_zero_shot_loss_and_gradient(setup) -> None:
+    """``zero_shot``: u_t and L_V are the zero-shot classifier's (ZeroShotObjective, brute-force
+    tested in tests/influence/test_objective.py) on V's images and labels; the unrolled
+    recursion starts from the same target; without labels it is refused in one line."""
+    from dataclasses import replace
+
+    from pipeline.errors import UsageError
+    from pipeline.influence.objective import ZeroShotObjective
+    from pipeline.influence.params import dot
+    from pipeline.influence.prepare import mean_loss_grad, per_sample_loss
+    from pipeline.model.scorer import ZeroShotTarget, split_bank
+
+    traj, train, target, _, _ = setup
+    classes = ["red", "green", "blue", "yellow"]
+    prompts = tuple(t.format(c) for c in classes for t in ("a {} square", "a photo of {}"))
+    settings = replace(SETTINGS, adam=False, components=("a", "d"), zero_shot=ZeroShotTarget(prompts, 2))
+    labels = [classes.index(c.split()[1]) for c in target.captions]  # "a red square"
+    labelled = replace(target, labels=labels)
+    influence = TrajectoryInfluence(traj, settings)
+    prepared, _ = influence.prepare_checkpoint(2, labelled, train)
+    _, v_idx = split_bank(labelled, settings.bank_size, settings.seed)
+    objective = ZeroShotObjective(influence.model, influence.tokenizer(list(prompts)), 2)
+    images, _ = influence.inputs(labelled.images[v_idx], [labelled.captions[i] for i in v_idx])
+    batch = (images, torch.tensor([labels[i] for i in v_idx]))
+    with forward_mode_safe():
+        u = mean_loss_grad(objective, influence.params[2], [batch])
+        loss = float(per_sample_loss(objective, influence.params[2], batch).mean())
+    assert prepared.target_loss == pytest.approx(loss, rel=1e-6)
+    assert float(dot(prepared.u, u)) == pytest.approx(float(dot(u, u)), rel=1e-5)
+    plain, _ = TrajectoryInfluence(traj, replace(settings, zero_shot=None)).prepare_checkpoint(2, labelled, train)
+    assert plain.target_loss != pytest.approx(loss, rel=1e-3)  # a different L_V
+    unrolled = influence.prepare_unrolled(labelled, train)
+    assert all(torch.isfinite(v).all() for d in unrolled.directions for v in d.values())
+    with pytest.raises(UsageError, match="without labels"):
+        influence.prepare_checkpoint(2, target, train)
