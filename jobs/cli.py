@@ -7,10 +7,10 @@ import sys
 from typing import Sequence
 
 from jobs import _common  # noqa: F401  (applies environment defaults first)
-from jobs import bench, data, prepare, prune, report, reshard, score, select, train, trajectory, validate
+from jobs import bench, config, data, prepare, prune, report, reshard, score, select, train, trajectory, validate
 from jobs._common import run_cli
 
-JOB_MODULES = (prune, data, validate, train, trajectory, prepare, score, select, reshard, report, bench)
+JOB_MODULES = (prune, data, validate, train, trajectory, prepare, score, select, reshard, report, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
