@@ -1,5 +1,6 @@
 """``diffin report RUN_DIR`` / ``python -m jobs.report RUN_DIR``: one self-contained HTML page
-about a run (score histograms, kept / pruned examples, score vs clip_score, counts, config)."""
+about a run (score histograms, kept / pruned examples, score vs clip_score, counts, config; with two
+or more selections, their overlap, kept score distributions and coverage per field value)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run's config: its storage section gives the options for a remote "
                              "RUN_DIR (e.g. s3://bucket/runs/r1)")
     parser.add_argument("--max-points", type=int_at_least(0), default=DEFAULT_MAX_POINTS,
-                        help=f"rows sampled for the scatter plot (default {DEFAULT_MAX_POINTS})")
+                        help=f"rows sampled for the scatter plot, and per set for the quantiles of "
+                             f"the selections compared (default {DEFAULT_MAX_POINTS})")
+    parser.add_argument("--field", "--by", dest="field", metavar="NAME", default=None,
+                        help="selections compared (two or more in RUN_DIR): kept pairs per value of this "
+                             "field vs the scored pool: cluster, or a json field the score files carry "
+                             "(json.NAME or NAME; default: cluster when the score files have values there)")
+    parser.add_argument("--compare-column", metavar="COLUMN", default=None,
+                        help="selections compared: the score column every kept set is compared on besides "
+                             "its own (default: the run's select.column, else diffin_unrolled)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     storage = _storage_options(args.config) if args.config else None
     path = write_report(args.run_dir, args.out, n_examples=args.examples, max_points=args.max_points,
-                        storage=storage)
+                        storage=storage, field=args.field, compare_column=args.compare_column)
     print(path)
     return 0
 

@@ -14,7 +14,10 @@ from pipeline.io.atomic import write_bytes_atomic
 from pipeline.io.scores import SCORE_COLUMNS
 from pipeline.io.layout import CONFIG_FILE, SUMMARY_FILE, RunLayout
 from pipeline.io.storage import StorageOptions, StoragePath, as_path
+from pipeline.influence.scores import DEFAULT_COLUMN
 from pipeline.report import DEFAULT_EXAMPLES, DEFAULT_MAX_POINTS, plots, render
+from pipeline.report.compare import Comparison, compare_selections
+from pipeline.report.compare_view import comparison_sections
 from pipeline.report.examples import Example, attach_media, best_kept, worst_pruned
 from pipeline.report.gather import (ScoreScan, check_run_dir, load_kept_uids,
                                     load_shard_stats, read_json, scan_scores, score_files)
@@ -38,6 +41,7 @@ class ReportData:
     kept: list[Example]
     pruned: list[Example]
     shard_stats: list[dict[str, Any]] | None
+    comparison: Comparison | None = None  # with two or more selections
 
     @property
     def column(self) -> str | None:
@@ -47,9 +51,11 @@ class ReportData:
 
 
 def gather(run_dir: str | os.PathLike, n_examples: int = DEFAULT_EXAMPLES,
-           max_points: int = DEFAULT_MAX_POINTS, storage: StorageOptions | None = None) -> ReportData:
+           max_points: int = DEFAULT_MAX_POINTS, storage: StorageOptions | None = None,
+           field: str | None = None, compare_column: str | None = None) -> ReportData:
     """Read what the report needs from ``run_dir`` (score files streamed, see
-    :mod:`pipeline.report.gather`; thumbnails read only from the shards of the examples)."""
+    :mod:`pipeline.report.gather`; thumbnails read only from the shards of the examples; the
+    selections compared, see :mod:`pipeline.report.compare`, when there are two or more)."""
     root = as_path(run_dir, storage)
     check_run_dir(root)
     selection_dir = RunLayout(root).selection
@@ -68,7 +74,15 @@ def gather(run_dir: str | os.PathLike, n_examples: int = DEFAULT_EXAMPLES,
         data.pruned = worst_pruned(files, data.scan.lowest, kept_uids, n_examples)
         both = attach_media(data.kept + data.pruned, storage=storage)
         data.kept, data.pruned = both[:len(data.kept)], both[len(data.kept):]
+    data.comparison = compare_selections(RunLayout(root), files, data.scan, field_name=field, max_points=max_points,
+                                         common_column=compare_column or _run_column(data.config))
     return data
+
+
+def _run_column(config: dict[str, Any] | None) -> str:
+    """The run's select column (config.json), else the default column."""
+    column = ((config or {}).get("select") or {}).get("column")
+    return column if column in SCORE_COLUMNS else DEFAULT_COLUMN
 
 
 # ---------------------------------------------------------------------------------- page
@@ -237,6 +251,9 @@ def render_page(data: ReportData) -> str:
         scatter = _scatter_section(data)
         if scatter:
             sections.append(scatter)
+    if data.comparison is not None:
+        sections.extend(comparison_sections(data.comparison))
+    if data.scan is not None:
         sections.extend(_examples_sections(data))
     if data.shard_stats is not None:
         sections.append(Section("Per-shard stats", render.shard_stats_table(data.shard_stats)))
@@ -250,13 +267,22 @@ def render_page(data: ReportData) -> str:
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                  n_examples: int = DEFAULT_EXAMPLES, max_points: int = DEFAULT_MAX_POINTS,
-                 storage: StorageOptions | None = None) -> StoragePath:
-    """Write the report of ``run_dir`` atomically to ``out`` (default ``RUN_DIR/report/index.html``)."""
+                 storage: StorageOptions | None = None, field: str | None = None,
+                 compare_column: str | None = None) -> StoragePath:
+    """Write the report of ``run_dir`` atomically to ``out`` (default ``RUN_DIR/report/index.html``).
+
+    With two or more selections the page compares them; ``field`` (``cluster`` or a ``json.FIELD``
+    column of the score files) is the field of the coverage per value, ``compare_column`` the
+    score column every kept set is compared on besides its own (default: the run's select column).
+    """
+    if compare_column is not None and compare_column not in SCORE_COLUMNS:
+        raise UsageError(f"--compare-column {compare_column}: not a score column "
+                         f"(one of {', '.join(SCORE_COLUMNS)})")
     if n_examples < 0:
         raise UsageError(f"examples must be >= 0, got {n_examples}")
     if max_points < 1:
         raise UsageError(f"max points must be >= 1, got {max_points}")
-    data = gather(run_dir, n_examples, max_points, storage)
+    data = gather(run_dir, n_examples, max_points, storage, field, compare_column)
     path = as_path(out, storage) if out is not None else RunLayout.of(run_dir, storage).report
     if path.is_dir():
         raise UsageError(f"--out {path} is a directory; give a file name")

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -125,7 +125,8 @@ def score_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / SCORES_DIR).glob("[!.]*.parquet"))
 
 
-def _batches(path: Path, columns: list[str]):
+def iter_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's ``columns`` in record batches of at most 65,536 rows."""
     where, filesystem = arrow_source(path)
     with pq.ParquetFile(where, filesystem=filesystem) as parquet:
         yield from parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
@@ -134,25 +135,31 @@ def _batches(path: Path, columns: list[str]):
 _REQUIRED = ("uid", "key", "shard", "index", "status")
 
 
-def _present(path: Path, wanted: tuple[str, ...]) -> list[str]:
-    """The score columns of ``wanted`` that the file has; UsageError if it is no score file."""
+def schema_names(path: Path) -> list[str]:
+    """The column names of a score file; UsageError if it is not readable Parquet."""
     try:
         where, filesystem = arrow_source(path)
-        names = set(pq.read_schema(where, filesystem=filesystem).names)
+        return pq.read_schema(where, filesystem=filesystem).names
     except (OSError, pa.ArrowInvalid) as exc:
         raise UsageError(f"score file {path} is not readable Parquet: {exc}") from None
+
+
+def present_columns(path: Path, wanted: tuple[str, ...]) -> list[str]:
+    """The score columns of ``wanted`` that the file has; UsageError if it is no score file."""
+    names = set(schema_names(path))
     missing = [c for c in _REQUIRED if c not in names]
     if missing:
         raise UsageError(f"score file {path} lacks column(s) {missing}; is it a score file?")
     return [c for c in wanted if c in names]
 
 
-def _ok_mask(batch: pa.RecordBatch) -> np.ndarray:
+def ok_mask(batch: pa.RecordBatch) -> np.ndarray:
+    """Rows whose status is ok."""
     status = pc.fill_null(batch.column("status"), "")
     return pc.equal(status, "ok").to_numpy(zero_copy_only=False)
 
 
-def _values(batch: pa.RecordBatch, name: str) -> np.ndarray:
+def float_values(batch: pa.RecordBatch, name: str) -> np.ndarray:
     """A score column as float64 with NaN for nulls."""
     return batch.column(name).cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False)
 
@@ -169,7 +176,7 @@ class _Pass1:
     def batch(self, batch: pa.RecordBatch, columns: list[str]) -> None:
         n = batch.num_rows
         self.scan.status.update(dict(zip(*_value_counts(batch.column("status")))))
-        ok = _ok_mask(batch)
+        ok = ok_mask(batch)
         first = (-self.position) % self.stride
         take = np.arange(first, n, self.stride)
         self.position += n
@@ -179,7 +186,7 @@ class _Pass1:
                 stats.n_null += int(ok.sum())
                 self.parts[name].append(np.full(len(take), math.nan))
                 continue
-            values = _values(batch, name)
+            values = float_values(batch, name)
             null = batch.column(name).is_null().to_numpy(zero_copy_only=False)
             finite = ok & np.isfinite(values)
             stats.n += int(finite.sum())
@@ -245,12 +252,12 @@ class _Pass2:
         self.lowest: list[Candidate] = []
 
     def batch(self, batch: pa.RecordBatch, columns: list[str], file_no: int, offset: int) -> None:
-        ok = _ok_mask(batch)
+        ok = ok_mask(batch)
         for name in columns:
             stats = self.scan.columns[name]
             if stats.edges is None:
                 continue
-            values = _values(batch, name)
+            values = float_values(batch, name)
             finite = values[ok & np.isfinite(values)]
             stats.below += int((finite < stats.edges[0]).sum())
             stats.above += int((finite > stats.edges[-1]).sum())
@@ -272,13 +279,13 @@ def scan_scores(files: list[Path], *, max_points: int, kept_uids: np.ndarray | N
                 lowest_column: str | None, n_lowest: int) -> ScoreScan:
     """Stream the score files twice (see the module docstring)."""
     scan = ScoreScan(files, columns={name: ColumnStats(name) for name in SCORE_COLUMNS})
-    present = [_present(p, SCORE_COLUMNS) for p in files]
+    present = [present_columns(p, SCORE_COLUMNS) for p in files]
     scan.rows = sum(pq.read_metadata(arrow_source(p)[0], filesystem=arrow_source(p)[1]).num_rows for p in files)
     stride = max(1, math.ceil(scan.rows / max(1, max_points)))
     first = _Pass1(scan, stride, kept_uids)
     for path, columns in zip(files, present):
         uid = ["uid"] if kept_uids is not None else []
-        for batch in _batches(path, ["status", *columns, *uid]):
+        for batch in iter_batches(path, ["status", *columns, *uid]):
             first.batch(batch, columns)
     scan.sample = first.sample()
     for name, stats in scan.columns.items():
@@ -287,7 +294,7 @@ def scan_scores(files: list[Path], *, max_points: int, kept_uids: np.ndarray | N
     second = _Pass2(scan, lowest_column, n_lowest)
     for file_no, (path, columns) in enumerate(zip(files, present)):
         offset = 0
-        for batch in _batches(path, ["status", *columns]):
+        for batch in iter_batches(path, ["status", *columns]):
             second.batch(batch, columns, file_no, offset)
             offset += batch.num_rows
     scan.lowest = second.lowest

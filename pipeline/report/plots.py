@@ -123,3 +123,63 @@ def scatter(values: dict[str, np.ndarray], columns: list[ColumnStats], clip: Col
         if kept is not None:
             axes.legend(loc="lower right", fontsize=8, markerscale=3, frameon=False)
     return _png(figure)
+
+
+# --------------------------------------------------------------------- selections compared
+
+SET_COLOURS = ("#1f6fb4", "#e08a2c", "#2a9d5c", "#c23b52", "#8e5ba6", "#8c6d31", "#17a2b8", "#d16ba5")
+POOL_COLOUR = "#aab4be"
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def set_style(i: int) -> tuple[str, str]:
+    """Colour and line style of the i-th compared selection (colours first, then styles)."""
+    return SET_COLOURS[i % len(SET_COLOURS)], _LINESTYLES[(i // len(SET_COLOURS)) % len(_LINESTYLES)]
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / total if total else counts.astype(float)
+
+
+def kept_distributions(column: str, edges: np.ndarray, pool: np.ndarray,
+                       kept: list[tuple[str, np.ndarray]]) -> bytes:
+    """Share of each set's pairs per bin over the pool's range: the scored pool as grey bars,
+    each selection's kept pairs as a step line."""
+    figure = _figure(4.2, 3.0)
+    axes = figure.add_subplot()
+    axes.bar(edges[:-1], _shares(pool), width=np.diff(edges), align="edge", color=POOL_COLOUR, linewidth=0,
+             label="scored pool")
+    for i, (label, counts) in enumerate(kept):
+        colour, style = set_style(i)
+        axes.stairs(_shares(counts), edges, color=colour, linestyle=style, linewidth=1.4, label=label)
+    axes.set_title(column, fontsize=11)
+    axes.set_xlabel("score", fontsize=8)
+    axes.set_ylabel("share of the set's pairs", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.xaxis.set_major_locator(MaxNLocator(6))
+    axes.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    axes.xaxis.get_offset_text().set_fontsize(7)
+    axes.legend(loc="upper left", fontsize=7, frameon=False)
+    return _png(figure)
+
+
+def coverage_rates(field: str, values: list[str], rates: list[tuple[str, list[float]]]) -> bytes:
+    """Grouped horizontal bars: per value of ``field``, each selection's kept pairs as a share
+    of the pool's pairs of that value."""
+    n_sets = max(1, len(rates))
+    figure = _figure(6.0, 0.9 + len(values) * (0.1 + 0.14 * n_sets))
+    axes = figure.add_subplot()
+    positions = np.arange(len(values))
+    height = 0.8 / n_sets
+    for i, (label, shares) in enumerate(rates):
+        colour, _ = set_style(i)
+        axes.barh(positions - 0.4 + height * (i + 0.5), shares, height=height, color=colour, label=label)
+    axes.set_yticks(positions, values, fontsize=8)
+    axes.invert_yaxis()
+    top = max((r for _, shares in rates for r in shares), default=0.0)
+    axes.set_xlim(0, max(top * 1.15, 0.01))
+    axes.set_xlabel(f"kept pairs / scored pairs with that {field}", fontsize=8)
+    axes.tick_params(axis="x", labelsize=8)
+    axes.legend(loc="lower right", fontsize=7, frameon=False)
+    return _png(figure)

@@ -181,15 +181,20 @@ def config_block(config: dict[str, Any] | None) -> str:
 
 @dataclass(frozen=True)
 class Section:
-    """A titled part of the page (``body`` is HTML)."""
+    """A titled part of the page (``body`` is HTML; ``anchor``: its id, linkable as ``#anchor``)."""
 
     title: str
     body: str
+    anchor: str = ""
+
+
+def _id(anchor: str) -> str:
+    return f' id="{escape(anchor)}"' if anchor else ""
 
 
 def page(title: str, subtitle: str, headline: str, sections: Sequence[Section]) -> str:
     """The whole HTML document."""
-    parts = "".join(f"<section><h2>{escape(s.title)}</h2>{s.body}</section>" for s in sections)
+    parts = "".join(f"<section{_id(s.anchor)}><h2>{escape(s.title)}</h2>{s.body}</section>" for s in sections)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width\"><title>{escape(title)}</title>"

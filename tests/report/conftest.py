@@ -14,7 +14,9 @@ from pipeline.config import SelectConfig
 from pipeline.data.shards import Pair, ShardWriter
 from pipeline.data.uids import make_uid
 from pipeline.influence.scores import SCORE_COLUMNS
-from pipeline.stages.select import select
+from pipeline.io.atomic import write_json_atomic
+from pipeline.io.layout import RunLayout
+from pipeline.stages.select import DONE_FILE, select
 from tests.conftest import COLOURS
 from tests.stages.scorefiles import write_score_file
 
@@ -60,8 +62,9 @@ def scores_of(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_run(run: Path, corpus: Path, *, tracin_only: bool = False, stats: bool = False,
-             select_column: str = "tracin") -> Path:
-    """Score files (3 failed rows), a top-50 % selection, config.json and run_summary.json."""
+             select_column: str = "tracin", clusters: bool = False) -> Path:
+    """Score files (3 failed rows), a top-50 % selection, config.json and run_summary.json
+    (``clusters``: the ``cluster`` column holds pair index mod 3, else it is null)."""
     values = scores_of()
     files = []
     for s in range(N_PAIRS // SHARD_SIZE):
@@ -75,7 +78,8 @@ def make_run(run: Path, corpus: Path, *, tracin_only: bool = False, stats: bool 
         files.append(write_score_file(
             run / "scores" / f"{s:05d}.parquet", str(corpus / f"{s:05d}.tar"), column("tracin"),
             statuses=statuses, uids=[make_uid("tiny", str(i)) for i in idx], keys=[f"pair{i:05d}" for i in idx],
-            overrides={name: column(name) for name in SCORE_COLUMNS if name != "tracin"}))
+            overrides={**{name: column(name) for name in SCORE_COLUMNS if name != "tracin"},
+                       **({"cluster": [i % 3 for i in idx]} if clusters else {})}))
     select(files, SelectConfig(column=select_column, rule="top_fraction", fraction=0.5), run / "selection")
     (run / "config.json").write_text(json.dumps({"select": {"column": select_column, "note": "<i>x</i>"}}))
     (run / "run_summary.json").write_text(json.dumps({
@@ -90,6 +94,16 @@ def make_run(run: Path, corpus: Path, *, tracin_only: bool = False, stats: bool 
                 "read": SHARD_SIZE, "rows": SHARD_SIZE, "ok": SHARD_SIZE - len(failed), "failed": failed,
                 "seconds": 0.5 + s, "scores": "x.parquet", "worker": {"peak_rss_mb": 100 + s, "pid": 4242}}))
     return run
+
+
+def add_selection(run: Path, name: str, cfg: SelectConfig, *, done: bool = True) -> Path:
+    """A named selection ``selections/NAME/`` of the run's score files (``done``: with done.json,
+    as a complete one has)."""
+    out = RunLayout(run).selection_dir(name)
+    select(sorted((run / "scores").glob("*.parquet")), cfg, out)
+    if done:
+        write_json_atomic(out / DONE_FILE, {"fingerprint": f"test-{name}"})
+    return out
 
 
 def expected_order(column: str = "tracin") -> list[int]:
