@@ -46,10 +46,10 @@ def split_on_selection(text: str) -> tuple[str, str | None]:
 def on_selection(config: RunConfig, text: str) -> RunConfig:
     """``config`` with ``data.shards`` / ``data.sizes`` replaced by the shards of selection
     ``text`` (``RUN_DIR[:NAME]``), after checking they are current
-    (:func:`pipeline.stages.reshard.current_shards`: one-line UsageError otherwise)."""
+    (:func:`pipeline.stages.derived.current_shards`: one-line UsageError otherwise)."""
     from pipeline.data.shards import SIZES_FILE
     from pipeline.io.layout import RunLayout
-    from pipeline.stages.reshard import current_shards
+    from pipeline.stages.derived import current_shards
 
     run_dir, name = split_on_selection(text)
     layout = RunLayout.of(run_dir, config.storage)

@@ -319,9 +319,9 @@ def load_shards(run_dir: StoragePath, name: str | None = None) -> dict[str, int]
     """The ``sizes.json`` of the shards made from selection ``name`` (None: ``shards/``), None when
     there are none; UsageError in one line when they are stale (made from another selection than
     the current one, or recording none): the report never shows them as the selection's
-    (:func:`pipeline.stages.reshard.current_shards`)."""
+    (:func:`pipeline.stages.derived.current_shards`)."""
     from pipeline.io.layout import RunLayout
-    from pipeline.stages.reshard import current_shards
+    from pipeline.stages.derived import current_shards
 
     layout = RunLayout(run_dir)
     if not layout.shards_dir(name).exists():

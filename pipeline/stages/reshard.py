@@ -18,13 +18,8 @@ With the same plan and selection, output shards that already exist (complete by 
 renamed when finished) are skipped; a different plan is refused, never mixed (a run's own
 ``shards/`` is replaced instead). ``sizes.json`` is written last.
 
-Shards follow their selection (the stale-output rule, one owner: this module)
-    When a selection is recomputed with another fingerprint, :func:`remove_stale_shards`
-    (called by the select stage) removes the shards made from the one it replaces; and every
-    reader of a run's shards goes through :func:`current_shards`, which refuses shards whose
-    recorded selection fingerprint is not the selection's current one (or that record none:
-    written before shards recorded it) in one line. Removal keeps the run dir tidy; the check
-    makes a missed removal (an interrupted job, an older version, a copied run dir) harmless.
+The shards record the selection they were made from and never outlive it: the rule and its
+readers are :mod:`pipeline.stages.derived`.
 """
 
 from __future__ import annotations
@@ -47,10 +42,10 @@ from pipeline.config import ReshardConfig
 from pipeline.data.shards import SIZES_FILE, add_member, split_member
 from pipeline.errors import DataError, UsageError
 from pipeline.io.atomic import atomic_path, write_json_atomic
-from pipeline.io.layout import RunLayout
-from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path, open_input, remove_tree
+from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path, open_input
 from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.context import RunContext
+from pipeline.stages.derived import SELECTION_KEY, clear_shards_dir, selection_done, selection_label
 
 log = logging.getLogger(__name__)
 
@@ -263,25 +258,13 @@ class ReshardStage:
 # ------------------------------------------------------------------------------ the stage
 
 
-SELECTION_KEY = "selection_fingerprint"  # in reshard_plan.json: the selection the shards are made from
-
-
-def _clear_out_dir(out_dir: StoragePath) -> None:
-    """Remove a shards directory: the plan record and ``sizes.json`` first, so an interruption
-    never leaves old shards that look complete."""
-    for name in (PLAN_FILE, SIZES_FILE):
-        if (out_dir / name).exists():
-            (out_dir / name).unlink()
-    remove_tree(out_dir)
-
-
 def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprint: str,
                    replace_stale: bool = False, selection: str | None = None) -> None:
     """Record the plan (and ``selection``, the fingerprint of the selection it is made from) in
     ``out_dir``, or refuse if it holds another plan's output.
 
     With ``replace_stale`` (a run directory's own shards, derived from its own selection) the
-    output of another plan or another selection is removed instead (:func:`_clear_out_dir`).
+    output of another plan or another selection is removed instead (:func:`~pipeline.stages.derived.clear_shards_dir`).
     """
     plan_path = out_dir / PLAN_FILE
     if plan_path.is_file():
@@ -292,7 +275,7 @@ def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprin
             raise UsageError(f"{out_dir} holds shards of a different selection or reshard config "
                              "(plan fingerprint differs); remove it or choose another directory")
         log.info("reshard: the selection or the reshard config changed; replacing the shards in %s", out_dir)
-        _clear_out_dir(out_dir)
+        clear_shards_dir(out_dir)
     foreign = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
     if foreign:
         raise UsageError(f"{out_dir} is not empty and has no {PLAN_FILE} (e.g. {sorted(foreign)[0]}); "
@@ -328,20 +311,12 @@ def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, 
     return sizes
 
 
-def _selection_label(name: str | None) -> str:
-    return "selection/" if name is None else f"selection {name!r}"
-
-
-def _reshard_command(name: str | None) -> str:
-    return "`diffin reshard`" + ("" if name is None else f" --selection {name}")
-
-
 def run_reshard(ctx: RunContext, executor: Executor, name: str | None = None) -> dict[str, int]:
     """Copy a selection's kept pairs into new shards, one task per output shard: ``selection/``
     into ``<run>/shards/`` (with the ``reshard:`` section), or the named selection ``name`` into
     ``<run>/selections/NAME/shards/`` (the ``reshard:`` section's settings, its defaults without
     one). The plan records the selection's fingerprint (module docstring)."""
-    from pipeline.stages.select import MANIFEST_FILE, selection_done
+    from pipeline.stages.select import MANIFEST_FILE
 
     if ctx.config.reshard is None and name is None:
         raise UsageError("reshard: this run's config has no reshard section")
@@ -349,64 +324,13 @@ def run_reshard(ctx: RunContext, executor: Executor, name: str | None = None) ->
     manifest = ctx.layout.selection_dir(name) / MANIFEST_FILE
     fingerprint = selection_done(ctx.layout, name)
     if not manifest.is_file() or fingerprint is None:
-        what = manifest if not manifest.is_file() else f"{_selection_label(name)}'s completion marker (done.json)"
+        what = manifest if not manifest.is_file() else f"{selection_label(name)}'s completion marker (done.json)"
         raise UsageError(f"reshard: {what} not found; "
                          "run `diffin select` (or `diffin run`) with this config and run dir first")
     # The run's own shards follow their selection: when a rerun changed the selection (a shard
     # that was unreadable now scored, another fraction), the old output is replaced, never mixed.
     return reshard(manifest, ctx.layout.shards_dir(name), cfg, executor, ctx.io_resources, ctx.storage,
                    replace_stale=True, selection=fingerprint)
-
-
-def remove_stale_shards(layout: RunLayout, name: str | None, fingerprint: str) -> bool:
-    """Before selection ``name`` (None: ``selection/``) is rewritten with ``fingerprint``: remove
-    the shards made from another selection (all of its shards directory; one log line). True
-    when something was removed."""
-    out = layout.shards_dir(name)
-    if not out.exists():
-        return False
-    plan = out / PLAN_FILE
-    try:
-        recorded = json.loads(plan.read_text()).get(SELECTION_KEY) if plan.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded == fingerprint:
-        return False
-    log.info("select: %s changes; removing the shards made from the previous one (%s)",
-             _selection_label(name), out)
-    _clear_out_dir(out)
-    return True
-
-
-def current_shards(layout: RunLayout, name: str | None = None) -> dict[str, int]:
-    """The ``sizes.json`` of the shards made from selection ``name`` (None: ``shards/`` of
-    ``selection/``), after checking that they are complete and made from the selection as it
-    is now: the fingerprint their plan records is the one of its ``done.json``. Every reader of
-    a run's shards (train on a selection, the report) goes through here; UsageError in one line
-    otherwise, never stale shards."""
-    from pipeline.stages.select import selection_done
-
-    out = layout.shards_dir(name)
-    sizes, plan = out / SIZES_FILE, out / PLAN_FILE
-    current = selection_done(layout, name)
-    if current is None:
-        raise UsageError(f"{_selection_label(name)} of {layout.root} is not complete (no done.json); "
-                         "run `diffin select` first")
-    if not sizes.is_file() or not plan.is_file():
-        raise UsageError(f"no complete shards of {_selection_label(name)} in {out}; run {_reshard_command(name)} "
-                         "with this run's config first")
-    try:
-        recorded = json.loads(plan.read_text()).get(SELECTION_KEY)
-        counts = json.loads(sizes.read_text())
-    except (OSError, ValueError, AttributeError) as exc:
-        raise UsageError(f"cannot read the shards' records in {out}: {exc}") from None
-    if recorded is None:
-        raise UsageError(f"the shards in {out} do not record the selection they were made from (written by an "
-                         f"older version): they may be stale; rerun {_reshard_command(name)} to rewrite them")
-    if recorded != current:
-        raise UsageError(f"the shards in {out} were made from another {_selection_label(name)} than the current "
-                         f"one (fingerprint {recorded} vs {current}): stale; rerun {_reshard_command(name)}")
-    return {str(k): int(v) for k, v in counts.items()}
 
 
 def damaged_sources(ctx: RunContext, name: str | None = None) -> list[dict[str, Any]]:

@@ -23,8 +23,7 @@ from pipeline.config import NamedSelection, SelectConfig, parse_config, parse_se
 from pipeline.errors import UsageError
 from pipeline.io.layout import RunLayout
 from pipeline.report.gather import load_shards
-from pipeline.stages.reshard import SELECTION_KEY, current_shards
-from pipeline.stages.select import selection_done
+from pipeline.stages.derived import SELECTION_KEY, current_shards, selection_done
 from tests.conftest import make_tiny_corpus
 from tests.stages.test_pipeline import pipeline_config
 

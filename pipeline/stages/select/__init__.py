@@ -79,11 +79,11 @@ from typing import Any, Literal, Sequence
 from pipeline.config import SelectConfig
 from pipeline.errors import UsageError
 from pipeline.io.atomic import write_json_atomic
-from pipeline.io.layout import RunLayout
 from pipeline.io.scores import read_fingerprint
 from pipeline.io.storage import StoragePath, as_path
 from pipeline.runtime.executor import Executor, LocalExecutor, Resources
 from pipeline.stages.context import RunContext
+from pipeline.stages.derived import remove_stale_shards, selection_done
 from pipeline.stages.select import files
 from pipeline.stages.select.bounded import select_bounded
 from pipeline.stages.select.files import (DONE_FILE, KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,
@@ -93,7 +93,7 @@ from pipeline.stages.select.memory import select_in_memory
 
 __all__ = ["DONE_FILE", "KEPT_FILE", "KEPT_UIDS_FILE", "MANIFEST_FILE", "MANIFEST_SCHEMA", "META_SELECT", "QUANTILES",
            "SUMMARY_FILE", "UID_DTYPE", "SelectConfig", "kept_schema", "quantile_dict", "run_named_select", "run_select",
-           "select", "select_into", "selection_done", "selection_fingerprint", "shard_summary"]
+           "select", "select_into", "selection_fingerprint", "shard_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -155,29 +155,14 @@ def run_named_select(ctx: RunContext, name: str, executor: Executor | None = Non
     return select_into(ctx, entry.resolve(ctx.config.select), name, executor)
 
 
-def selection_done(layout: RunLayout, name: str | None = None) -> str | None:
-    """The fingerprint the selection's completion marker records (``done.json``), None when the
-    selection is absent or incomplete. The one reader of the marker: derived outputs (shards)
-    compare their recorded fingerprint with it."""
-    marker = layout.selection_dir(name) / DONE_FILE
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def select_into(ctx: RunContext, cfg: SelectConfig, name: str | None,
                 executor: Executor | None = None) -> dict[str, Any]:
     """Select with ``cfg`` into ``layout.selection_dir(name)`` behind its completion marker.
 
     When the selection is recomputed, the shards derived from the one it replaces (a different
-    fingerprint) are removed first (:func:`pipeline.stages.reshard.remove_stale_shards`), and the
+    fingerprint) are removed first (:func:`pipeline.stages.derived.remove_stale_shards`), and the
     old marker is removed before the new files are written: an interrupted rewrite is never
     taken for a complete selection."""
-    from pipeline.stages.reshard import remove_stale_shards
-
     files = [ctx.layout.score_file(u) for u in ctx.urls]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
