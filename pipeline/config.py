@@ -261,6 +261,7 @@ _RULE_FIELDS = {"top_fraction": {"fraction"}, "top_k": {"k"}, "threshold": {"thr
                               "fill", "cluster_power"}}
 _NEW_RULE_FIELDS = ("steps", "drop_below", "drop_fraction", "drop_share_from", "drop_column", "fill", "cluster_power")
 _RULE_OPTIONAL = ("fraction", "k", "threshold", *_NEW_RULE_FIELDS)  # refused when set for a rule not using them
+_ALTERNATIVES = (("fraction", "k"), ("drop_below", "drop_fraction", "drop_share_from"))  # one of each, at most
 # Values the drop_fill fields had by default before the recipe became the default: a config.json
 # written then lists them under every rule (fill: random under top_fraction), and must still read.
 _FORMER_DEFAULTS: dict[str, Any] = {"fill": "random"}
@@ -403,6 +404,11 @@ class SelectConfig(Section):
         back in full (``config.json``, every field at its value) reads again as it was."""
         return name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default
 
+    def given_settings(self) -> dict[str, Any]:
+        """The fields given (:meth:`_given`: set, and not to their default), as JSON values: what a
+        named selection (``selections:``) inherits from this section."""
+        return self.model_dump(mode="json", include={n for n in type(self).model_fields if self._given(n)})
+
     def _check_steps(self) -> None:
         steps = self.steps or []
         if len(steps) < 2:
@@ -496,6 +502,70 @@ class SelectConfig(Section):
         return data
 
 
+class NamedSelection(Section):
+    """One entry of the top-level ``selections:`` list: a selection written side by side with the
+    others into ``selections/NAME/`` (:meth:`pipeline.io.layout.RunLayout.selection_dir`).
+
+    ``name`` and ``reshard`` are the entry's own; every other key is a :class:`SelectConfig`
+    field. Fields the entry does not name inherit the ``select:`` section's *given* fields
+    (:meth:`SelectConfig.given_settings`), so a sweep names only what varies; what the entry
+    chooses replaces the inherited fields it contradicts (:meth:`inherited`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=False)
+
+    name: str = Field(description="the directory name under selections/: letters, digits, '.', '_', '-'")
+    reshard: bool = Field(False, description="also reshard it (into selections/NAME/shards/, with the reshard: "
+                                             "section's settings) in `diffin run` and `diffin reshard`")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        from pipeline.io.layout import check_selection_name
+
+        try:
+            return check_selection_name(value)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> "NamedSelection":
+        unknown = sorted(set(self.fields) - set(SelectConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (an entry takes name, reshard and the select: fields)")
+        return self
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The select fields the entry names itself."""
+        return dict(self.model_extra or {})
+
+    def resolve(self, base: SelectConfig | None) -> SelectConfig:
+        """The entry's select settings: ``base``'s given fields, then the entry's own
+        (pydantic's ValidationError when they do not make a valid ``select:`` section).
+
+        What the entry chooses replaces what it would contradict (:meth:`inherited`), so
+        ``rule: top_k, k: 10`` under a ``select:`` with ``fraction: 0.5`` is top_k with k 10."""
+        return SelectConfig.model_validate({**self.inherited(base), **self.fields})
+
+    def inherited(self, base: SelectConfig | None) -> dict[str, Any]:
+        """The fields the entry takes from ``base``: its given fields, less those the entry's own
+        choice replaces: one of a set of alternatives named by the entry replaces the others
+        (``fraction`` / ``k``; ``drop_below`` / ``drop_fraction`` / ``drop_share_from``), and a
+        ``rule`` named by the entry drops the fields that rule does not use."""
+        given = base.given_settings() if base else {}
+        own = self.fields
+        unused: set[str] = set()
+        for group in _ALTERNATIVES:
+            if any(name in own for name in group):
+                unused |= set(group)
+        rule = own.get("rule")
+        if rule in _RULE_FIELDS:
+            unused |= {name for name in _RULE_OPTIONAL if name not in _RULE_FIELDS[rule]}
+            unused |= {"column"} if rule == "chain" else set()
+            unused |= {"stratify_by"} if rule in SelectConfig.UNSTRATIFIED_RULES else set()
+        return {name: value for name, value in given.items() if name not in unused or name in own}
+
+
 class ReshardConfig(Section):
     """The ``reshard:`` section."""
 
@@ -541,6 +611,9 @@ class RunConfig(Section):
     target: TargetConfig | None = None
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig | None = None
+    selections: list[NamedSelection] = Field(
+        default_factory=list, description="named selections side by side: [{name, reshard, <select fields>}], "
+                                          "each inheriting the select: section's given fields")
     reshard: ReshardConfig | None = None
     resources: ResourcesConfig = ResourcesConfig()
     storage: dict[str, dict[str, Any]] = Field(
@@ -555,6 +628,15 @@ class RunConfig(Section):
         if unknown:
             raise ValueError(f"unknown storage protocol {unknown[0]!r} (fsspec knows e.g. s3, gcs, abfs, http)")
         return value
+
+    def selection_entry(self, name: str) -> NamedSelection | None:
+        """The ``selections:`` entry named ``name``, or None."""
+        return next((entry for entry in self.selections if entry.name == name), None)
+
+    def named_selections(self) -> list[tuple[NamedSelection, SelectConfig]]:
+        """Each ``selections:`` entry with its resolved select settings (:meth:`NamedSelection.resolve`;
+        checked by :func:`parse_config` and :func:`with_selections`)."""
+        return [(entry, entry.resolve(self.select)) for entry in self.selections]
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -578,8 +660,69 @@ def parse_config(data: Any, source: str = "config") -> RunConfig:
     except ValidationError as exc:
         raise UsageError(f"{source}: {_format_error(exc)}") from None
     check_paths(config, source)
+    check_selections(config, source)
     check_consistency(config, source)
     return config
+
+
+def check_selections(config: RunConfig, source: str) -> None:
+    """Check the ``selections:`` entries: distinct names, each a valid select section once its
+    inherited fields are added (UsageError in one line naming the entry)."""
+    seen: set[str] = set()
+    for i, entry in enumerate(config.selections):
+        if entry.name in seen:
+            raise UsageError(f"{source}: selections.{i}: two entries are named {entry.name!r}; names must differ")
+        seen.add(entry.name)
+        try:
+            entry.resolve(config.select)
+        except ValidationError as exc:
+            raise UsageError(f"{source}: selections.{i} ({entry.name}): {_format_error(exc)}") from None
+
+
+def parse_selection_override(text: str) -> dict[str, Any]:
+    """One ``--selection 'NAME:key=value,key=value'`` as a ``selections:`` entry (values read as
+    YAML scalars); UsageError in one line when malformed."""
+    usage = "expected NAME:key=value[,key=value...], e.g. keep30:fraction=0.3"
+    name, colon, body = text.partition(":")
+    if not colon or not name.strip() or not body.strip():
+        raise UsageError(f"--selection {text!r}: {usage}")
+    entry: dict[str, Any] = {"name": name.strip()}
+    for item in body.split(","):
+        key, equals, value = item.partition("=")
+        key = key.strip()
+        if not equals or not key or key in entry:
+            why = f"{key!r} given twice" if key in entry and equals else usage
+            raise UsageError(f"--selection {text!r}: {why}")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise UsageError(f"--selection {text!r}: {key}={value!r} is not a YAML value") from None
+        if isinstance(parsed, (dict, list)):
+            raise UsageError(f"--selection {text!r}: {key}={value!r}: give a single value (a list needs the config)")
+        entry[key] = parsed
+    return entry
+
+
+def with_selections(config: RunConfig, overrides: list[dict[str, Any]], source: str = "--selection") -> RunConfig:
+    """``config`` with ``selections:`` entries added or replaced (same name) by ``overrides``
+    (raw entries, e.g. from :func:`parse_selection_override`), checked as the config's are."""
+    by_name: dict[str, NamedSelection] = {}
+    for override in overrides:
+        label = f"{source} {override.get('name')!r}"
+        try:
+            entry = NamedSelection.model_validate(override)
+            entry.resolve(config.select)
+        except ValidationError as exc:
+            where = _format_error(exc)
+            raise UsageError(f"{label}: {where.removeprefix('(top level): ')}") from None
+        if entry.name in by_name:
+            raise UsageError(f"{label}: given twice")
+        by_name[entry.name] = entry
+    entries = [by_name.pop(e.name, e) for e in config.selections] + list(by_name.values())
+    updated = config.model_copy(update={"selections": entries})
+    check_selections(updated, source)
+    check_consistency(updated, source)
+    return updated
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
@@ -636,13 +779,20 @@ def check_consistency(config: RunConfig, source: str) -> None:
     if config.score.device == "cuda" and config.resources.num_gpus == 0:
         raise UsageError(f"{source}: score.device: 'cuda' needs resources.num_gpus > 0 "
                          "(GPUs are declared per actor, never taken from the driver)")
-    select = config.select
-    if select is None:
-        return
+    sections = ([("select", config.select)] if config.select is not None else []) + [
+        (f"selections.{entry.name}", entry.resolve(config.select)) for entry in config.selections]
+    for where, select in sections:
+        _check_select(config, select, where, source)
+
+
+def _check_select(config: RunConfig, select: SelectConfig, where: str, source: str) -> None:
+    """The select settings ``select`` (the ``select:`` section, or a named selection's, reported as
+    ``where``) against the score section: the columns it reads are computed, and so on."""
     computed = columns_computed(method_components(config.score.method, config.score.adam))
     for key, column in _select_columns(select):
+        key = key.replace("select", where, 1)
         if column not in computed:
-            field = key.removeprefix("select.")
+            field = key.removeprefix(f"{where}.")
             if select.rule == "drop_fill" and field not in select.model_fields_set:
                 # a default of the recipe, not a key the user wrote: say which key to set
                 choices = [c for c in computed if c in ESTIMATE_COLUMNS] if field == "drop_share_from" else computed
@@ -654,10 +804,10 @@ def check_consistency(config: RunConfig, source: str) -> None:
                              f"(use one of {', '.join(computed)})")
     if select.reads_clusters and config.score.embeddings.clusters == 0:
         fill = "'cluster'" + ("" if "fill" in select.model_fields_set else " (the default)")
-        raise UsageError(f"{source}: select.fill: {fill} needs the score files' cluster column; set "
-                         "score.embeddings.clusters > 0, or select.fill: random")
+        raise UsageError(f"{source}: {where}.fill: {fill} needs the score files' cluster column; set "
+                         f"score.embeddings.clusters > 0, or {where}.fill: random")
     if select.stratify_by and select.stratify_by not in config.score.keep_json_fields:
-        raise UsageError(f"{source}: select.stratify_by: json field '{select.stratify_by}' is not kept in "
+        raise UsageError(f"{source}: {where}.stratify_by: json field '{select.stratify_by}' is not kept in "
                          "the score files; add it to score.keep_json_fields")
 
 

@@ -103,3 +103,15 @@ def download_dir(source: UPath, local: Path) -> None:
         dest = local / os.path.relpath(remote, base)
         dest.parent.mkdir(parents=True, exist_ok=True)
         source.fs.get_file(remote, str(dest))
+
+
+def remove_tree(path: StoragePath) -> None:
+    """Remove a local or remote directory tree (nothing when absent)."""
+    if not path.exists():
+        return
+    if is_remote(path):
+        path.fs.rm(path.path, recursive=True)
+    else:
+        import shutil
+
+        shutil.rmtree(path)

@@ -322,6 +322,20 @@ def load_kept_uids(selection: Path) -> np.ndarray | None:
     return uids if uids.dtype.names == ("f0", "f1") else None
 
 
+def load_shards(run_dir: StoragePath, name: str | None = None) -> dict[str, int] | None:
+    """The ``sizes.json`` of the shards made from selection ``name`` (None: ``shards/``), None when
+    there are none; UsageError in one line when they are stale (made from another selection than
+    the current one, or recording none): the report never shows them as the selection's
+    (:func:`pipeline.stages.derived.current_shards`)."""
+    from pipeline.io.layout import RunLayout
+    from pipeline.stages.derived import current_shards
+
+    layout = RunLayout(run_dir)
+    if not layout.shards_dir(name).exists():
+        return None
+    return current_shards(layout, name)
+
+
 def load_shard_stats(run_dir: Path) -> list[dict[str, Any]] | None:
     """The per-shard stats files (``stats/<stem>.json``) by name; None without the directory."""
     directory = run_dir / STATS_DIR

@@ -1,7 +1,8 @@
 """Load-time filtering: keep a run's selected pairs while reading the *input* shards.
 
-``selection/manifest.parquet`` (written by :mod:`pipeline.stages.select`) lists, per input
-shard, the keys to keep. :class:`KeptKeys` turns it into a sample predicate for a WebDataset
+``selection/manifest.parquet`` (written by :mod:`pipeline.stages.select`; a named selection's:
+``selections/NAME/manifest.parquet``, ``from_run(..., name=NAME)``) lists, per input shard, the
+keys to keep. It reads the selection itself, never the resharded copy, so it cannot be stale. :class:`KeptKeys` turns it into a sample predicate for a WebDataset
 pipeline, so a loader can train on the kept pairs without the resharded copy::
 
     keep = KeptKeys.from_run("runs/demo")
@@ -95,9 +96,10 @@ class KeptKeys:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, storage: StorageOptions | None = None,
-                 unknown: Literal["error", "drop"] = "error") -> "KeptKeys":
-        """The filter of run directory ``run_dir`` (local or fsspec URL; ``storage``: its options)."""
-        return cls(RunLayout.of(run_dir, storage).selection / MANIFEST_FILE, unknown)
+                 unknown: Literal["error", "drop"] = "error", name: str | None = None) -> "KeptKeys":
+        """The filter of run directory ``run_dir`` (local or fsspec URL; ``storage``: its options):
+        its ``selection/``, or the named selection ``name`` (``selections/NAME/``)."""
+        return cls(RunLayout.of(run_dir, storage).selection_dir(name) / MANIFEST_FILE, unknown)
 
     @property
     def shards(self) -> list[str]:
@@ -157,8 +159,10 @@ class KeptUids:
         self._sorted = np.sort(array)
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, storage: StorageOptions | None = None) -> "KeptUids":
-        """The filter of run directory ``run_dir``: its kept uids under its own uid rule (``config.json``)."""
+    def from_run(cls, run_dir: str | os.PathLike, storage: StorageOptions | None = None,
+                 name: str | None = None) -> "KeptUids":
+        """The filter of run directory ``run_dir``: the kept uids of its ``selection/`` (or of the
+        named selection ``name``) under its own uid rule (``config.json``)."""
         layout = RunLayout.of(run_dir, storage)
         from pipeline.config import DataConfig
 
@@ -166,7 +170,7 @@ class KeptUids:
             data = DataConfig.model_validate(json.loads(layout.config.read_text())["data"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"cannot read data.uid_from from the run's configuration {layout.config}: {exc}") from None
-        return cls(layout.selection / KEPT_UIDS_FILE, data.uid_from)
+        return cls(layout.selection_dir(name) / KEPT_UIDS_FILE, data.uid_from)
 
     def uid(self, sample: Mapping[str, Any]) -> str | None:
         """The uid of a WebDataset sample (member bytes by field) by the rule, or None."""

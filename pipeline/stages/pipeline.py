@@ -27,11 +27,12 @@ from pipeline.stages.prepare import (prepare_fingerprint, prepared_target_losses
                                      selected_checkpoints)
 from pipeline.stages.reshard import damaged_sources, run_reshard
 from pipeline.stages.score import run_score
-from pipeline.stages.select import run_select
+from pipeline.stages.select import run_named_select, run_select
 from pipeline.stages.trajectory import ensure_trajectory, existing_trajectory, trajectory_location
 
 log = logging.getLogger(__name__)
 STAGES = ("trajectory", "prepare", "score", "select", "reshard")
+SELECTIONS_KEY = "selections"  # run_summary.json: {NAME: {dir, kept, scored_ok, failed, recomputed, shards?}}
 TARGET_LOSS_MIN_DROP = 0.05  # L_V must fall by at least this fraction, first to last checkpoint
 
 
@@ -83,15 +84,63 @@ def _record_target_loss(summary: dict[str, Any], losses: dict[int, float], warn:
         log.warning("%s", warning)
 
 
+def check_selection_names(ctx: RunContext, names: Sequence[str], stage: str) -> list[str]:
+    """The named selections ``names`` (``--only`` of select, ``--selection`` of reshard), checked
+    before anything runs: valid names; for ``select`` each a ``selections:`` entry of the config,
+    for ``reshard`` each selected already (``selections/NAME/done.json``) or an entry. UsageError
+    in one line naming the unknown one and the known ones."""
+    from pipeline.io.layout import check_selection_name
+
+    configured = [entry.name for entry in ctx.config.selections]
+    known = configured if stage == "select" else sorted(set(configured) | set(ctx.layout.selection_names()))
+    for name in names:
+        check_selection_name(name)
+        if name not in known:
+            where = "this config's selections:" if stage == "select" else "this config's selections: or the run dir"
+            raise UsageError(f"{stage}: unknown selection {name!r}; {where} has "
+                             f"{', '.join(known) if known else 'none'}")
+    return list(dict.fromkeys(names))
+
+
+def _run_select_stage(ctx: RunContext, executor: Executor, unnamed: bool,
+                      names: Sequence[str]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The select stage: ``selection/`` when ``unnamed``, then each named selection in ``names``."""
+    selection = run_select(ctx, executor) if unnamed else None
+    return selection, {name: run_named_select(ctx, name, executor) for name in names}
+
+
+def _reshard_entry(ctx: RunContext, sizes: dict[str, int], name: str | None) -> dict[str, Any]:
+    """The run summary's record of a reshard (``reshard``, or a named selection's ``shards``)."""
+    entry = {"dir": str(ctx.layout.shards_dir(name)), "shards": len(sizes), "pairs": sum(sizes.values()),
+             "damaged_sources": damaged_sources(ctx, name)}
+    for source in entry["damaged_sources"]:
+        log.warning("reshard: %d kept pair(s) copied from damaged input shard %s (%s: %s)",
+                    source["kept"], source["shard"], source["status"], source["error"])
+    return entry
+
+
+def _run_reshard_stage(ctx: RunContext, executor: Executor, unnamed: bool,
+                       names: Sequence[str]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The reshard stage: ``shards/`` when ``unnamed``, then the shards of each named selection."""
+    unnamed_entry = _reshard_entry(ctx, run_reshard(ctx, executor), None) if unnamed else None
+    return unnamed_entry, {name: _reshard_entry(ctx, run_reshard(ctx, executor, name), name) for name in names}
+
+
 def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Executor,
                  progress: bool = True, stages: Sequence[str] = STAGES,
-                 context: RunContext | None = None) -> dict[str, Any]:
+                 context: RunContext | None = None, selections: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``stages`` (in pipeline order) into ``run_dir``; returns (and writes) the summary.
 
     Stages whose config section is absent are skipped when running everything; asking for
     such a stage explicitly is a usage error. ``context`` (:meth:`RunContext.resolve` of
     ``config`` and ``run_dir``: jobs resolve it before starting an executor) is resolved here
     when not given.
+
+    Named selections: select writes ``selection/`` (the ``select:`` section) and every
+    ``selections:`` entry; reshard writes ``shards/`` (the ``reshard:`` section) and the shards
+    of every entry with ``reshard: true``. ``selections`` (names) restricts both stages to those
+    named selections, without ``selection/`` (``diffin select --only``, ``diffin reshard
+    --selection``: then reshard takes any selection present, whatever its ``reshard`` flag).
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -99,6 +148,11 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Execut
     everything = tuple(stages) == STAGES
     ctx = context or RunContext.resolve(config, run_dir)  # before anything is trained or scored
     config, layout = ctx.config, ctx.layout
+    chosen = None
+    if selections is not None:
+        chosen = check_selection_names(ctx, selections, "reshard" if tuple(stages) == ("reshard",) else "select")
+    named_select = chosen if chosen is not None else [entry.name for entry in config.selections]
+    named_reshard = chosen if chosen is not None else [entry.name for entry in config.selections if entry.reshard]
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -139,37 +193,71 @@ def run_pipeline(config: RunConfig, run_dir: str | os.PathLike, executor: Execut
         summary.update(scores=str(layout.scores), shards_scored_now=len(results),
                        pairs_scored_now=sum(r.rows for r in results), failed_now=failed,
                        retried_shards=[{"shard": r.url, "retries": r.retries} for r in results if r.retries])
-    if "select" in stages and (config.select is not None or not everything):
-        summary["selection"] = timed("select", run_select, ctx, executor)
-    if "reshard" in stages and (config.reshard is not None or not everything):
-        sizes_out = timed("reshard", run_reshard, ctx, executor)
-        summary["reshard"] = {"dir": str(layout.shards), "shards": len(sizes_out),
-                              "pairs": sum(sizes_out.values()), "damaged_sources": damaged_sources(ctx)}
-        for source in summary["reshard"]["damaged_sources"]:
-            log.warning("reshard: %d kept pair(s) copied from damaged input shard %s (%s: %s)",
-                        source["kept"], source["shard"], source["status"], source["error"])
+    drop: list[str | tuple[str, ...]] = []  # summary keys of outputs this job removed
+    named: dict[str, dict[str, Any]] = {}
+    if "select" in stages:
+        # selection/ runs when the config has a select: section, or when this job asks for the
+        # stage and names nothing else to select (then run_select says what is missing)
+        unnamed = chosen is None and (config.select is not None or (not everything and not config.selections))
+        if unnamed or named_select:
+            selection, named = timed("select", _run_select_stage, ctx, executor, unnamed, named_select)
+            if selection is not None:
+                summary["selection"] = selection
+                if selection["recomputed"] and not layout.shards.exists():
+                    drop.append("reshard")  # its shards were made from the selection replaced
+            for name, result in named.items():
+                if result["recomputed"] and not layout.shards_dir(name).exists():
+                    drop.append((SELECTIONS_KEY, name, "shards"))
+    if "reshard" in stages:
+        unnamed = chosen is None and (config.reshard is not None or (not everything and not named_reshard))
+        if unnamed or named_reshard:
+            shards, named_shards = timed("reshard", _run_reshard_stage, ctx, executor, unnamed, named_reshard)
+            if shards is not None:
+                summary["reshard"] = shards
+            for name, entry in named_shards.items():
+                named.setdefault(name, {})["shards"] = entry
+    if named:
+        summary[SELECTIONS_KEY] = named
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["stage_seconds"] = timings
     write_json_atomic(layout.config, config.model_dump(mode="json"))
-    return update_run_summary(layout, summary)
+    return update_run_summary(layout, summary, drop)
+
+
+def _without(summary: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """``summary`` without the nested key at ``path`` (a copy where it changes)."""
+    if not path or not isinstance(summary, dict) or path[0] not in summary:
+        return summary
+    if len(path) == 1:
+        return {k: v for k, v in summary.items() if k != path[0]}
+    return {**summary, path[0]: _without(summary[path[0]], path[1:])}
 
 
 def merge_summaries(previous: dict[str, Any], current: dict[str, Any],
-                    drop: Sequence[str] = ()) -> dict[str, Any]:
+                    drop: Sequence[str | tuple[str, ...]] = ()) -> dict[str, Any]:
     """``run_summary.json`` after a job: every key an earlier job wrote stays unless this job
     wrote it again (a stage job keeps the other stages' keys: ``diffin select`` after
     ``diffin run`` still shows the score stage's); ``stages`` and ``seconds`` are this job's,
     ``stage_seconds`` and ``stages_run`` (every stage that ever ran here, in pipeline order)
-    accumulate; ``drop`` names keys whose outputs this job invalidated."""
-    merged = {k: v for k, v in previous.items() if k not in drop}
+    accumulate; ``selections`` merges per name (each name's entry key by key); ``drop`` names
+    keys whose outputs this job invalidated (a key, or a path of keys: ``("selections", NAME,
+    "shards")``)."""
+    for key in drop:
+        previous = _without(previous, (key,) if isinstance(key, str) else tuple(key))
+    merged = dict(previous)
     merged.update(current)
+    if SELECTIONS_KEY in current:
+        earlier = previous.get(SELECTIONS_KEY) or {}
+        merged[SELECTIONS_KEY] = {**earlier, **{name: {**earlier.get(name, {}), **entry}
+                                                for name, entry in current[SELECTIONS_KEY].items()}}
     merged["stage_seconds"] = {**previous.get("stage_seconds", {}), **current.get("stage_seconds", {})}
     ran = set(previous.get("stages_run", previous.get("stages", []))) | set(current.get("stages", []))
     merged["stages_run"] = [s for s in STAGES if s in ran]
     return merged
 
 
-def update_run_summary(layout: RunLayout, current: dict[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
+def update_run_summary(layout: RunLayout, current: dict[str, Any],
+                       drop: Sequence[str | tuple[str, ...]] = ()) -> dict[str, Any]:
     """Merge ``current`` into the run's ``run_summary.json`` (:func:`merge_summaries`) and write
     it atomically; returns the merged summary."""
     previous: dict[str, Any] = {}

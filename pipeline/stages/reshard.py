@@ -12,9 +12,14 @@ The driver plans; one task per *output* shard reads the input shards that feed i
 input shard that feeds several output shards is read once by each of them.
 
 Resume: ``reshard_plan.json`` in the output directory records a fingerprint of the plan
-(the kept keys of every output shard and the configuration). With the same plan, output
-shards that already exist (complete by construction: renamed when finished) are skipped;
-a different plan is refused, never mixed. ``sizes.json`` is written last.
+(the kept keys of every output shard and the configuration) and, for a run's own shards, the
+fingerprint of the selection they are made from (``selection_fingerprint``: its ``done.json``).
+With the same plan and selection, output shards that already exist (complete by construction:
+renamed when finished) are skipped; a different plan is refused, never mixed (a run's own
+``shards/`` is replaced instead). ``sizes.json`` is written last.
+
+The shards record the selection they were made from and never outlive it: the rule and its
+readers are :mod:`pipeline.stages.derived`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pipeline.io.atomic import atomic_path, write_json_atomic
 from pipeline.io.storage import StorageOptions, StoragePath, arrow_source, as_path, open_input
 from pipeline.runtime.executor import Executor, Resources
 from pipeline.stages.context import RunContext
+from pipeline.stages.derived import SELECTION_KEY, clear_shards_dir, selection_done, selection_label
 
 log = logging.getLogger(__name__)
 
@@ -253,49 +259,47 @@ class ReshardStage:
 
 
 def _claim_out_dir(out_dir: StoragePath, plan: Sequence[OutputShard], fingerprint: str,
-                   replace_stale: bool = False) -> None:
-    """Record the plan in ``out_dir``, or refuse if it holds another plan's output.
+                   replace_stale: bool = False, selection: str | None = None) -> None:
+    """Record the plan (and ``selection``, the fingerprint of the selection it is made from) in
+    ``out_dir``, or refuse if it holds another plan's output.
 
-    With ``replace_stale`` (a run directory's own ``shards/``, derived from its own selection)
-    another plan's output is removed instead: the plan record and ``sizes.json`` first, so an
-    interruption never leaves old shards that look complete.
+    With ``replace_stale`` (a run directory's own shards, derived from its own selection) the
+    output of another plan or another selection is removed instead (:func:`~pipeline.stages.derived.clear_shards_dir`).
     """
     plan_path = out_dir / PLAN_FILE
     if plan_path.is_file():
-        recorded = json.loads(plan_path.read_text()).get("fingerprint")
-        if recorded == fingerprint:
+        recorded = json.loads(plan_path.read_text())
+        if recorded.get("fingerprint") == fingerprint and recorded.get(SELECTION_KEY) == selection:
             return
         if not replace_stale:
             raise UsageError(f"{out_dir} holds shards of a different selection or reshard config "
                              "(plan fingerprint differs); remove it or choose another directory")
-        log.info("reshard: the selection changed; replacing the shards in %s", out_dir)
-        for name in (PLAN_FILE, SIZES_FILE):
-            if (out_dir / name).exists():
-                (out_dir / name).unlink()
-        for stale in list(out_dir.iterdir()):
-            stale.unlink()
+        log.info("reshard: the selection or the reshard config changed; replacing the shards in %s", out_dir)
+        clear_shards_dir(out_dir)
     foreign = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
     if foreign:
         raise UsageError(f"{out_dir} is not empty and has no {PLAN_FILE} (e.g. {sorted(foreign)[0]}); "
                          "remove it or choose another directory")
-    write_json_atomic(plan_path, {"fingerprint": fingerprint, "shards": len(plan),
-                                  "pairs": sum(s.count for s in plan)})
+    record = {"fingerprint": fingerprint, "shards": len(plan), "pairs": sum(s.count for s in plan)}
+    write_json_atomic(plan_path, {**record, **({SELECTION_KEY: selection} if selection else {})})
 
 
 def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, cfg: ReshardConfig,
             executor: Executor, resources: Resources = Resources(),
-            storage: StorageOptions | None = None, replace_stale: bool = False) -> dict[str, int]:
+            storage: StorageOptions | None = None, replace_stale: bool = False,
+            selection: str | None = None) -> dict[str, int]:
     """Copy the kept pairs into new shards under ``out_dir``; return (and write) ``sizes.json``.
 
     ``manifest``: see :func:`load_manifest`. One executor task per output shard, with
     ``resources``. Resumable (see the module docstring). Raises :class:`DataError` when a
     kept key is not in its input shard, :class:`UsageError` when ``out_dir`` holds output
-    of another plan (unless ``replace_stale``: see :func:`_claim_out_dir`).
+    of another plan (unless ``replace_stale``: see :func:`_claim_out_dir`). ``selection``: the
+    fingerprint of the selection ``manifest`` belongs to, recorded in the plan file.
     """
     out = as_path(out_dir, storage)
     urls, keys = load_manifest(manifest)
     plan = plan_reshard(urls, keys, cfg)
-    _claim_out_dir(out, plan, plan_fingerprint(plan, cfg), replace_stale)
+    _claim_out_dir(out, plan, plan_fingerprint(plan, cfg), replace_stale, selection)
     todo = [ReshardTask(str(out), shard, dict(storage or {})) for shard in plan if not (out / shard.name).is_file()]
     log.info("reshard: %d output shards (%d already done), %d pairs",
              len(plan), len(plan) - len(todo), sum(s.count for s in plan))
@@ -307,30 +311,36 @@ def reshard(manifest: str | os.PathLike | pa.Table, out_dir: str | os.PathLike, 
     return sizes
 
 
-def run_reshard(ctx: RunContext, executor: Executor) -> dict[str, int]:
-    """Copy the run's kept pairs into new shards (``<run>/shards/``), one task per output shard."""
+def run_reshard(ctx: RunContext, executor: Executor, name: str | None = None) -> dict[str, int]:
+    """Copy a selection's kept pairs into new shards, one task per output shard: ``selection/``
+    into ``<run>/shards/`` (with the ``reshard:`` section), or the named selection ``name`` into
+    ``<run>/selections/NAME/shards/`` (the ``reshard:`` section's settings, its defaults without
+    one). The plan records the selection's fingerprint (module docstring)."""
     from pipeline.stages.select import MANIFEST_FILE
 
-    if ctx.config.reshard is None:
+    if ctx.config.reshard is None and name is None:
         raise UsageError("reshard: this run's config has no reshard section")
-    manifest = ctx.layout.selection / MANIFEST_FILE
-    if not manifest.is_file():
-        raise UsageError(f"reshard: {manifest} not found; "
+    cfg = ctx.config.reshard or ReshardConfig()
+    manifest = ctx.layout.selection_dir(name) / MANIFEST_FILE
+    fingerprint = selection_done(ctx.layout, name)
+    if not manifest.is_file() or fingerprint is None:
+        what = manifest if not manifest.is_file() else f"{selection_label(name)}'s completion marker (done.json)"
+        raise UsageError(f"reshard: {what} not found; "
                          "run `diffin select` (or `diffin run`) with this config and run dir first")
-    # The run's own shards follow its own selection: when a rerun changed the selection (a shard
-    # that was unreadable now scored), the old output is replaced, never mixed.
-    return reshard(manifest, ctx.layout.shards, ctx.config.reshard, executor, ctx.io_resources, ctx.storage,
-                   replace_stale=True)
+    # The run's own shards follow their selection: when a rerun changed the selection (a shard
+    # that was unreadable now scored, another fraction), the old output is replaced, never mixed.
+    return reshard(manifest, ctx.layout.shards_dir(name), cfg, executor, ctx.io_resources, ctx.storage,
+                   replace_stale=True, selection=fingerprint)
 
 
-def damaged_sources(ctx: RunContext) -> list[dict[str, Any]]:
+def damaged_sources(ctx: RunContext, name: str | None = None) -> list[dict[str, Any]]:
     """The input shards that were damaged when scored (``truncated``, ``short``, …: the problem
-    shards of ``selection/summary.json``) and still gave kept pairs to the output shards: shard,
-    status, error, kept count. Their kept pairs lie before the damage and are copied; the run
-    summary names them so that a person can fix or replace the source."""
+    shards of the selection's ``summary.json``) and still gave kept pairs to the output shards:
+    shard, status, error, kept count. Their kept pairs lie before the damage and are copied; the
+    run summary names them so that a person can fix or replace the source."""
     from pipeline.stages.select import MANIFEST_FILE, SUMMARY_FILE
 
-    selection = ctx.layout.selection
+    selection = ctx.layout.selection_dir(name)
     problems = json.loads((selection / SUMMARY_FILE).read_text()).get("shards", {}).get("problems", [])
     by_url = {p["shard"]: p for p in problems if p.get("shard")}
     if not by_url:

@@ -62,7 +62,8 @@ Two strategies, byte-identical outputs (``select(..., strategy=)``)
 
 The package, one job a module (no module imports another's private names)
     ``__init__`` (this module): the stage — :func:`select` picks the strategy,
-    :func:`run_select` runs it on a run's score files behind the completion marker.
+    :func:`run_select` runs it on a run's score files behind the completion marker (into
+    ``selection/``; :func:`run_named_select`: a ``selections:`` entry into ``selections/NAME/``).
     :mod:`.files`: the selection files' contract. :mod:`.scan`: reading and checking score
     files (pass 1, the kept rows' keys). :mod:`.memory` and :mod:`.bounded`: the reducers.
 """
@@ -82,6 +83,7 @@ from pipeline.io.scores import read_fingerprint
 from pipeline.io.storage import StoragePath, as_path
 from pipeline.runtime.executor import Executor, LocalExecutor, Resources
 from pipeline.stages.context import RunContext
+from pipeline.stages.derived import remove_stale_shards, selection_done
 from pipeline.stages.select import files
 from pipeline.stages.select.bounded import select_bounded
 from pipeline.stages.select.files import (DONE_FILE, KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,
@@ -90,8 +92,8 @@ from pipeline.stages.select.files import (DONE_FILE, KEPT_FILE, KEPT_UIDS_FILE, 
 from pipeline.stages.select.memory import select_in_memory
 
 __all__ = ["DONE_FILE", "KEPT_FILE", "KEPT_UIDS_FILE", "MANIFEST_FILE", "MANIFEST_SCHEMA", "META_SELECT", "QUANTILES",
-           "SUMMARY_FILE", "UID_DTYPE", "SelectConfig", "kept_schema", "quantile_dict", "run_select", "select",
-           "selection_fingerprint", "shard_summary"]
+           "SUMMARY_FILE", "UID_DTYPE", "SelectConfig", "kept_schema", "quantile_dict", "run_named_select", "run_select",
+           "select", "select_into", "selection_fingerprint", "shard_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +144,41 @@ def run_select(ctx: RunContext, executor: Executor | None = None) -> dict[str, A
     cfg = ctx.config.select
     if cfg is None:
         raise UsageError("select: this run's config has no select section")
+    return select_into(ctx, cfg, None, executor)
+
+
+def run_named_select(ctx: RunContext, name: str, executor: Executor | None = None) -> dict[str, Any]:
+    """The ``selections:`` entry ``name`` → ``<run>/selections/NAME/``, as :func:`run_select`."""
+    entry = ctx.config.selection_entry(name)
+    if entry is None:
+        raise UsageError(f"select: no selections: entry named {name!r} in this run's config")
+    return select_into(ctx, entry.resolve(ctx.config.select), name, executor)
+
+
+def select_into(ctx: RunContext, cfg: SelectConfig, name: str | None,
+                executor: Executor | None = None) -> dict[str, Any]:
+    """Select with ``cfg`` into ``layout.selection_dir(name)`` behind its completion marker.
+
+    When the selection is recomputed, the shards derived from the one it replaces (a different
+    fingerprint) are removed first (:func:`pipeline.stages.derived.remove_stale_shards`), and the
+    old marker is removed before the new files are written: an interrupted rewrite is never
+    taken for a complete selection."""
     files = [ctx.layout.score_file(u) for u in ctx.urls]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise UsageError(f"select: {len(missing)} shard(s) not scored yet, e.g. {missing[0]}; "
                          "run `diffin score` (or `diffin run`: every stage) with this config and run dir first")
-    out = ctx.layout.selection
+    out = ctx.layout.selection_dir(name)
     fingerprint = selection_fingerprint(cfg, files)
     marker = out / DONE_FILE
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+    if selection_done(ctx.layout, name) == fingerprint:
         log.info("selection in %s is complete for these scores; reusing it", out)
         summary = json.loads((out / SUMMARY_FILE).read_text())
         recomputed = False
     else:
+        remove_stale_shards(ctx.layout, name, fingerprint)
+        if marker.exists():
+            marker.unlink()
         summary = select(files, cfg, out, executor=executor, resources=ctx.io_resources)
         write_json_atomic(marker, {"fingerprint": fingerprint})
         recomputed = True
