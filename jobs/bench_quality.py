@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", metavar="DIR",
                         help="where the corpora are reused from or built into (default data)")
     parser.add_argument("--datasets", default=None, metavar="LIST",
-                        help=f"comma-separated subset of {','.join(DATASETS)} (default: both)")
+                        help=f"comma-separated subset of {','.join(DATASETS)} (default: all of them)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="(dataset, seed) cells run in N processes (default 2; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",

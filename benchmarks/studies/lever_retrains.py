@@ -52,6 +52,34 @@ def headroom(value: float, random: float, oracle: float) -> float | None:
     return None if oracle == random else round((value - random) / (oracle - random), 3)
 
 
+def markdown_table(retrains: list[dict], screen: list[dict], dataset: str, seed: int) -> str:
+    """The levers' table for docs/QUALITY.md: the screen's noise AUC and below-zero counts
+    (``harm_levers.jsonl``) beside each lever's retrained drop-then-fill result."""
+    stats = {}
+    for record in screen:
+        if record["dataset"] == dataset and record["seed"] == seed and record.get("noise", 0.3) == 0.3:
+            lever = "cosine" if record["lever"] == "cosine" and record.get("pairs") == 6000 else record["lever"]
+            for column, values in record["columns"].items():
+                name = "tracin" if lever == "cosine" and column == "tracin_cosine" else column
+                stats.setdefault((lever, name), values)
+    rows = ["| lever | column | noise AUC | below 0 | mismatched among below 0 | acc keep 50 / 30 | "
+            "headroom 50 / 30 | mismatched kept 50 / 30 |", "|---|---|---:|---:|---:|---|---|---|"]
+    for lever, column in CELLS:
+        cells = {r["budget"]: r for r in retrains if (r["lever"], r["column"]) == (lever, column)
+                 and r["dataset"] == dataset and r["seed"] == seed}
+        if len(cells) < 2:
+            continue
+        s = stats.get((lever, column), {})
+        fifty, thirty = cells["keep_50"], cells["keep_30"]
+        auc = f"{s['auc']:.3f}" if "auc" in s else "—"
+        below = f"{100 * s['below_zero']:.1f} %" if s.get("below_zero") is not None else "—"
+        among = f"{100 * s['mismatched_among_below']:.1f} %" if s.get("mismatched_among_below") is not None else "—"
+        rows.append(f"| {lever} | `{column}` | {auc} | {below} | {among} | {fifty['metrics']['acc']:.3f} / "
+                    f"{thirty['metrics']['acc']:.3f} | {fifty['headroom_share']:.2f} / {thirty['headroom_share']:.2f} | "
+                    f"{100 * fifty['kept_noisy_fraction']:.1f} % / {100 * thirty['kept_noisy_fraction']:.1f} % |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="fashion_mnist")
@@ -62,7 +90,13 @@ def main() -> None:
     parser.add_argument("--bench-work", default="data/quality_work")
     parser.add_argument("--bench-cells", default="benchmarks/results/quality_cells.jsonl")
     parser.add_argument("--out", default="benchmarks/results/lever_retrains.jsonl")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the finished cells, run nothing")
+    parser.add_argument("--screen", default="benchmarks/results/harm_levers.jsonl", help="the lever screen's results")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(quality.read_cells(Path(args.out)), quality.read_cells(Path(args.screen)),
+                             args.dataset, args.seed))
+        return
     torch.set_num_threads(1)
 
     spec = quality.full_settings().dataset(args.dataset)
