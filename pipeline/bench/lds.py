@@ -9,10 +9,11 @@ estimator assumes. This benchmark measures the linear datamodeling score (LDS) w
   the proxy ``tiny-clip-32`` under AdamW, scored with the pipeline's own settings
   (:class:`TrajectoryInfluence`, bank 255, the rest of the 1,024 target pairs = V). The default
   run trains on ``num_train`` = 1,000 pairs for 400 steps of batch 32 (12.8 epochs, lr 1e-3,
-  warmup 20, cosine, 4 checkpoints): L_V falls from 5.82 (init) to 4.58 and the zero-shot
-  accuracy reaches 0.61, at about 30 s per retrain on one loaded core (docs/FIDELITY.md). Shorter
-  runs are worse than slower: 100 steps of batch 128 on 2,000 pairs stop mid-transition, where
-  two visiting orders of the same data end 0.37 apart in L_V — more than any 10 % removal moves it.
+  warmup 20, cosine, 4 checkpoints): at seed 0 L_V falls from 5.82 (init) to 4.52 and the full
+  model's zero-shot accuracy reaches 0.61, at about 31 s per retrain on one loaded core
+  (docs/FIDELITY.md). Shorter runs are not cheaper in what matters: 100 steps of batch 128 on
+  2,000 pairs stop mid-learning (L_V 5.32, accuracy 0.17), where two visiting orders of the same
+  data ended 0.37 apart in L_V — more than either 10 % removal tried moved it.
 - **The linear regime.** Each of ``subsets`` (default 200) removal sets holds ``fraction``
   (default 10 %) of the training pairs, drawn by seeded uid rank (:func:`half_subsets`).
 - **Order noise measured and divided out.** Every subset, and the full set, is retrained under
@@ -29,7 +30,8 @@ Metrics per seed, target and column (:func:`column_metrics`): LDS = Spearman ove
 LDS against each order alone; the gap to the default column with a paired-bootstrap standard
 error. The ground truth (:func:`truth_summary`) carries the noise floor — how well one order's
 effects predict another's (the order-split Spearman/Pearson and the Spearman–Brown reliability
-of the mean) — and the LDS ceiling √(1 − σ²_noise/O / σ²_effects) (:func:`lds_ceiling`).
+of the mean) — and the LDS ceiling √(1 − σ²_noise/O / σ²_effects) (:func:`lds_ceiling`), σ²_noise the
+two-way residual variance of the effects (:func:`order_noise_variance`).
 
 Resumable and parallel: every scoring (one per seed) and every retrain is one JSON line in a
 results file beside the report (``fidelity_clip_cells.jsonl``), appended as it finishes; a rerun
@@ -63,8 +65,8 @@ from pipeline.bench.fidelity import random_scores
 from pipeline.bench.metrics import (bootstrap_rows, bootstrap_spearman, class_prompts, spearman, standard_error,
                                     subset_predictions, zero_shot_accuracy)
 from pipeline.bench.openmoji_clip import TargetLoss, model_params, unrolled_variants
-from pipeline.bench.protocol import (half_subsets, lds_ceiling, order_noise, order_split_reliability, ranked,
-                                     reordered_uid)
+from pipeline.bench.protocol import (half_subsets, lds_ceiling, order_noise, order_noise_variance,
+                                     order_split_reliability, ranked, reordered_uid)
 from pipeline.bench.quality import (DatasetSettings, append_cell, load_fashion_mnist, read_cells, read_json_meta)
 from pipeline.config import TrainConfig
 from pipeline.data.pairs import PairTable
@@ -461,7 +463,7 @@ def effects_table(cells: Sequence[dict[str, Any]], seed: int, orders: int, field
 def truth_summary(effects: np.ndarray, base: Sequence[float]) -> dict[str, Any]:
     """The ground truth of one (seed, target): counts, spread, noise floor and LDS ceiling."""
     mean = effects.mean(axis=1)
-    noise_one = float(np.sqrt(effects.var(axis=1, ddof=1).mean()))
+    noise_one = float(np.sqrt(order_noise_variance(effects)))
     return {"subsets": int(effects.shape[0]), "orders": int(effects.shape[1]),
             "full_loss_per_order": [round(b, 6) for b in base],
             "effect_mean": float(mean.mean()), "effect_std": float(mean.std()),
@@ -481,8 +483,9 @@ def column_metrics(scores: dict[str, dict[str, float]], removed_sets: Sequence[S
     for column, pred in predictions.items():
         entry: dict[str, Any] = {"lds": spearman(pred, mean), "lds_se": standard_error(boots[column]),
                                  "lds_per_order": [spearman(pred, effects[:, o]) for o in range(effects.shape[1])]}
-        if default in boots and column != default and entry["lds"] is not None and out.get(default, {}).get("lds") is not None:
-            entry["gap_to_default"] = out[default]["lds"] - entry["lds"]
+        default_lds = out.get(default, {}).get("lds")
+        if column != default and entry["lds"] is not None and default_lds is not None:
+            entry["gap_to_default"] = default_lds - entry["lds"]
             entry["gap_se"] = standard_error(boots[default] - boots[column])
         out[column] = entry
     return out
@@ -522,7 +525,8 @@ def seed_report(settings: LdsSettings, cells: Sequence[dict[str, Any]], seed: in
 
 def build_report(settings: LdsSettings, cells: Sequence[dict[str, Any]], print_: str) -> dict[str, Any]:
     """Every seed's report from the cells of this fingerprint."""
-    mine = [c for c in cells if c.get("settings") == print_ and (c["kind"] != "retrain" or c["order"] < settings.orders)]
+    mine = [c for c in cells if c.get("settings") == print_
+            and (c["kind"] != "retrain" or c["order"] < settings.orders)]
     report = {}
     for seed in settings.seeds:
         part = seed_report(settings, mine, seed)
@@ -534,11 +538,12 @@ def build_report(settings: LdsSettings, cells: Sequence[dict[str, Any]], print_:
 def run_benchmark(settings: LdsSettings, out: str | Path, data_dir: str | Path = "data", command: str = "",
                   work_dir: str | Path | None = None, report_only: bool = False) -> dict[str, Any]:
     """Run what the results file beside ``out`` lacks (:func:`cells_path`), then write the JSON
-    report to ``out`` atomically and return it. ``report_only``: compute nothing."""
+    report to ``out`` atomically and return it. ``report_only``: compute nothing. ``work_dir``
+    (default: the system's temporary directory) holds each proxy trajectory while it is scored."""
     check_settings(settings)
     start = time.perf_counter()
     cells_file, print_ = cells_path(out), fingerprint(settings)
-    work = Path(work_dir) if work_dir is not None else Path(data_dir) / "lds_work"
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())  # the proxies' trajectories
     score, retrains = pending_work(settings, read_cells(cells_file), print_)
     written = 0
     if not report_only and (score or retrains):

@@ -96,17 +96,28 @@ def lds_ceiling(lds_actual: np.ndarray, noise_actual: np.ndarray) -> float | Non
     return float(np.sqrt(max(0.0, 1.0 - noise / total))) if total > 0 else None
 
 
-def order_noise(effects: np.ndarray) -> np.ndarray:
-    """Per subset, the order noise left in the mean of its effects over the visiting orders.
+def order_noise_variance(effects: np.ndarray) -> float:
+    """The order noise variance of one measured effect, from ``effects`` [subsets, orders].
 
-    ``effects`` is [subsets, orders] (each the effect of one subset measured under one order).
-    Its within-subset sample variance s² (ddof 1) estimates the order noise variance of one
-    measurement, so the mean over O orders carries s²/O; the returned √(s²/O) per subset has
-    mean square the noise variance of the averaged effects (what :func:`lds_ceiling` takes).
+    Two-way residuals: what is left of e[s, o] after its subset's mean and its order's mean,
+    Σ r² / ((S − 1)(O − 1)). The order's mean goes because an effect is a difference with the
+    full set retrained under the same order: that retrain's own noise shifts every subset of the
+    order alike, which changes no ranking (the LDS of one order) and is not noise of the ranking.
     """
-    if effects.ndim != 2 or effects.shape[1] < 2:
-        raise ValueError(f"need effects [subsets, orders >= 2], got shape {effects.shape}")
-    return np.sqrt(effects.var(axis=1, ddof=1) / effects.shape[1])
+    if effects.ndim != 2 or effects.shape[0] < 2 or effects.shape[1] < 2:
+        raise ValueError(f"need effects [subsets >= 2, orders >= 2], got shape {effects.shape}")
+    residual = effects - effects.mean(1, keepdims=True) - effects.mean(0, keepdims=True) + effects.mean()
+    return float((residual ** 2).sum() / ((effects.shape[0] - 1) * (effects.shape[1] - 1)))
+
+
+def order_noise(effects: np.ndarray) -> np.ndarray:
+    """Per subset, the order noise left in the mean of its effects over the O orders: values
+    whose mean square is :func:`order_noise_variance` / O (what :func:`lds_ceiling` takes)."""
+    subsets, orders = effects.shape if effects.ndim == 2 else (0, 0)
+    order_noise_variance(effects)  # checks the shape
+    residual = effects - effects.mean(1, keepdims=True) - effects.mean(0, keepdims=True) + effects.mean()
+    per_subset = (residual ** 2).sum(1) / (orders - 1) * subsets / (subsets - 1)
+    return np.sqrt(per_subset / orders)
 
 
 def order_split_reliability(effects: np.ndarray) -> dict[str, float | None]:

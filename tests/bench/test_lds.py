@@ -19,7 +19,8 @@ from jobs import bench_lds
 from pipeline.bench import lds
 from pipeline.bench.fidelity import random_scores
 from pipeline.bench.metrics import bootstrap_rows, bootstrap_spearman, spearman, standard_error
-from pipeline.bench.protocol import half_subsets, lds_ceiling, order_noise, order_split_reliability, reordered_uid
+from pipeline.bench.protocol import (half_subsets, lds_ceiling, order_noise, order_noise_variance,
+                                     order_split_reliability, reordered_uid)
 from pipeline.bench.quality import read_cells
 from pipeline.errors import UsageError
 
@@ -104,8 +105,9 @@ def test_a_rerun_resumes_and_skips_finished_cells(quick: tuple[dict, Path, Path]
     cells_file.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     resumed = lds.run_benchmark(settings, out, data)
     assert resumed["_meta"]["counts"]["cells_written_this_run"] == 1
-    redone = [c for c in _cells(out) if c["kind"] == "retrain" and (c["subset"], c["order"]) == (last["subset"], last["order"])]
-    assert len(redone) == 1 and redone[0]["target_loss"] == pytest.approx(last["target_loss"], abs=1e-9)  # deterministic
+    key = (last["subset"], last["order"])
+    redone = [c for c in _cells(out) if c["kind"] == "retrain" and (c["subset"], c["order"]) == key]
+    assert len(redone) == 1 and redone[0]["target_loss"] == pytest.approx(last["target_loss"], abs=1e-9)
     only = lds.run_benchmark(dataclasses.replace(settings, subsets=6), out, data, report_only=True)
     assert only["_meta"]["counts"]["cells_written_this_run"] == 0
     assert only["seed0"]["bank"]["truth"]["subsets"] == settings.subsets  # what is measured, nothing more
@@ -131,7 +133,7 @@ def test_subsets_and_orders_are_deterministic() -> None:
     first = half_subsets(uids, 20, 0, 0.1)
     assert first == half_subsets(uids, 20, 0, 0.1) and half_subsets(uids, 5, 0, 0.1) == first[:5]
     assert all(len(s) == 20 == len(set(s)) for s in first) and first != half_subsets(uids, 20, 1, 0.1)
-    assert reordered_uid("a", 0) == "a" and reordered_uid("a", 1) != "a" != reordered_uid("a", 2) != reordered_uid("a", 1)
+    assert reordered_uid("a", 0) == "a" and len({"a", reordered_uid("a", 1), reordered_uid("a", 2)}) == 3
     assert reordered_uid("a", 1) == reordered_uid("a", 1)
     with pytest.raises(ValueError):
         reordered_uid("a", -1)
@@ -139,14 +141,18 @@ def test_subsets_and_orders_are_deterministic() -> None:
 
 def test_noise_floor_and_standard_error_by_hand() -> None:
     effects = np.array([[1.0, 1.2], [2.0, 1.8], [3.0, 3.4], [4.0, 3.6]])
-    # within-subset variance (ddof 1) of a pair is d²/2; of the mean of 2 orders d²/4
-    assert order_noise(effects) == pytest.approx(np.abs(effects[:, 0] - effects[:, 1]) / 2)
+    d = effects[:, 0] - effects[:, 1]
+    # two orders: the residual variance is var(d, ddof 1) / 2; of the mean of the 2 orders, half that
+    assert order_noise_variance(effects) == pytest.approx(d.var(ddof=1) / 2)
+    assert order_noise(effects) == pytest.approx(np.abs(d - d.mean()) / 2 * np.sqrt(4 / 3))
+    shifted = effects + np.array([0.0, 5.0])  # the full set's own noise shifts a whole order: not noise
+    assert order_noise_variance(shifted) == pytest.approx(order_noise_variance(effects))
     split = order_split_reliability(effects)
     r = np.corrcoef(effects[:, 0], effects[:, 1])[0, 1]
     assert split["spearman"] == pytest.approx(1.0) and split["pearson"] == pytest.approx(r)
     assert split["mean_reliability"] == pytest.approx(2 * r / (1 + r))
     mean = effects.mean(1)
-    noise = float(((effects[:, 0] - effects[:, 1]) ** 2 / 4).mean())
+    noise = d.var(ddof=1) / 4
     assert lds_ceiling(mean, order_noise(effects)) == pytest.approx(np.sqrt(1 - noise / mean.var()))
     rows = bootstrap_rows(4, 200, seed=3)
     assert (rows == bootstrap_rows(4, 200, seed=3)).all() and rows.shape == (200, 4)
