@@ -47,6 +47,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -491,6 +492,30 @@ def column_metrics(scores: dict[str, dict[str, float]], removed_sets: Sequence[S
     return out
 
 
+def is_unrolled_variant(column: str) -> bool:
+    """True for the default column's own variants (Adam, zero-shot target, f, ε floors): the goal
+    compares the default with the other methods, not with these."""
+    return column.startswith(("diffin_unrolled", "unrolled_"))
+
+
+def goal_check(columns: dict[str, dict[str, Any]], default: str = DEFAULT_COLUMN,
+               threshold: float = 0.5, margin: float = 2.0) -> dict[str, Any] | None:
+    """Issue #24's goal on one (seed, target): the default's LDS ≥ ``threshold`` and above every
+    other method (not its own variants) by more than ``margin`` paired standard errors; the
+    closest method and its gap in standard errors say by how much it is met or missed."""
+    lds_default = columns.get(default, {}).get("lds")
+    others = {c: e for c, e in columns.items() if not is_unrolled_variant(c) and e.get("gap_se") is not None}
+    if lds_default is None or not others:
+        return None
+    ratios = {c: (e["gap_to_default"] / e["gap_se"] if e["gap_se"] > 0 else
+                  (math.inf if e["gap_to_default"] > 0 else 0.0)) for c, e in others.items()}
+    closest = min(ratios, key=ratios.__getitem__)
+    return {"lds_at_least": threshold, "lds_met": lds_default >= threshold, "closest": closest,
+            "closest_gap": others[closest]["gap_to_default"],
+            "closest_gap_in_se": ratios[closest] if math.isfinite(ratios[closest]) else None,
+            "above_every_method_met": ratios[closest] > margin}
+
+
 def _ordered(scores: dict[str, Any], default: str) -> list[str]:
     return [default] + [c for c in scores if c != default] if default in scores else list(scores)
 
@@ -518,8 +543,9 @@ def seed_report(settings: LdsSettings, cells: Sequence[dict[str, Any]], seed: in
             report[target] = {"truth": {"subsets": len(subsets)}, "columns": None}
             continue
         rows = bootstrap_rows(len(subsets), settings.bootstrap, seed)
+        columns = column_metrics(scores, [all_sets[s] for s in subsets], effects, rows)
         report[target] = {"truth": truth_summary(effects, [full[o][field] for o in range(settings.orders)]),
-                          "columns": column_metrics(scores, [all_sets[s] for s in subsets], effects, rows)}
+                          "columns": columns, "goal": goal_check(columns)}
     return report
 
 
@@ -600,6 +626,15 @@ def _fmt(entry: dict[str, Any] | None, key: str = "lds") -> str:
     return f"{entry[key]:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
+def _goal_line(seed: str, goal: dict[str, Any] | None) -> str:
+    if goal is None:
+        return f"{seed}: goal not computable"
+    in_se = goal["closest_gap_in_se"]
+    return (f"{seed}: LDS >= {goal['lds_at_least']}: {'met' if goal['lds_met'] else 'missed'}; above every method "
+            f"by > 2 SE: {'met' if goal['above_every_method_met'] else 'missed'} (closest {goal['closest']}: gap "
+            f"{goal['closest_gap']:+.3f}" + (f", {in_se:.1f} SE)" if in_se is not None else ")"))
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Markdown: per target, one row per column (LDS ± SE and the default's gap, per seed), then
     the ground truth rows (subsets, noise floor, ceiling)."""
@@ -625,5 +660,5 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"| {seed} | {t['subsets']} | {t['effect_mean']:+.4f} ± {t['effect_std']:.4f} | "
                          f"{'—' if rho is None else f'{rho:.3f}'} | {t['noise_rms_of_mean']:.4f} | "
                          f"{'—' if ceiling is None else f'{ceiling:.3f}'} |")
-        lines.append("")
+        lines += [""] + [_goal_line(seed, p.get("goal")) for seed, p in parts.items()] + [""]
     return "\n".join(lines)

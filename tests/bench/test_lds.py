@@ -57,6 +57,7 @@ def test_quick_run_schema_and_counts(quick: tuple[dict, Path, Path]) -> None:
             assert -1 <= entry["lds"] <= 1 and np.isfinite(entry["lds_se"]) and entry["lds_se"] >= 0
             assert len(entry["lds_per_order"]) == 2
             assert ("gap_to_default" in entry) == (name != "diffin_unrolled")
+        assert part["goal"] is None or set(part["goal"]) >= {"lds_met", "closest", "above_every_method_met"}
     assert "diffin_unrolled_zs" in lds.format_table(report)
 
 
@@ -164,6 +165,20 @@ def test_noise_floor_and_standard_error_by_hand() -> None:
     assert se is not None and np.isfinite(se) and se == pytest.approx(np.nanstd(boots, ddof=1))
     with pytest.raises(ValueError):
         order_noise(effects[:, :1])
+
+
+def test_goal_check_compares_with_the_other_methods() -> None:
+    columns = {"diffin_unrolled": {"lds": 0.6}, "unrolled_f_exp": {"lds": 0.6, "gap_to_default": 0.0, "gap_se": 0.01},
+               "tracin": {"lds": 0.3, "gap_to_default": 0.3, "gap_se": 0.1},
+               "random": {"lds": 0.0, "gap_to_default": 0.6, "gap_se": 0.1}}
+    goal = lds.goal_check(columns)
+    assert goal is not None and goal["lds_met"] and goal["closest"] == "tracin"
+    assert goal["closest_gap_in_se"] == pytest.approx(3.0) and goal["above_every_method_met"]
+    columns["tracin"] = {"lds": 0.5, "gap_to_default": 0.1, "gap_se": 0.1}
+    assert not lds.goal_check(columns)["above_every_method_met"]
+    assert lds.goal_check({"diffin_unrolled": {"lds": None}}) is None
+    columns["tracin"] = {"lds": 0.6, "gap_to_default": 0.0, "gap_se": 0.0}  # the same ranking: not above it
+    assert lds.goal_check(columns)["closest"] == "tracin" and not lds.goal_check(columns)["above_every_method_met"]
 
 
 def test_settings_and_command_line() -> None:
