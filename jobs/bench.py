@@ -1,4 +1,4 @@
-"""``diffin bench {fidelity,speed,scale,quality,gpu}`` / ``python -m jobs.bench``: the method's benchmarks."""
+"""``diffin bench {fidelity,speed,scale,quality,lds,gpu}`` / ``python -m jobs.bench``: the method's benchmarks."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ BENCHMARKS = {
              "and the reducer over millions of score rows",
     "quality": "zero-shot accuracy / retrieval of models retrained on the pairs each method keeps, "
                "at equal budget, and noisy-pair detection AUC",
+    "lds": "a CLIP ground truth that can rank the estimators: LDS over small removal subsets, each "
+           "retrained under several visiting orders (resumable, parallel)",
     "gpu": "scoring throughput on one device in one call (synthetic ViT-B-32 trajectory): pairs/s per "
            "method and dtype, a score task with parallel decode, prepare cost, peak memory, score.compile",
 }
@@ -49,7 +51,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed, scale, quality, gpu)",
+    parser = subparsers.add_parser("bench", help="run a benchmark (fidelity, speed, scale, quality, lds, gpu)",
                                    description=__doc__)
     add_subcommands(parser)
 

@@ -84,6 +84,39 @@ def lds(scores: Mapping[str, float], removed_sets: Sequence[Sequence[str]],
     return spearman(subset_predictions(scores, removed_sets), actual)
 
 
+def _rank_rows(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata  # the 'bench' extra: imported where used
+
+    return rankdata(x, axis=1)
+
+
+def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (NaN where undefined)."""
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (a * b).sum(1) / denom, np.nan)
+
+
+def bootstrap_rows(count: int, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, count] indices drawn with replacement (seeded): the bootstrap over subsets."""
+    if count < 2 or resamples < 2:
+        raise ValueError(f"need at least 2 subsets and 2 resamples, got {count} and {resamples}")
+    return np.random.default_rng(seed).integers(0, count, size=(resamples, count))
+
+
+def bootstrap_spearman(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Spearman of (x, y) on every bootstrap resample (``rows`` from :func:`bootstrap_rows`)."""
+    a, b = _vectors(x, y)
+    return _row_pearson(_rank_rows(a[rows]), _rank_rows(b[rows]))
+
+
+def standard_error(values: np.ndarray) -> float | None:
+    """Sample standard deviation (ddof 1) of the finite bootstrap values; None if < 2 are finite."""
+    finite = values[np.isfinite(values)]
+    return float(finite.std(ddof=1)) if finite.size > 1 else None
+
+
 def method_metrics(scores: Mapping[str, float] | None, loo_uids: Sequence[str], loo_actual: np.ndarray,
                    removed_sets: Sequence[Sequence[str]], lds_actual: np.ndarray,
                    is_estimate: bool = True) -> dict[str, float | None]:

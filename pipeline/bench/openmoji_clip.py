@@ -188,7 +188,7 @@ def run_openmoji(settings: OpenMojiSettings, data_dir: str | Path, work_dir: str
         t_train = time.perf_counter() - start - t_data
         scorer, prepared, scores = _score(trajectory, settings, train, target)
         t_score = time.perf_counter() - start - t_data - t_train
-        variant_scores = unrolled_variants(trajectory, settings, train, target, prepared) if settings.sweep else {}
+        variant_scores = unrolled_variants(trajectory, settings.influence, train, target, prepared) if settings.sweep else {}
         target_loss = TargetLoss.of(scorer, prepared, target)
         base = target_loss(checkpoint_model_params(trajectory, len(trajectory.checkpoints) - 1, scorer.model))
         learning = _learning(trajectory, prepared, target_loss, settings)
@@ -222,17 +222,17 @@ ADAM_EPS_FLOORS = (1e-4, 1e-3)
 VARIANT_LANCZOS_STEPS = 10  # the variants' K (digits: K = 10 within 0.01 of K = 20 and 40)
 
 
-def unrolled_variants(trajectory: Trajectory, settings: OpenMojiSettings, train: PairTable,
+def unrolled_variants(trajectory: Trajectory, influence: InfluenceSettings, train: PairTable,
                       target: PairTable, prepared: PreparedTrajectory) -> dict[str, Tensor]:
     """The unrolled score under other choices, each with K = VARIANT_LANCZOS_STEPS: f = exp,
     and the Adam metric with ε floored (P = 1/(√v̂ + max(ε, floor)) for each ADAM_EPS_FLOORS)."""
-    base = replace(settings.influence, components=("d",), adam=False,
-                   unrolled=replace(settings.influence.unrolled, lanczos_steps=VARIANT_LANCZOS_STEPS))
+    base = replace(influence, components=("d",), adam=False,
+                   unrolled=replace(influence.unrolled, lanczos_steps=VARIANT_LANCZOS_STEPS))
     runs = [("unrolled_f_exp", replace(base, unrolled=replace(base.unrolled, factor="exp")), False)]
     runs += [(f"unrolled_adam_floor{floor:g}", replace(base, adam_eps_floor=floor), True) for floor in ADAM_EPS_FLOORS]
     out: dict[str, Tensor] = {}
-    for name, influence, adam_only in runs:
-        scorer = TrajectoryInfluence(trajectory, influence)
+    for name, variant, adam_only in runs:
+        scorer = TrajectoryInfluence(trajectory, variant)
         scorer.load_prepared(replace(prepared, unrolled=scorer.prepare_unrolled(target, train, adam_only=adam_only)))
         out[name] = scorer.score_table(train)["diffin_unrolled"]  # in Adam's metric for the adam variants
     return out

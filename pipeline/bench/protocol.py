@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from pipeline.bench.metrics import pearson, spearman
 from pipeline.data.pairs import rank_order
 from pipeline.data.uids import make_uid
 from pipeline.errors import UsageError
@@ -65,6 +66,15 @@ def renamed_uid(uid: str) -> str:
     return make_uid("fidelity-noise", uid)
 
 
+def reordered_uid(uid: str, order: int) -> str:
+    """The uid of a sample under visiting order ``order``: itself for order 0, else a uid
+    derived from it and ``order`` (the trainer's order is a function of (uid, seed) only, so
+    renaming every uid draws a new visiting order and leaves the initialisation alone)."""
+    if order < 0:
+        raise ValueError(f"order must be >= 0, got {order}")
+    return uid if order == 0 else make_uid(f"fidelity-order{order}", uid)
+
+
 def with_renamed(uids: Sequence[str], uid: str) -> list[str]:
     """``uids`` with ``uid`` replaced by :func:`renamed_uid` (same samples, other order)."""
     if uid not in uids:
@@ -84,6 +94,50 @@ def lds_ceiling(lds_actual: np.ndarray, noise_actual: np.ndarray) -> float | Non
     total = float(lds_actual.var())
     noise = float((noise_actual ** 2).mean())
     return float(np.sqrt(max(0.0, 1.0 - noise / total))) if total > 0 else None
+
+
+def order_noise_variance(effects: np.ndarray) -> float:
+    """The order noise variance of one measured effect, from ``effects`` [subsets, orders].
+
+    Two-way residuals: what is left of e[s, o] after its subset's mean and its order's mean,
+    Σ r² / ((S − 1)(O − 1)). The order's mean goes because an effect is a difference with the
+    full set retrained under the same order: that retrain's own noise shifts every subset of the
+    order alike, which changes no ranking (the LDS of one order) and is not noise of the ranking.
+    """
+    if effects.ndim != 2 or effects.shape[0] < 2 or effects.shape[1] < 2:
+        raise ValueError(f"need effects [subsets >= 2, orders >= 2], got shape {effects.shape}")
+    residual = effects - effects.mean(1, keepdims=True) - effects.mean(0, keepdims=True) + effects.mean()
+    return float((residual ** 2).sum() / ((effects.shape[0] - 1) * (effects.shape[1] - 1)))
+
+
+def order_noise(effects: np.ndarray) -> np.ndarray:
+    """Per subset, the order noise left in the mean of its effects over the O orders: values
+    whose mean square is :func:`order_noise_variance` / O (what :func:`lds_ceiling` takes)."""
+    subsets, orders = effects.shape if effects.ndim == 2 else (0, 0)
+    order_noise_variance(effects)  # checks the shape
+    residual = effects - effects.mean(1, keepdims=True) - effects.mean(0, keepdims=True) + effects.mean()
+    per_subset = (residual ** 2).sum(1) / (orders - 1) * subsets / (subsets - 1)
+    return np.sqrt(per_subset / orders)
+
+
+def order_split_reliability(effects: np.ndarray) -> dict[str, float | None]:
+    """How well one visiting order's effects predict another's (the noise floor of the LDS).
+
+    ``spearman``/``pearson``: the mean over pairs of orders of the correlation, across subsets,
+    of their effects (what an estimator that knew one order's measurement exactly would score
+    against another's); ``mean_reliability``: the Spearman–Brown reliability of the mean over
+    all O orders, O·r / (1 + (O − 1)·r) with r the mean Pearson (None when r ≤ 0).
+    """
+    if effects.ndim != 2 or effects.shape[1] < 2:
+        raise ValueError(f"need effects [subsets, orders >= 2], got shape {effects.shape}")
+    orders = effects.shape[1]
+    pairs = [(a, b) for a in range(orders) for b in range(a + 1, orders)]
+    rho = [spearman(effects[:, a], effects[:, b]) for a, b in pairs]
+    r = [pearson(effects[:, a], effects[:, b]) for a, b in pairs]
+    mean_rho = None if None in rho else float(np.mean(rho))
+    mean_r = None if None in r else float(np.mean(r))
+    reliability = None if mean_r is None or mean_r <= 0 else orders * mean_r / (1 + (orders - 1) * mean_r)
+    return {"spearman": mean_rho, "pearson": mean_r, "mean_reliability": reliability}
 
 
 @dataclass
