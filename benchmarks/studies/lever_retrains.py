@@ -33,7 +33,7 @@ from pipeline.bench.selections import Method
 from pipeline.model.train import train_final
 
 # (lever, column) in the order worth retraining first: best screen AUC first, sub-variants last.
-CELLS = (("base", "diffin_unrolled"), ("adam", "tracin_adam"), ("ckpt8", "diffin_unrolled"),
+CELLS = (("base", "diffin_unrolled"), ("base", "tracin"), ("adam", "tracin_adam"), ("ckpt8", "diffin_unrolled"),
          ("zero_shot", "diffin_unrolled"), ("corpus_bank", "diffin_unrolled"), ("round2", "diffin_unrolled"),
          ("adam", "diffin_unrolled_adam"), ("ckpt8", "tracin"), ("zero_shot", "tracin"),
          ("corpus_bank", "tracin"), ("round2", "tracin"), ("adam_floor", "tracin_adam"),
