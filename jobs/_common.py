@@ -45,6 +45,11 @@ def standalone(add_arguments: Callable[[argparse.ArgumentParser], None],
     return run_cli(run, args)
 
 
+def run_subcommand(args: argparse.Namespace) -> int | None:
+    """Run the action argparse chose for a job with sub-actions (``args.func``)."""
+    return args.func(args)
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum`` (argparse turns the error into exit 2)."""
     def parse(text: str) -> int:

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from jobs._common import standalone  # first: applies environment defaults
+from jobs._common import run_subcommand, standalone  # first: applies environment defaults
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -279,13 +279,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_actions(parser)
 
 
-def _dispatch(args: argparse.Namespace) -> int | None:
-    return args.func(args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m jobs.config``."""
-    return standalone(add_actions, _dispatch, DESCRIPTION, argv)
+    return standalone(add_actions, run_subcommand, DESCRIPTION, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jobs._common import int_at_least, standalone  # first: applies environment defaults
+from jobs._common import int_at_least, run_subcommand, standalone  # first: applies environment defaults
 
 from pipeline.errors import UsageError
 from pipeline.model.trajectory import Trajectory
@@ -146,13 +146,9 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dispatch(args: argparse.Namespace) -> int | None:
-    return args.func(args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m jobs.trajectory``."""
-    return standalone(add_actions, _dispatch, DESCRIPTION, argv)
+    return standalone(add_actions, run_subcommand, DESCRIPTION, argv)
 
 
 if __name__ == "__main__":
