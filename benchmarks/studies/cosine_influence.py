@@ -52,9 +52,15 @@ def gradient_norms(scorer: TrajectoryInfluence, data, k: int, batch: int = 64) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1500, help="score a seeded random subset of this many pairs")
+    parser.add_argument("--part", default="0/1", help="I/N: with every pair, score the I-th of N contiguous blocks "
+                        "(run the N parts in parallel; the last to finish combines them)")
     args, spec, data = one_trajectory_study(parser)
+    part, parts = (int(x) for x in args.part.split("/"))
     every_pair = args.pairs >= len(data.train)
     subset = np.sort(np.random.default_rng(args.seed).permutation(len(data.train))[:args.pairs])
+    if every_pair and parts > 1:
+        subset = np.array_split(subset, parts)[part]
+    full_noisy = data.noisy
     data = dataclasses.replace(data, train=data.train.subset(subset.tolist()), noisy=data.noisy[subset])
     stem = f"{args.dataset}_n{round(args.noise * 100)}_s{args.seed}"
     trajectory = Trajectory.load(Path(args.work) / f"{stem}_ckpt4")
@@ -67,6 +73,19 @@ def main() -> None:
     weights, *_ = np.linalg.lstsq(a.T, tracin, rcond=None)  # tracin = Σ_t w_t a_t
     norms = np.stack([gradient_norms(scorer, data, k) for k in range(a.shape[0])])
     cosine = cosine_form(torch.from_numpy(a), weights, torch.from_numpy(norms)).numpy()
+    if every_pair and parts > 1:
+        work = Path(args.work)
+        np.savez(work / f"{stem}_cosine_part{part}of{parts}.npz", index=subset, cosine=cosine, tracin=tracin,
+                 norms=norms, a=a)
+        files = [work / f"{stem}_cosine_part{i}of{parts}.npz" for i in range(parts)]
+        if not all(f.is_file() for f in files):
+            print(f"part {part}/{parts} saved; the last part combines", flush=True)
+            return
+        blocks = [dict(np.load(f)) for f in files]
+        cosine, tracin = (np.concatenate([b[key] for b in blocks]) for key in ("cosine", "tracin"))
+        a, norms = (np.concatenate([b[key] for b in blocks], axis=1) for key in ("a", "norms"))
+        subset = np.concatenate([b["index"] for b in blocks])
+        data = dataclasses.replace(data, noisy=full_noisy[subset])
     if every_pair:  # in corpus order (the sorted full permutation): lever_retrains.py can retrain on it
         np.savez(Path(args.work) / f"{stem}_cosine.npz", tracin=cosine)  # the cosine form in tracin's place
     record = {"dataset": args.dataset, "noise": args.noise, "seed": args.seed, "lever": "cosine", "pairs": len(subset),

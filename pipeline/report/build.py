@@ -150,12 +150,11 @@ def _threshold(data: ReportData, column: str) -> float | None:
 
 
 def _histogram_section(data: ReportData) -> Section:
-    figures = []
+    figures, empty = [], []
     for name in SCORE_COLUMNS:
         stats = data.scan.columns[name]
-        if stats.edges is None:
-            figures.append(f'<figure><div class="empty">{escape(name)}: no scores in this column'
-                           f'<br>({stats.n_null:,} ok rows without a value)</div></figure>')
+        if stats.edges is None:  # not computed by this run's score settings (or no finite value)
+            empty.append(f"{escape(name)} ({stats.n_null:,} ok rows without a value)")
             continue
         png = plots.histogram(stats, _threshold(data, name))
         figures.append(f"<figure>{render.img(png, 'image/png', f'histogram of {name}')}</figure>")
@@ -164,7 +163,9 @@ def _histogram_section(data: ReportData) -> Section:
             'outside it are counted below the axis.'
             + (f' On {escape(data.column)}, blue bars are kept, orange pruned.' if data.column else '')
             + '</p>')
-    return Section("Score distributions", note + f'<div class="plots">{"".join(figures)}</div>')
+    absent = (f'<p class="note">No scores in these columns (not computed by this run\'s '
+              f'<code>score.method</code> / <code>score.adam</code>): {", ".join(empty)}.</p>') if empty else ""
+    return Section("Score distributions", note + f'<div class="plots">{"".join(figures)}</div>' + absent)
 
 
 def _ordinal(n: int) -> str:
