@@ -170,7 +170,7 @@ def quick_settings() -> QualitySettings:
     train = TrainConfig(model="tiny-clip-32", steps=12, batch_size=32, lr=2e-3, warmup=2,
                         checkpoints=2, seed=0)
     influence = InfluenceSettings(bank_size=31, batch_size=128, proxy_batch_size=32,
-                                  unrolled=UnrolledSettings(lanczos_steps=8))
+                                  unrolled=UnrolledSettings(lanczos_steps=4))
     return QualitySettings(
         fashion_mnist=DatasetSettings(num_train=240, num_target=80, num_eval=100, train=train,
                                       influence=influence),

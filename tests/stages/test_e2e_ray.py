@@ -86,7 +86,11 @@ def test_ray_outputs_equal_in_process_ones(ray_run, tmp_path: Path) -> None:
     select(sorted((run_dir / "scores").glob("*.parquet")), config.select, tmp_path / "selection", strategy="memory")
     for name in (KEPT_FILE, KEPT_UIDS_FILE, MANIFEST_FILE, SUMMARY_FILE):
         assert (tmp_path / "selection" / name).read_bytes() == (run_dir / "selection" / name).read_bytes(), name
-    reshard(run_dir / "selection" / MANIFEST_FILE, tmp_path / "shards", config.reshard, LocalExecutor())
+    from pipeline.io.layout import RunLayout
+    from pipeline.stages.derived import selection_done
+
+    reshard(run_dir / "selection" / MANIFEST_FILE, tmp_path / "shards", config.reshard, LocalExecutor(),
+            selection=selection_done(RunLayout.of(run_dir)))  # the plan records the selection it came from
     names = sorted(p.name for p in (run_dir / "shards").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "shards").iterdir()) and len(names) > 2
     for name in names:
