@@ -24,9 +24,11 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from pipeline.bench import quality
 from pipeline.bench.selections import Method
@@ -37,7 +39,11 @@ CELLS = (("base", "diffin_unrolled"), ("base", "tracin"), ("adam", "tracin_adam"
          ("zero_shot", "diffin_unrolled"), ("corpus_bank", "diffin_unrolled"), ("round2", "diffin_unrolled"),
          ("adam", "diffin_unrolled_adam"), ("ckpt8", "tracin"), ("zero_shot", "tracin"),
          ("corpus_bank", "tracin"), ("round2", "tracin"), ("adam_floor", "tracin_adam"),
-         ("adam_floor", "diffin_unrolled_adam"), ("cosine", "tracin"))
+         ("adam_floor", "diffin_unrolled_adam"), ("cosine", "tracin"), ("combo", "rank_avg"),
+         ("ensemble", "diffin_unrolled"), ("ensemble", "neg_clip_loss"))
+# The benchmark's own methods shown beside the levers in the multi-seed table (its cells).
+REFERENCE_METHODS = ("random", "oracle", "neg_clip_loss+share", "neg_clip_loss+drop", "clip_score+share",
+                     "clip_score+drop", "tracin+drop", "diffin_unrolled+drop")
 
 
 def bench_cells(cells: list[dict], fingerprint: str, dataset: str, seed: int) -> dict[tuple[str, str], dict]:
@@ -80,22 +86,106 @@ def markdown_table(retrains: list[dict], screen: list[dict], dataset: str, seed:
     return "\n".join(rows)
 
 
+ENSEMBLE_SEEDS = (0, 1, 2)  # the proxies an ``ensemble`` cell averages (the benchmark's seeds: same training pairs)
+
+
+def lever_values(lever: str, column: str, stem: str, levers_work: Path, base_arrays: dict,
+                 bench_cache: Callable[[int], dict] | None = None) -> np.ndarray | None:
+    """The column a cell retrains on: the lever's saved scores, the benchmark's own for ``base``
+    (its score cache), the rank average for the combination, the mean over the benchmark's
+    proxies of every seed for ``ensemble``; None when not scored yet."""
+    if lever == "combo":
+        return combination_values(base_arrays)
+    if lever == "ensemble":
+        if bench_cache is None:
+            return None
+        return np.mean([bench_cache(seed)[column] for seed in ENSEMBLE_SEEDS], axis=0)
+    path = levers_work / f"{stem}_{lever}.npz"
+    if path.is_file():
+        with np.load(path) as lever_file:
+            return lever_file[column]
+    return base_arrays[column] if lever == "base" else None
+
+
+def combination_values(arrays: dict) -> np.ndarray:
+    """``rank_avg``: the mean of the pairs' ranks by ``diffin_unrolled`` and by ``neg_clip_loss``
+    (ties averaged), scaled to [0, 1] — the influence ranking combined with the best cheap detector."""
+    both = rankdata(arrays["diffin_unrolled"]) + rankdata(arrays["neg_clip_loss"])
+    return (both - both.min()) / max(both.max() - both.min(), 1.0)
+
+
+def cell_method(lever: str, column: str) -> tuple[Method, str]:
+    """The benchmark method a cell runs and the score-file slot its column goes into.
+
+    A lever's column runs as ``COLUMN+drop``; the combination runs as the default recipe
+    (``neg_clip_loss+share``: Diff-In's below-zero count, the lowest dropped, the budget filled
+    per cluster) with the rank average in ``neg_clip_loss``'s place, so the comparison with the
+    default changes the chooser only."""
+    if lever == "combo":
+        return Method.parse("neg_clip_loss+share"), "neg_clip_loss"
+    return Method.parse(f"{column}+drop"), column
+
+
+def seeds_table(retrains: list[dict], bench: list[dict], dataset: str, seeds: list[int]) -> str:
+    """Mean ± std over ``seeds`` of each cell finished at every seed, the benchmark's reference
+    methods above them, headroom = (mean − random mean) / (oracle mean − random mean), and each
+    cell's paired gap to the default recipe (``neg_clip_loss+share``, mean ± std of the per-seed
+    differences)."""
+    metric = quality.METRICS[dataset][0]
+    values: dict[tuple[str, str], dict[int, float]] = {}
+    for c in bench:
+        if c["kind"] == "retrain" and c["dataset"] == dataset and c["seed"] in seeds and c["method"] in REFERENCE_METHODS \
+                and c.get("noise", 0.3) == 0.3:
+            values.setdefault((c["method"], c["budget"]), {})[c["seed"]] = c["metrics"][metric]
+    for r in retrains:
+        if r["dataset"] == dataset and r["seed"] in seeds and r["lever"] != "base":
+            values.setdefault((f"{r['lever']}: `{r['column']}`", r["budget"]), {})[r["seed"]] = r["metrics"][metric]
+    names = [m for m in REFERENCE_METHODS] + [f"{lever}: `{column}`" for lever, column in CELLS if lever != "base"]
+    budgets = [b for b, _ in quality.BUDGETS]
+    complete = [n for n in names if all(len(values.get((n, b), {})) == len(seeds) for b in budgets)]
+    mean = {(n, b): float(np.mean(list(values[(n, b)].values()))) for n in complete for b in budgets}
+    rows = [f"| method ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | {metric} keep 50 | {metric} keep 30 | "
+            "headroom 50 / 30 | vs the default 50 / 30 |", "|---|---|---|---|---|"]
+    default = "neg_clip_loss+share"
+    for n in complete:
+        cells, shares, gaps = [], [], []
+        for b in budgets:
+            v = np.array([values[(n, b)][s] for s in seeds])
+            cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
+            if ("random", b) in mean and ("oracle", b) in mean:
+                shares.append(f"{headroom(mean[(n, b)], mean[('random', b)], mean[('oracle', b)]):.2f}")
+            if default in complete and n != default:
+                d = v - np.array([values[(default, b)][s] for s in seeds])
+                gaps.append(f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}")
+        label = n if ":" in n else f"`{n}`"
+        rows.append(f"| {label} | {' | '.join(cells)} | {' / '.join(shares) or '—'} | {' / '.join(gaps) or '—'} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--cells", nargs="+", default=None, metavar="LEVER:COLUMN",
+                        help="only these cells (default: every cell of CELLS)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--levers-work", default="data/levers_work")
     parser.add_argument("--bench-work", default="data/quality_work")
     parser.add_argument("--bench-cells", default="benchmarks/results/quality_cells.jsonl")
     parser.add_argument("--out", default="benchmarks/results/lever_retrains.jsonl")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the finished cells, run nothing")
+    parser.add_argument("--seeds-table", nargs="+", type=int, default=None, metavar="SEED",
+                        help="print the mean ± std table over these seeds (cells finished at every one), run nothing")
     parser.add_argument("--screen", default="benchmarks/results/harm_levers.jsonl", help="the lever screen's results")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(quality.read_cells(Path(args.out)), quality.read_cells(Path(args.screen)),
                              args.dataset, args.seed))
+        return
+    if args.seeds_table:
+        print(seeds_table(quality.read_cells(Path(args.out)), quality.read_cells(Path(args.bench_cells)),
+                          args.dataset, args.seeds_table))
         return
     torch.set_num_threads(1)
 
@@ -103,22 +193,25 @@ def main() -> None:
     data = quality.load_fashion_mnist(spec, args.data_dir, args.noise, args.dataset)
     fingerprint = quality.settings_fingerprint(spec, args.noise)
     reference = bench_cells(quality.read_cells(Path(args.bench_cells)), fingerprint, args.dataset, args.seed)
-    with np.load(Path(args.bench_work) / f"{args.dataset}_s{args.seed}_{fingerprint}.npz") as cache:
-        base_arrays = {k: cache[k] for k in cache.files}
+    def bench_cache(seed: int) -> dict:
+        with np.load(Path(args.bench_work) / f"{args.dataset}_s{seed}_{fingerprint}.npz") as cache:
+            return {k: cache[k] for k in cache.files}
+
+    base_arrays = bench_cache(args.seed)
     cfg = spec.train.model_copy(update={"seed": args.seed, "threads": 1})
     out = Path(args.out)
     done = {(r["lever"], r["column"], r["budget"]) for r in quality.read_cells(out)
             if r["dataset"] == args.dataset and r["seed"] == args.seed}
     stem = f"{args.dataset}_n{round(args.noise * 100)}_s{args.seed}"
     train = data.train
-    for lever, column in CELLS:
-        if not (Path(args.levers_work) / f"{stem}_{lever}.npz").is_file():
+    wanted = [tuple(c.split(":", 1)) for c in args.cells] if args.cells else list(CELLS)
+    for lever, column in wanted:
+        values = lever_values(lever, column, stem, Path(args.levers_work), base_arrays, bench_cache)
+        if values is None:
             print(f"{lever}: no scores yet, skipped", flush=True)
             continue
-        with np.load(Path(args.levers_work) / f"{stem}_{lever}.npz") as lever_file:
-            values = lever_file[column]
-        arrays = {**base_arrays, column: values}
-        method = Method.parse(f"{column}+drop")
+        method, slot = cell_method(lever, column)
+        arrays = {**base_arrays, slot: values}
         with tempfile.TemporaryDirectory(dir=args.bench_work, prefix="lever-") as tmp:
             files = quality.write_score_files(train, {k: torch.from_numpy(v) for k, v in arrays.items()},
                                               Path(tmp) / "scores", f"levers-{stem}-{lever}")
@@ -129,9 +222,9 @@ def main() -> None:
                 uids = quality.select_uids(files, method.select_config(fraction, args.seed),
                                            Path(tmp) / f"selection_{budget}")
                 record = quality.subset_record(data, uids)
-                bench = reference.get((method.name, budget))
-                if lever == "base":  # the bench's own selection: same kept set, reuse its retrain
-                    if bench is None or bench["kept_digest"] != record["kept_digest"]:
+                bench = reference.get((method.name, budget)) if lever == "base" else None
+                if bench is not None:  # the bench's own selection: same kept set, reuse its retrain
+                    if bench["kept_digest"] != record["kept_digest"]:
                         raise SystemExit(f"base {column} {budget}: kept set differs from the benchmark's cell")
                     metrics = bench["metrics"]
                 else:
@@ -141,8 +234,10 @@ def main() -> None:
                 share = headroom(metrics[metric], reference[("random", budget)]["metrics"][metric],
                                  reference[("oracle", budget)]["metrics"][metric])
                 line = {"dataset": args.dataset, "seed": args.seed, "noise": args.noise, "settings": fingerprint,
-                        "lever": lever, "column": column, "budget": budget, "metrics": metrics,
-                        "headroom_share": share, "below_zero": round(float(np.mean(values < 0)), 4),
+                        "lever": lever, "column": column, "method": method.name, "budget": budget,
+                        "metrics": metrics, "headroom_share": share,
+                        "below_zero": round(float(np.mean((base_arrays["diffin_unrolled"] if lever == "combo"
+                                                           else values) < 0)), 4),
                         "seconds": round(time.perf_counter() - start, 1), **record}
                 quality.append_cell(out, line)
                 print(json.dumps(line), flush=True)

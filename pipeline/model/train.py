@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -29,7 +30,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.storage import as_path
 from pipeline.model.clip import build_clip, context_length, image_size, model_spec, normalize_images, tokenize
 from pipeline.model.schedule import LRSchedule
-from pipeline.model.trajectory import CheckpointRef, Trajectory
+from pipeline.model.trajectory import CheckpointRef, Trajectory, load_checkpoint_state
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,40 @@ def lr_schedule(cfg: TrainConfig) -> LRSchedule:
 SaveHook = Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """Continue a run from one of its checkpoints: the step it was saved at and its open_clip
+    checkpoint dict (``state_dict`` and ``optimizer``). Steps before ``step`` are not run."""
+
+    step: int
+    state: dict[str, Any]
+
+    @classmethod
+    def from_checkpoint(cls, trajectory: Trajectory, index: int) -> "WarmStart":
+        """Checkpoint ``index`` of ``trajectory`` (it must hold the optimizer state)."""
+        state = load_checkpoint_state(trajectory.checkpoint_path(index))
+        if "optimizer" not in state:
+            raise UsageError(f"checkpoint {trajectory.checkpoint_path(index)} holds no optimizer state: "
+                             "a warm start needs it")
+        return cls(trajectory.checkpoints[index].step, state)
+
+
 def run_training(data: PairTable, cfg: TrainConfig, on_save: SaveHook | None = None,
-                 log_every: int = 25) -> tuple[torch.nn.Module, list[dict]]:
+                 log_every: int = 25, warm: WarmStart | None = None,
+                 drop_from_batches: Iterable[str] = ()) -> tuple[torch.nn.Module, list[dict]]:
     """The proxy training loop on ``data`` (exclusions already applied): one loop for all callers.
 
     Seeds torch with ``cfg.seed``, builds the model, and runs ``cfg.steps`` AdamW steps over
     :func:`batch_indices`. ``on_save(step, model, optimizer)`` is called at every step of
     ``cfg.checkpoint_steps()`` (step 0 before the first update). Returns the final model and
     the per-step log rows (``step``, ``lr``, ``loss``).
+
+    ``warm``: load that checkpoint's weights and optimizer state and run only the steps after it
+    (the batches are the same as a run from step 0 would visit). ``drop_from_batches``: these
+    uids stay in the visiting stream but are taken out of every batch they fall in (the other
+    pairs' batches unchanged; a step whose batch is emptied makes no update) — the counterfactual
+    first-order estimators model, where the stream exclusion of :func:`exclude_uids` shifts every
+    later batch.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -125,13 +152,29 @@ def run_training(data: PairTable, cfg: TrainConfig, on_save: SaveHook | None = N
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.eps, fused=True)
     schedule = lr_schedule(cfg)
-    save_steps = cfg.checkpoint_steps() if on_save is not None else []
+    first = 0
+    if warm is not None:
+        if not 0 <= warm.step <= cfg.steps:
+            raise UsageError(f"warm start at step {warm.step} is outside the run's 0..{cfg.steps} steps")
+        model.load_state_dict(warm.state["state_dict"])
+        optimizer.load_state_dict(warm.state["optimizer"])
+        first = warm.step
+    dropped = set(drop_from_batches)
+    save_steps = [s for s in cfg.checkpoint_steps() if s >= first] if on_save is not None else []
     log_rows: list[dict] = []
     model.train()
     start = time.perf_counter()
-    if 0 in save_steps:
-        on_save(0, model, optimizer)
+    if first in save_steps:
+        on_save(first, model, optimizer)
     for step, idx in enumerate(batch_indices(data.uids, cfg.seed, cfg.batch_size, cfg.steps)):
+        if step < first:
+            continue
+        if dropped:
+            idx = [i for i in idx if data.uids[i] not in dropped]
+        if not idx:
+            if step + 1 in save_steps:
+                on_save(step + 1, model, optimizer)
+            continue
         lr = schedule.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -153,14 +196,17 @@ def run_training(data: PairTable, cfg: TrainConfig, on_save: SaveHook | None = N
 
 
 def train_final(table: PairTable, cfg: TrainConfig, exclude: Iterable[str] = (),
-                log_every: int = 0) -> torch.nn.Module:
+                log_every: int = 0, warm: WarmStart | None = None,
+                drop_from_batches: Iterable[str] = ()) -> torch.nn.Module:
     """The final model of the proxy run on ``table`` minus ``exclude``, nothing written.
 
     Same loop, order and initialisation as :func:`train_proxy`: its parameters equal those of
     the last checkpoint of ``train_proxy`` with the same arguments when that checkpoint is at
-    ``cfg.steps`` (for leave-out retraining).
+    ``cfg.steps`` (for leave-out retraining). ``warm`` and ``drop_from_batches``: see
+    :func:`run_training`.
     """
-    return run_training(exclude_uids(table, exclude), cfg, log_every=log_every)[0]
+    return run_training(exclude_uids(table, exclude), cfg, log_every=log_every, warm=warm,
+                        drop_from_batches=drop_from_batches)[0]
 
 
 def train_proxy(table: PairTable, cfg: TrainConfig, out_dir: str | os.PathLike,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from pipeline.data.pairs import load_pairs
 from pipeline.data.shards import expand_shards, load_sizes
 from pipeline.model.clip import build_clip
 from pipeline.model.schedule import LRSchedule
-from pipeline.model.train import batch_indices, train_final, train_from_shards, train_proxy
+from pipeline.errors import UsageError
+from pipeline.model.train import (WarmStart, batch_indices, run_training, train_final, train_from_shards,
+                                    train_proxy)
 from pipeline.model.trajectory import Trajectory, load_checkpoint_state
 
 CFG = TrainConfig(model="tiny-clip-32", steps=6, batch_size=8, warmup=2, save_steps=[0, 2, 4, 6], seed=3)
@@ -93,6 +96,58 @@ def test_train_final_is_the_same_loop(table, tmp_path: Path) -> None:
     final = train_final(table, CFG, exclude=[victim])  # nothing written, same run
     assert _same(final.state_dict(), _state(traj, len(traj.checkpoints) - 1))
     assert not _same(train_final(table, CFG).state_dict(), final.state_dict())
+
+
+def _states(table, cfg: TrainConfig, **kwargs) -> dict[int, dict[str, torch.Tensor]]:
+    """Every saved state of one run_training call, by step."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(step: int, model: torch.nn.Module, optimizer) -> None:
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    run_training(table, cfg, keep, log_every=0, **kwargs)
+    return states
+
+
+def test_warm_start_continues_the_run_exactly(table, tmp_path: Path) -> None:
+    traj = train_proxy(table, CFG, tmp_path / "full")
+    for index in (0, 1, 2):  # steps 0, 2, 4: the continuation is the same run, bit for bit
+        warm = WarmStart.from_checkpoint(traj, index)
+        assert warm.step == traj.checkpoints[index].step
+        assert _same(train_final(table, CFG, warm=warm).state_dict(), _state(traj, 3))
+    states = _states(table, CFG, warm=WarmStart.from_checkpoint(traj, 1))
+    assert sorted(states) == [2, 4, 6] and _same(states[4], _state(traj, 2))
+    bare = tmp_path / "bare.pt"
+    torch.save({"state_dict": _state(traj, 1)}, bare)
+    traj.checkpoints[1] = dataclasses.replace(traj.checkpoints[1], path=str(bare))
+    with pytest.raises(UsageError, match="no optimizer state"):
+        WarmStart.from_checkpoint(traj, 1)
+
+
+def test_drop_from_batches_changes_only_the_batches_it_falls_in(table) -> None:
+    cfg = CFG.model_copy(update={"save_steps": [0, 2, 4, 5, 6]})
+    order = list(batch_indices(table.uids, cfg.seed, cfg.batch_size, cfg.steps))  # 48 pairs: one epoch
+    victim = table.uids[order[4][0]]  # visited at step 4 (0-based) only
+    full, dropped = _states(table, cfg), _states(table, cfg, drop_from_batches=[victim])
+    assert all(_same(full[s], dropped[s]) for s in (0, 2, 4))  # before its batch: unchanged
+    assert not _same(full[5], dropped[5])
+    # Stream exclusion shifts the later batches; dropping from the batch does not.
+    assert not _same(_states(table, cfg, drop_from_batches=[victim])[6],
+                     run_training(table.subset([i for i, u in enumerate(table.uids) if u != victim]), cfg,
+                                  log_every=0)[0].state_dict())
+    emptied = [table.uids[i] for i in order[5]]  # the last batch emptied: no update at that step
+    last = _states(table, cfg, drop_from_batches=emptied)
+    assert _same(last[6], last[5]) and _same(last[5], full[5])
+
+
+def test_warm_start_with_a_drop_equals_the_run_from_scratch(table, tmp_path: Path) -> None:
+    order = list(batch_indices(table.uids, CFG.seed, CFG.batch_size, CFG.steps))
+    victim = table.uids[order[5][3]]  # visited at step 5: after checkpoint 2 (step 4)
+    traj = train_proxy(table, CFG, tmp_path / "full")
+    warm = train_final(table, CFG, warm=WarmStart.from_checkpoint(traj, 2), drop_from_batches=[victim])
+    scratch = train_final(table, CFG, drop_from_batches=[victim])
+    assert _same(warm.state_dict(), scratch.state_dict())
+    assert not _same(warm.state_dict(), _state(traj, 3))
 
 
 def test_exclude_file_and_max_samples(tiny_corpus: Path, tmp_path: Path) -> None:
