@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes (default 2; 1 with --quick)")
     parser.add_argument("--threads", type=int_at_least(1), default=1, metavar="N",
                         help="torch threads per process (default 1)")
+    parser.add_argument("--warm-start", type=int_at_least(1), default=None, metavar="STEP",
+                        help="the checkpoint step every retrain continues the proxy from, the removed pairs taken "
+                             "out of their batches; the scores use the checkpoints from that step on (default 300)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="the first design: retrain from step 0 with the removed pairs excluded from the "
+                             "visiting stream, 4 checkpoints (to report its cells)")
     parser.add_argument("--cosine", action="store_true",
                         help="also score the cosine form of tracin (a backward pass per pair and checkpoint)")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot-target columns")
@@ -43,14 +49,16 @@ def settings(args: argparse.Namespace) -> lds.LdsSettings:
     """The preset chosen by ``--quick``, with the command-line overrides applied."""
     return lds.settings_for(args.quick, seeds=args.seeds, subsets=args.subsets, orders=args.orders,
                             fraction=args.fraction, workers=args.workers, threads=args.threads,
-                            cosine=args.cosine, zero_shot=not args.no_zero_shot, variants=not args.no_variants)
+                            cosine=args.cosine, zero_shot=not args.no_zero_shot, variants=not args.no_variants,
+                            from_scratch=args.from_scratch, warm_start=args.warm_start)
 
 
 def command(args: argparse.Namespace, out: str) -> str:
     """The canonical ``diffin bench lds …`` command that reproduces ``args``."""
     return bench_command("lds", args, out, (
         ("--seeds", args.seeds), ("--subsets", args.subsets), ("--orders", args.orders),
-        ("--fraction", args.fraction), ("--workers", args.workers), ("--cosine", True if args.cosine else None),
+        ("--fraction", args.fraction), ("--workers", args.workers), ("--warm-start", args.warm_start),
+        ("--from-scratch", True if args.from_scratch else None), ("--cosine", True if args.cosine else None),
         ("--no-zero-shot", True if args.no_zero_shot else None),
         ("--no-variants", True if args.no_variants else None)))
 

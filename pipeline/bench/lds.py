@@ -50,7 +50,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ from pipeline.influence.unrolled import UnrolledSettings
 from pipeline.io.atomic import write_json_atomic
 from pipeline.model.clip import build_clip, context_length, make_tokenizer, model_spec, normalize_images
 from pipeline.model.scorer import InfluenceSettings, TrajectoryInfluence, ZeroShotTarget, settings_record, split_bank
-from pipeline.model.train import train_final, train_proxy
+from pipeline.model.train import WarmStart, train_final, train_proxy
 from pipeline.model.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -108,8 +107,12 @@ class LdsSettings:
     corpus_limit: int = 6000
     noise: float = 0.3
     train: TrainConfig = TrainConfig(model="tiny-clip-32", steps=400, batch_size=32, lr=1e-3, warmup=20,
-                                     checkpoints=4, seed=0)
+                                     checkpoints=8, seed=0)
     influence: InfluenceSettings = InfluenceSettings(bank_size=255, batch_size=256, proxy_batch_size=128, adam=True)
+    # The counterfactual: every retrain continues the proxy from its checkpoint at this step with the
+    # removed pairs taken out of the batches they fall in, and the scores use the checkpoints from
+    # this step on. None: retrain from step 0 with the pairs excluded from the visiting stream.
+    warm_start: int | None = 300
     subsets: int = 200
     fraction: float = 0.1
     orders: int = 2
@@ -123,8 +126,17 @@ class LdsSettings:
 
 
 def full_settings() -> LdsSettings:
-    """The run the issue asks for: 2 seeds × (200 subsets + full) × 2 orders = 804 retrains."""
+    """The run the issue asks for: 2 seeds × (200 subsets + full) × 2 orders = 804 retrains, each
+    continuing the proxy from step 300 (:attr:`LdsSettings.warm_start`)."""
     return LdsSettings()
+
+
+def scratch_settings() -> LdsSettings:
+    """The first design, kept to report its cells: retrain from step 0 with the removed pairs
+    excluded from the visiting stream, 4 checkpoints, scores over all of them (its measured
+    order noise puts the LDS ceiling below 0.5: docs/FIDELITY.md)."""
+    return dataclasses.replace(full_settings(), warm_start=None,
+                               train=full_settings().train.model_copy(update={"checkpoints": 4}))
 
 
 def quick_settings() -> LdsSettings:
@@ -134,22 +146,27 @@ def quick_settings() -> LdsSettings:
                                          checkpoints=2, seed=0),
                        influence=InfluenceSettings(bank_size=7, batch_size=16, proxy_batch_size=8, adam=True,
                                                    unrolled=UnrolledSettings(lanczos_steps=3)),
-                       subsets=4, fraction=0.25, seeds=(0,), variants=False, bootstrap=50, workers=1)
+                       warm_start=2, subsets=4, fraction=0.25, seeds=(0,), variants=False, bootstrap=50,
+                       workers=1)
 
 
 def settings_for(quick: bool = False, seeds: int | None = None, subsets: int | None = None,
                  orders: int | None = None, fraction: float | None = None, workers: int | None = None,
                  threads: int = 1, cosine: bool = False, zero_shot: bool = True,
-                 variants: bool = True) -> LdsSettings:
+                 variants: bool = True, from_scratch: bool = False, warm_start: int | None = None) -> LdsSettings:
     """The quick or full preset with these overrides (None: the preset's value); ``seeds``:
     seeds 0..seeds-1; ``cosine``/``zero_shot``/``variants`` only switch columns off the preset
-    (``cosine`` on)."""
-    base = quick_settings() if quick else full_settings()
+    (``cosine`` on); ``from_scratch``: the first design (:func:`scratch_settings`);
+    ``warm_start``: another checkpoint step to continue from."""
+    if from_scratch and (quick or warm_start is not None):
+        raise UsageError("--from-scratch is the full run's first design: not with --quick or --warm-start")
+    base = quick_settings() if quick else scratch_settings() if from_scratch else full_settings()
     changes: dict[str, Any] = {"threads": threads, "cosine": base.cosine or cosine,
                                "zero_shot": base.zero_shot and zero_shot, "variants": base.variants and variants}
     if seeds is not None:
         changes["seeds"] = tuple(range(seeds))
-    for name, value in (("subsets", subsets), ("orders", orders), ("fraction", fraction), ("workers", workers)):
+    for name, value in (("subsets", subsets), ("orders", orders), ("fraction", fraction), ("workers", workers),
+                        ("warm_start", warm_start)):
         if value is not None:
             changes[name] = value
     settings = dataclasses.replace(base, **changes)
@@ -177,6 +194,10 @@ def check_settings(settings: LdsSettings) -> None:
                          f"{settings.influence.bank_size}")
     if settings.train.checkpoint_steps()[-1] != settings.train.steps:
         raise UsageError("the last checkpoint must be at the final step (it is the full model)")
+    steps = settings.train.checkpoint_steps()
+    if settings.warm_start is not None and (settings.warm_start not in steps[:-1]):
+        raise UsageError(f"--warm-start must be the step of a checkpoint before the last, one of {steps[:-1]}; "
+                         f"got {settings.warm_start}")
 
 
 def fingerprint(settings: LdsSettings) -> str:
@@ -184,7 +205,9 @@ def fingerprint(settings: LdsSettings) -> str:
     ignored. Not the counts (subsets, orders, seeds), the columns or the processes."""
     payload = {"num_train": settings.num_train, "num_target": settings.num_target, "num_eval": settings.num_eval,
                "corpus_limit": settings.corpus_limit, "noise": settings.noise, "fraction": settings.fraction,
-               "train": settings.train.model_dump(mode="json"), "influence": settings_record(settings.influence)}
+               "train": settings.train.model_dump(mode="json"), "influence": settings_record(settings.influence),
+               # the first design's cells keep their fingerprint
+               **({"warm_start": settings.warm_start} if settings.warm_start is not None else {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -231,9 +254,33 @@ def reordered(table: PairTable, order: int) -> PairTable:
 
 
 def seeded(settings: LdsSettings, seed: int) -> tuple[TrainConfig, InfluenceSettings]:
-    """The training and scoring settings of ``seed`` (initialisation, order, bank, proxy batches)."""
-    return (settings.train.model_copy(update={"seed": seed, "threads": settings.threads}),
-            dataclasses.replace(settings.influence, seed=seed))
+    """The training and scoring settings of ``seed`` (initialisation, order, bank, proxy batches;
+    with a warm start, the scores use the checkpoints from its step on)."""
+    cfg = settings.train.model_copy(update={"seed": seed, "threads": settings.threads})
+    influence = dataclasses.replace(settings.influence, seed=seed)
+    if settings.warm_start is not None:
+        steps = cfg.checkpoint_steps()
+        influence = dataclasses.replace(influence, checkpoints=tuple(i for i, step in enumerate(steps)
+                                                                     if step >= settings.warm_start))
+    return cfg, influence
+
+
+def proxy_trajectory(settings: LdsSettings, data: LdsData, seed: int, work_dir: Path) -> Trajectory:
+    """The proxy of ``seed`` (its checkpoints are what the scores read and what warm retrains
+    continue from), trained into ``work_dir`` once and reused (the run is deterministic)."""
+    pairs = hashlib.sha256("\n".join(data.train.uids).encode()).hexdigest()[:8]  # another corpus, another proxy
+    where = work_dir / f"lds-proxy-{fingerprint(settings)}-{pairs}-s{seed}"
+    if (where / "trajectory.json").is_file():
+        return Trajectory.load(where)
+    cfg, _ = seeded(settings, seed)
+    return train_proxy(data.train, cfg, where, log_every=0)
+
+
+def warm_start(settings: LdsSettings, trajectory: Trajectory) -> WarmStart | None:
+    """The checkpoint every retrain of this proxy continues from (None: from step 0)."""
+    if settings.warm_start is None:
+        return None
+    return WarmStart.from_checkpoint(trajectory, [c.step for c in trajectory.checkpoints].index(settings.warm_start))
 
 
 def zero_shot_target() -> ZeroShotTarget:
@@ -329,26 +376,26 @@ def cosine_column(scorer: TrajectoryInfluence, data: LdsData, components: Tensor
 def score_seed(settings: LdsSettings, data: LdsData, seed: int, work_dir: Path) -> dict[str, Any]:
     """Train the proxy of ``seed``, score every training pair with every column in one pass
     (plus the optional ones); the scores cell (scores by training uid, L_V per checkpoint)."""
-    cfg, influence = seeded(settings, seed)
+    _, influence = seeded(settings, seed)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix=f"lds-s{seed}-") as tmp:
-        trajectory = train_proxy(data.train, cfg, Path(tmp) / "trajectory", log_every=0)
-        t_train = time.perf_counter() - start
-        scorer = TrajectoryInfluence(trajectory, influence)
-        prepared = scorer.prepare(data.target, data.train)
-        scorer.load_prepared(prepared)
-        scores = scorer.score_table(data.train)
-        columns = _columns(scores)
-        target_loss = list(scorer.target_losses or [])
-        if settings.variants:
-            columns.update({k: v.double().numpy() for k, v in
-                            unrolled_variants(trajectory, influence, data.train, data.target, prepared).items()})
-        zero_shot_loss: list[float] = []
-        if settings.zero_shot:
-            extra, zero_shot_loss = zero_shot_columns(trajectory, influence, data)
-            columns.update(extra)
-        if settings.cosine:
-            columns["tracin_cosine"] = cosine_column(scorer, data, scores["a"])
+    # the proxy stays in work_dir: warm retrains continue from it
+    trajectory = proxy_trajectory(settings, data, seed, work_dir)
+    t_train = time.perf_counter() - start
+    scorer = TrajectoryInfluence(trajectory, influence)
+    prepared = scorer.prepare(data.target, data.train)
+    scorer.load_prepared(prepared)
+    scores = scorer.score_table(data.train)
+    columns = _columns(scores)
+    target_loss = list(scorer.target_losses or [])
+    if settings.variants:
+        columns.update({k: v.double().numpy() for k, v in
+                        unrolled_variants(trajectory, influence, data.train, data.target, prepared).items()})
+    zero_shot_loss: list[float] = []
+    if settings.zero_shot:
+        extra, zero_shot_loss = zero_shot_columns(trajectory, influence, data)
+        columns.update(extra)
+    if settings.cosine:
+        columns["tracin_cosine"] = cosine_column(scorer, data, scores["a"])
     log.info("lds seed %d: %d pairs scored, %d columns (%.0f s)", seed, len(data.train), len(columns),
              time.perf_counter() - start)
     return {"kind": "scores", "seed": seed, "columns_key": columns_key(settings), "uids": list(data.train.uids),
@@ -363,11 +410,16 @@ def score_seed(settings: LdsSettings, data: LdsData, seed: int, work_dir: Path) 
 
 
 def retrain_cell(data: LdsData, cfg: TrainConfig, evaluator: TargetEvaluator, removed: Sequence[str],
-                 seed: int, subset: int, order: int) -> dict[str, Any]:
+                 seed: int, subset: int, order: int, warm: WarmStart | None = None) -> dict[str, Any]:
     """Retrain without ``removed`` under visiting order ``order``; the retrain cell (both target
-    losses; the full set's also its zero-shot accuracy on the eval pairs)."""
+    losses; the full set's also its zero-shot accuracy on the eval pairs). ``warm``: continue from
+    that checkpoint with the removed pairs taken out of their batches; else from step 0 with them
+    excluded from the visiting stream."""
     start = time.perf_counter()
-    model = train_final(reordered(data.train, order), cfg, {reordered_uid(u, order) for u in removed})
+    renamed = {reordered_uid(u, order) for u in removed}
+    table = reordered(data.train, order)
+    model = (train_final(table, cfg, renamed) if warm is None
+             else train_final(table, cfg, warm=warm, drop_from_batches=renamed))
     cell: dict[str, Any] = {"kind": "retrain", "seed": seed, "subset": subset, "order": order,
                             "removed": len(removed), **evaluator(model)}
     if subset == FULL:
@@ -400,13 +452,16 @@ def run_chunk(job: ChunkJob) -> int:
         written += 1
     evaluators: dict[int, TargetEvaluator] = {}
     subsets: dict[int, list[list[str]]] = {}
+    warm: dict[int, WarmStart | None] = {}
     for seed, subset, order in job.retrains:
         cfg, influence = seeded(settings, seed)
         if seed not in evaluators:
             evaluators[seed] = TargetEvaluator.of(data, influence, cfg.model)
             subsets[seed] = half_subsets(data.train.uids, settings.subsets, seed, settings.fraction)
+            warm[seed] = (warm_start(settings, proxy_trajectory(settings, data, seed, Path(job.work_dir)))
+                          if settings.warm_start is not None else None)
         removed = [] if subset == FULL else subsets[seed][subset]
-        cell = retrain_cell(data, cfg, evaluators[seed], removed, seed, subset, order)
+        cell = retrain_cell(data, cfg, evaluators[seed], removed, seed, subset, order, warm[seed])
         append_cell(cells, {"settings": job.fingerprint, **cell})
         written += 1
         log.info("lds seed %d subset %d order %d: L_V %.4f (%.0f s)", seed, subset, order, cell["target_loss"],
@@ -565,15 +620,20 @@ def run_benchmark(settings: LdsSettings, out: str | Path, data_dir: str | Path =
                   work_dir: str | Path | None = None, report_only: bool = False) -> dict[str, Any]:
     """Run what the results file beside ``out`` lacks (:func:`cells_path`), then write the JSON
     report to ``out`` atomically and return it. ``report_only``: compute nothing. ``work_dir``
-    (default: the system's temporary directory) holds each proxy trajectory while it is scored."""
+    (default: ``data_dir/lds_work``) keeps each seed's proxy trajectory: the scores read it and
+    warm retrains continue from it."""
     check_settings(settings)
     start = time.perf_counter()
     cells_file, print_ = cells_path(out), fingerprint(settings)
-    work = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())  # the proxies' trajectories
+    work = Path(work_dir) if work_dir is not None else Path(data_dir) / "lds_work"  # the proxies' trajectories
     score, retrains = pending_work(settings, read_cells(cells_file), print_)
     written = 0
     if not report_only and (score or retrains):
         work.mkdir(parents=True, exist_ok=True)
+        if settings.warm_start is not None:  # train the proxies once, before the workers share them
+            data = load_data(settings, data_dir)
+            for seed in sorted(set(score) | {seed for seed, _, _ in retrains}):
+                proxy_trajectory(settings, data, seed, work)
         log.info("lds: %d scorings and %d retrains to run on %d workers", len(score), len(retrains), settings.workers)
         written = run_chunks(plan_chunks(settings, str(data_dir), cells_file, print_, work, score, retrains))
     cells = read_cells(cells_file)
@@ -601,6 +661,12 @@ def _meta(settings: LdsSettings, cells: Sequence[dict[str, Any]], print_: str, c
         "conventions": {
             "effect": "L_V(without S, order o) - L_V(full, order o), averaged over the orders; order o renames "
                       "every uid (pipeline.bench.protocol.reordered_uid), same initialisation",
+            "counterfactual": (f"every retrain continues the order-0 proxy from its checkpoint at step "
+                               f"{settings.warm_start} under order o, the removed pairs taken out of the batches "
+                               "they fall in; the scores use the checkpoints from that step on"
+                               if settings.warm_start is not None else
+                               "every retrain runs from step 0, the removed pairs excluded from the visiting "
+                               "stream; the scores use every checkpoint"),
             "lds": "Spearman over subsets of (sum of the removed pairs' scores, mean effect)",
             "lds_se": f"sample std of the LDS over {settings.bootstrap} bootstrap resamples of the subsets (seeded)",
             "gap_se": "the same over the paired resamples of (default LDS - column LDS)",

@@ -9,6 +9,7 @@ steps — unchanged: the setting leave-one-out and subset retraining need.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -157,7 +158,9 @@ def run_training(data: PairTable, cfg: TrainConfig, on_save: SaveHook | None = N
         if not 0 <= warm.step <= cfg.steps:
             raise UsageError(f"warm start at step {warm.step} is outside the run's 0..{cfg.steps} steps")
         model.load_state_dict(warm.state["state_dict"])
-        optimizer.load_state_dict(warm.state["optimizer"])
+        # a copy: the optimizer would update the loaded moment tensors in place, and one WarmStart
+        # serves many retrains
+        optimizer.load_state_dict(copy.deepcopy(warm.state["optimizer"]))
         first = warm.step
     dropped = set(drop_from_batches)
     save_steps = [s for s in cfg.checkpoint_steps() if s >= first] if on_save is not None else []

@@ -185,6 +185,12 @@ def test_settings_and_command_line() -> None:
     full = lds.full_settings()
     assert (full.subsets, full.orders, full.seeds, full.fraction) == (200, 2, (0, 1), 0.1)
     assert not full.cosine and full.zero_shot and full.influence.adam
+    assert full.warm_start == 300 and full.train.checkpoint_steps() == list(range(50, 401, 50))
+    assert lds.seeded(full, 1)[1].checkpoints == (5, 6, 7)  # the scores read steps 300, 350, 400
+    scratch = lds.scratch_settings()
+    assert scratch.warm_start is None and scratch.train.checkpoints == 4 and lds.seeded(scratch, 0)[1].checkpoints is None
+    # the first design's 97 committed cells (benchmarks/results/fidelity_clip_cells.jsonl) stay its own
+    assert lds.fingerprint(scratch) == "eb2309f0415fb9b7" != lds.fingerprint(full)
     parser = argparse.ArgumentParser()
     bench_lds.add_arguments(parser)
     assert bench_lds.settings(parser.parse_args([])) == full
@@ -197,3 +203,8 @@ def test_settings_and_command_line() -> None:
             lds.settings_for(**bad)
     with pytest.raises(UsageError, match="orders"):
         lds.check_settings(dataclasses.replace(full, orders=1))
+    assert bench_lds.settings(parser.parse_args(["--from-scratch"])) == lds.scratch_settings()
+    assert bench_lds.settings(parser.parse_args(["--warm-start", "200"])).warm_start == 200
+    for bad in (["--warm-start", "310"], ["--warm-start", "400"], ["--from-scratch", "--quick"]):
+        with pytest.raises(UsageError):
+            bench_lds.settings(parser.parse_args(bad))

@@ -115,6 +115,8 @@ def test_warm_start_continues_the_run_exactly(table, tmp_path: Path) -> None:
         warm = WarmStart.from_checkpoint(traj, index)
         assert warm.step == traj.checkpoints[index].step
         assert _same(train_final(table, CFG, warm=warm).state_dict(), _state(traj, 3))
+    once = WarmStart.from_checkpoint(traj, 1)  # one warm start serves many retrains: it is not consumed
+    assert all(_same(train_final(table, CFG, warm=once).state_dict(), _state(traj, 3)) for _ in range(2))
     states = _states(table, CFG, warm=WarmStart.from_checkpoint(traj, 1))
     assert sorted(states) == [2, 4, 6] and _same(states[4], _state(traj, 2))
     bare = tmp_path / "bare.pt"
