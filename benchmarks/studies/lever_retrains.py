@@ -40,7 +40,7 @@ CELLS = (("base", "diffin_unrolled"), ("base", "tracin"), ("adam", "tracin_adam"
          ("adam", "diffin_unrolled_adam"), ("ckpt8", "tracin"), ("zero_shot", "tracin"),
          ("corpus_bank", "tracin"), ("round2", "tracin"), ("adam_floor", "tracin_adam"),
          ("adam_floor", "diffin_unrolled_adam"), ("cosine", "tracin"), ("combo", "rank_avg"),
-         ("ensemble", "diffin_unrolled"), ("ensemble", "neg_clip_loss"))
+         ("ensemble", "diffin_unrolled"), ("ensemble", "neg_clip_loss"), ("ensemble", "recipe"))
 # The benchmark's own methods shown beside the levers in the multi-seed table (its cells).
 REFERENCE_METHODS = ("random", "oracle", "neg_clip_loss+share", "neg_clip_loss+drop", "clip_score+share",
                      "clip_score+drop", "tracin+drop", "diffin_unrolled+drop")
@@ -64,9 +64,13 @@ def markdown_table(retrains: list[dict], screen: list[dict], dataset: str, seed:
     stats = {}
     for record in screen:
         if record["dataset"] == dataset and record["seed"] == seed and record.get("noise", 0.3) == 0.3:
-            lever = "cosine" if record["lever"] == "cosine" and record.get("pairs") == 6000 else record["lever"]
+            lever = record["lever"]
+            if lever == "cosine" and record.get("pairs") != 6000:
+                continue  # the 1,500-pair screen: the retrain used every pair's cosine form
             for column, values in record["columns"].items():
-                name = "tracin" if lever == "cosine" and column == "tracin_cosine" else column
+                if lever == "cosine" and column != "tracin_cosine":
+                    continue  # its plain tracin, gradient norm and self-influence are screen-only readings
+                name = "tracin" if lever == "cosine" else column
                 stats.setdefault((lever, name), values)
     rows = ["| lever | column | noise AUC | below 0 | mismatched among below 0 | acc keep 50 / 30 | "
             "headroom 50 / 30 | mismatched kept 50 / 30 |", "|---|---|---:|---:|---:|---|---|---|"]
@@ -90,15 +94,19 @@ ENSEMBLE_SEEDS = (0, 1, 2)  # the proxies an ``ensemble`` cell averages (the ben
 
 
 def lever_values(lever: str, column: str, stem: str, levers_work: Path, base_arrays: dict,
-                 bench_cache: Callable[[int], dict] | None = None) -> np.ndarray | None:
+                 bench_cache: Callable[[int], dict] | None = None) -> np.ndarray | dict | None:
     """The column a cell retrains on: the lever's saved scores, the benchmark's own for ``base``
     (its score cache), the rank average for the combination, the mean over the benchmark's
-    proxies of every seed for ``ensemble``; None when not scored yet."""
+    proxies of every seed for ``ensemble`` (column ``recipe``: both columns the default recipe
+    reads, by slot); None when not scored yet."""
     if lever == "combo":
         return combination_values(base_arrays)
     if lever == "ensemble":
         if bench_cache is None:
             return None
+        if column == "recipe":  # the default recipe's two columns, both from the ensemble
+            return {c: np.mean([bench_cache(seed)[c] for seed in ENSEMBLE_SEEDS], axis=0)
+                    for c in ("diffin_unrolled", "neg_clip_loss")}
         return np.mean([bench_cache(seed)[column] for seed in ENSEMBLE_SEEDS], axis=0)
     path = levers_work / f"{stem}_{lever}.npz"
     if path.is_file():
@@ -121,7 +129,7 @@ def cell_method(lever: str, column: str) -> tuple[Method, str]:
     (``neg_clip_loss+share``: Diff-In's below-zero count, the lowest dropped, the budget filled
     per cluster) with the rank average in ``neg_clip_loss``'s place, so the comparison with the
     default changes the chooser only."""
-    if lever == "combo":
+    if lever == "combo" or (lever, column) == ("ensemble", "recipe"):
         return Method.parse("neg_clip_loss+share"), "neg_clip_loss"
     return Method.parse(f"{column}+drop"), column
 
@@ -138,9 +146,9 @@ def seeds_table(retrains: list[dict], bench: list[dict], dataset: str, seeds: li
                 and c.get("noise", 0.3) == 0.3:
             values.setdefault((c["method"], c["budget"]), {})[c["seed"]] = c["metrics"][metric]
     for r in retrains:
-        if r["dataset"] == dataset and r["seed"] in seeds and r["lever"] != "base":
+        if r["dataset"] == dataset and r["seed"] in seeds:
             values.setdefault((f"{r['lever']}: `{r['column']}`", r["budget"]), {})[r["seed"]] = r["metrics"][metric]
-    names = [m for m in REFERENCE_METHODS] + [f"{lever}: `{column}`" for lever, column in CELLS if lever != "base"]
+    names = [m for m in REFERENCE_METHODS] + [f"{lever}: `{column}`" for lever, column in CELLS]
     budgets = [b for b, _ in quality.BUDGETS]
     complete = [n for n in names if all(len(values.get((n, b), {})) == len(seeds) for b in budgets)]
     mean = {(n, b): float(np.mean(list(values[(n, b)].values()))) for n in complete for b in budgets}
@@ -211,7 +219,8 @@ def main() -> None:
             print(f"{lever}: no scores yet, skipped", flush=True)
             continue
         method, slot = cell_method(lever, column)
-        arrays = {**base_arrays, slot: values}
+        arrays = {**base_arrays, **(values if isinstance(values, dict) else {slot: values})}
+        values = arrays[slot]
         with tempfile.TemporaryDirectory(dir=args.bench_work, prefix="lever-") as tmp:
             files = quality.write_score_files(train, {k: torch.from_numpy(v) for k, v in arrays.items()},
                                               Path(tmp) / "scores", f"levers-{stem}-{lever}")
@@ -236,7 +245,7 @@ def main() -> None:
                 line = {"dataset": args.dataset, "seed": args.seed, "noise": args.noise, "settings": fingerprint,
                         "lever": lever, "column": column, "method": method.name, "budget": budget,
                         "metrics": metrics, "headroom_share": share,
-                        "below_zero": round(float(np.mean((base_arrays["diffin_unrolled"] if lever == "combo"
+                        "below_zero": round(float(np.mean((arrays["diffin_unrolled"] if method.rule == "share"
                                                            else values) < 0)), 4),
                         "seconds": round(time.perf_counter() - start, 1), **record}
                 quality.append_cell(out, line)

@@ -7,20 +7,25 @@ estimator assumes. This benchmark measures the linear datamodeling score (LDS) w
 - **A CLIP that learns clearly.** The quality bench's Fashion-MNIST caption corpus (30 % of the
   training captions name a wrong class; target and evaluation images from the clean test split),
   the proxy ``tiny-clip-32`` under AdamW, scored with the pipeline's own settings
-  (:class:`TrajectoryInfluence`, bank 255, the rest of the 1,024 target pairs = V). The default
-  run trains on ``num_train`` = 1,000 pairs for 400 steps of batch 32 (12.8 epochs, lr 1e-3,
-  warmup 20, cosine, 4 checkpoints): at seed 0 L_V falls from 5.82 (init) to 4.52 and the full
-  model's zero-shot accuracy reaches 0.61, at about 31 s per retrain on one loaded core
-  (docs/FIDELITY.md). Shorter runs are not cheaper in what matters: 100 steps of batch 128 on
-  2,000 pairs stop mid-learning (L_V 5.32, accuracy 0.17), where two visiting orders of the same
-  data ended 0.37 apart in L_V — more than either 10 % removal tried moved it.
+  (:class:`TrajectoryInfluence`, bank 255, the rest of the 1,024 target pairs = V). The proxy
+  trains on ``num_train`` = 1,000 pairs for 400 steps of batch 32 (12.8 epochs, lr 1e-3, warmup
+  20, cosine, 8 checkpoints): at seed 0 L_V falls from 5.82 (init) to 4.52 and the full model's
+  zero-shot accuracy reaches 0.61.
+- **A counterfactual above its noise.** Retraining from step 0 is chaotic at this scale: the
+  first design (``--from-scratch``: stream exclusion, 47 subsets measured) put two orders'
+  effects of the same subset at Spearman 0.12 and the LDS ceiling at 0.48. Every retrain
+  therefore continues the proxy from its checkpoint at ``warm_start`` (default step 300) with the
+  removed pairs taken out of the batches they fall in (:func:`pipeline.model.train.run_training`),
+  and the scores use the checkpoints from that step on — the change a trajectory estimator over
+  those checkpoints models. A pilot (``benchmarks/studies/lds_noise_pilot.py``) put the order
+  split at 0.95 and the ceiling at 0.97 there.
 - **The linear regime.** Each of ``subsets`` (default 200) removal sets holds ``fraction``
   (default 10 %) of the training pairs, drawn by seeded uid rank (:func:`half_subsets`).
 - **Order noise measured and divided out.** Every subset, and the full set, is retrained under
   ``orders`` (default 2) visiting orders; order o renames every uid (:func:`reordered_uid`),
-  which redraws the trainer's order and leaves the initialisation, schedule and steps alone.
-  The effect of subset S under order o is L_V(without S, o) − L_V(full, o) — a paired
-  difference — and the ground truth is its mean over the orders.
+  which redraws the trainer's order after the warm start and leaves the warm state, schedule and
+  steps alone. The effect of subset S under order o is L_V(without S, o) − L_V(full, o) — a
+  paired difference — and the ground truth is its mean over the orders.
 - **Two targets.** Every retrain records the bank L_V (the pipeline's default target, with the
   scores' bank) and the zero-shot loss on V's images (``target.zero_shot``: the classifier of the
   class prompts), so the zero-shot-target columns are measured against their own target too.
