@@ -32,6 +32,7 @@ from scipy.stats import rankdata
 
 from pipeline.bench import quality
 from pipeline.bench.selections import Method
+from pipeline.influence.scores import EMBEDDING_COLUMNS
 from pipeline.model.train import train_final
 
 # (lever, column) in the order worth retraining first: best screen AUC first, sub-variants last.
@@ -63,10 +64,17 @@ def markdown_table(retrains: list[dict], screen: list[dict], dataset: str, seed:
     (``harm_levers.jsonl``) beside each lever's retrained drop-then-fill result."""
     stats = {}
     for record in screen:
+        if record["lever"] == "ensemble" and record["dataset"] == dataset and record.get("noise", 0.3) == 0.3:
+            for column, values in record["columns"].items():  # over every seed's proxy: the same for each seed
+                stats.setdefault(("ensemble", column), values)
+            continue
         if record["dataset"] == dataset and record["seed"] == seed and record.get("noise", 0.3) == 0.3:
             lever = record["lever"]
             if lever == "cosine" and record.get("pairs") != 6000:
                 continue  # the 1,500-pair screen: the retrain used every pair's cosine form
+            if lever == "base" and "auc_rank_avg_ncl" in record["columns"]["diffin_unrolled"]:
+                stats.setdefault(("combo", "rank_avg"),
+                                 {"auc": record["columns"]["diffin_unrolled"]["auc_rank_avg_ncl"]})
             for column, values in record["columns"].items():
                 if lever == "cosine" and column != "tracin_cosine":
                     continue  # its plain tracin, gradient norm and self-influence are screen-only readings
@@ -82,8 +90,10 @@ def markdown_table(retrains: list[dict], screen: list[dict], dataset: str, seed:
         s = stats.get((lever, column), {})
         fifty, thirty = cells["keep_50"], cells["keep_30"]
         auc = f"{s['auc']:.3f}" if "auc" in s else "—"
-        below = f"{100 * s['below_zero']:.1f} %" if s.get("below_zero") is not None else "—"
-        among = f"{100 * s['mismatched_among_below']:.1f} %" if s.get("mismatched_among_below") is not None else "—"
+        signed = column not in EMBEDDING_COLUMNS  # a cheap column's sign means nothing
+        below = f"{100 * s['below_zero']:.1f} %" if signed and s.get("below_zero") is not None else "—"
+        among = (f"{100 * s['mismatched_among_below']:.1f} %"
+                 if signed and s.get("mismatched_among_below") is not None else "—")
         rows.append(f"| {lever} | `{column}` | {auc} | {below} | {among} | {fifty['metrics']['acc']:.3f} / "
                     f"{thirty['metrics']['acc']:.3f} | {fifty['headroom_share']:.2f} / {thirty['headroom_share']:.2f} | "
                     f"{100 * fifty['kept_noisy_fraction']:.1f} % / {100 * thirty['kept_noisy_fraction']:.1f} % |")
