@@ -7,7 +7,7 @@ import argparse
 
 from jobs._common import bench_command, int_at_least
 from pipeline.bench import lds
-from pipeline.bench.lds import DEFAULT_OUT, DEFAULT_QUICK_OUT
+from pipeline.bench.lds import DEFAULT_OUT, DEFAULT_QUICK_OUT, DEFAULT_SCRATCH_OUT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny data, one seed, 4 subsets: checks the machinery, not the outcome (< 20 s)")
     parser.add_argument("--out", default=None, metavar="PATH",
-                        help=f"JSON report (default {DEFAULT_OUT}; with --quick {DEFAULT_QUICK_OUT}); the cells "
+                        help=f"JSON report (default {DEFAULT_OUT}; with --quick {DEFAULT_QUICK_OUT}; with --from-scratch "
+                             f"{DEFAULT_SCRATCH_OUT}); the cells "
                              "go to PATH's stem + _cells.jsonl")
     parser.add_argument("--data-dir", default="data", metavar="DIR",
                         help="where the Fashion-MNIST corpus is reused from or built into (default data)")
@@ -63,9 +64,14 @@ def command(args: argparse.Namespace, out: str) -> str:
         ("--no-variants", True if args.no_variants else None)))
 
 
+def default_out(args: argparse.Namespace) -> str:
+    """The report path when ``--out`` is not given (the cells file sits beside it)."""
+    return DEFAULT_QUICK_OUT if args.quick else DEFAULT_SCRATCH_OUT if args.from_scratch else DEFAULT_OUT
+
+
 def run(args: argparse.Namespace) -> int:
     """``diffin bench lds``: run what is missing, print the table, write the JSON report."""
-    out = args.out or (DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT)
+    out = args.out or default_out(args)
     report = lds.run_benchmark(settings(args), out, args.data_dir, command(args, out), report_only=args.report_only)
     print(lds.format_table(report))
     counts = report["_meta"]["counts"]

@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "benchmarks/results/fidelity_clip.json"
 DEFAULT_QUICK_OUT = "benchmarks/results/fidelity_clip_quick.json"
+DEFAULT_SCRATCH_OUT = "benchmarks/results/fidelity_clip_scratch.json"  # the first design's report and cells
 TARGETS = {"bank": "target_loss", "zero_shot": "zero_shot_loss"}  # report key → the retrain cell's field
 ZERO_SHOT_COLUMNS = {"diffin_unrolled": "diffin_unrolled_zs", "tracin": "tracin_zs"}  # zero-shot-target scores
 FULL = -1  # the subset index of the full training set

@@ -204,6 +204,8 @@ def test_settings_and_command_line() -> None:
     with pytest.raises(UsageError, match="orders"):
         lds.check_settings(dataclasses.replace(full, orders=1))
     assert bench_lds.settings(parser.parse_args(["--from-scratch"])) == lds.scratch_settings()
+    assert bench_lds.default_out(parser.parse_args(["--from-scratch"])) == lds.DEFAULT_SCRATCH_OUT
+    assert bench_lds.default_out(parser.parse_args([])) == lds.DEFAULT_OUT
     assert bench_lds.settings(parser.parse_args(["--warm-start", "200"])).warm_start == 200
     for bad in (["--warm-start", "310"], ["--warm-start", "400"], ["--from-scratch", "--quick"]):
         with pytest.raises(UsageError):
