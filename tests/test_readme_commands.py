@@ -82,7 +82,7 @@ def placeholders(tmp_path_factory, tiny_corpus: Path) -> dict[str, str]:
     uids.write_text("")
     return {"FILE": str(config), "DIR": str(root / "out"), "RUN_DIR": str(root / "run"),
             "SHARDS...": str(tiny_corpus / "00000.tar"), "F": str(tiny_corpus / "sizes.json"),
-            "N": "20", "P": "0.1", "CKPT": str(root / "w.pt"), "NAME": "tiny-clip-32", "T": "10",
+            "N": "20", "STEP": "300", "P": "0.1", "CKPT": str(root / "w.pt"), "NAME": "tiny-clip-32", "T": "10",
             "ETA": "0.001", "B": "8"}
 
 

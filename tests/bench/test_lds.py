@@ -189,7 +189,7 @@ def test_settings_and_command_line() -> None:
     assert lds.seeded(full, 1)[1].checkpoints == (5, 6, 7)  # the scores read steps 300, 350, 400
     scratch = lds.scratch_settings()
     assert scratch.warm_start is None and scratch.train.checkpoints == 4 and lds.seeded(scratch, 0)[1].checkpoints is None
-    # the first design's 97 committed cells (benchmarks/results/fidelity_clip_cells.jsonl) stay its own
+    # the first design's 97 committed cells (benchmarks/results/fidelity_clip_scratch_cells.jsonl) stay its own
     assert lds.fingerprint(scratch) == "eb2309f0415fb9b7" != lds.fingerprint(full)
     parser = argparse.ArgumentParser()
     bench_lds.add_arguments(parser)
