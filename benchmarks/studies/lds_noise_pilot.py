@@ -47,13 +47,16 @@ def proxy(data: lds.LdsData, cfg, work: Path) -> Trajectory:
     return train_proxy(data.train, cfg.model_copy(update={"checkpoints": CHECKPOINTS}), where, log_every=0)
 
 
-def retrain(data: lds.LdsData, cfg, trajectory: Trajectory, design: str, removed: list[str], order: int):
-    """The final model of ``design`` without ``removed`` under visiting order ``order``."""
+def design_start(trajectory: Trajectory, design: str) -> WarmStart | None:
+    """The checkpoint ``design`` continues from (None: step 0), loaded once per design."""
     step = DESIGNS[design]
-    warm = None
-    if step is not None:
-        index = [c.step for c in trajectory.checkpoints].index(step)
-        warm = WarmStart.from_checkpoint(trajectory, index)
+    if step is None:
+        return None
+    return WarmStart.from_checkpoint(trajectory, [c.step for c in trajectory.checkpoints].index(step))
+
+
+def retrain(data: lds.LdsData, cfg, warm: WarmStart | None, removed: list[str], order: int):
+    """The final model without ``removed`` under visiting order ``order``, from ``warm``."""
     return train_final(lds.reordered(data.train, order), cfg, warm=warm,
                        drop_from_batches={reordered_uid(u, order) for u in removed})
 
@@ -98,13 +101,14 @@ def main() -> None:
     subsets = half_subsets(data.train.uids, settings.subsets, args.seed, settings.fraction)
     done = {(c["design"], c["subset"], c["order"]) for c in read_cells(out) if c["seed"] == args.seed}
     for design in args.designs:
+        warm = design_start(trajectory, design)
         for subset in [lds.FULL, *range(args.subsets)]:
             for order in range(args.orders):
                 if (design, subset, order) in done:
                     continue
                 start = time.perf_counter()
                 removed = [] if subset == lds.FULL else subsets[subset]
-                model = retrain(data, cfg, trajectory, design, removed, order)
+                model = retrain(data, cfg, warm, removed, order)
                 cell = {"kind": "retrain", "design": design, "seed": args.seed, "subset": subset, "order": order,
                         "removed": len(removed), **evaluator(model), "seconds": round(time.perf_counter() - start, 1)}
                 append_cell(out, cell)

@@ -17,8 +17,8 @@ estimator assumes. This benchmark measures the linear datamodeling score (LDS) w
   therefore continues the proxy from its checkpoint at ``warm_start`` (default step 300) with the
   removed pairs taken out of the batches they fall in (:func:`pipeline.model.train.run_training`),
   and the scores use the checkpoints from that step on — the change a trajectory estimator over
-  those checkpoints models. A pilot (``benchmarks/studies/lds_noise_pilot.py``) put the order
-  split at 0.95 and the ceiling at 0.97 there.
+  those checkpoints models. A pilot (``benchmarks/studies/lds_noise_pilot.py``, 20 subsets) put
+  the order split at 0.93 and the ceiling at 0.96 there.
 - **The linear regime.** Each of ``subsets`` (default 200) removal sets holds ``fraction``
   (default 10 %) of the training pairs, drawn by seeded uid rank (:func:`half_subsets`).
 - **Order noise measured and divided out.** Every subset, and the full set, is retrained under
